@@ -1,0 +1,357 @@
+"""``unlearn``: Fast-NTK's one-shot forgetting update on PEFT parameters.
+
+Validates its inputs, linearises the model at ``init_params`` (or ``params``),
+builds the kernel- or parameter-space quantities over the PEFT pytree only,
+applies Eq. (1) (:mod:`fastntk_jax.update`) and returns the updated parameters
+with diagnostics.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fastntk_jax import kernels
+from fastntk_jax import update
+
+__all__ = [
+    "DEFAULT_DAMPING",
+    "DEFAULT_MEMORY_BUDGET",
+    "UnlearnResult",
+    "UnlearningError",
+    "choose_solver",
+    "unlearn",
+]
+
+#: λ, chosen from the measurements in docs/defaults.md (quickstart, 3 seeds).
+DEFAULT_DAMPING = 1.0
+#: Bytes the dense matrices of a solver may take before it is refused.
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+
+_LOSSES = ("mse", "ce")
+_SOLVERS = ("auto", "dual", "primal")
+
+
+class UnlearningError(FloatingPointError):
+  """A factorisation failed or the update is not finite."""
+
+
+class UnlearnResult(NamedTuple):
+  """Result of :func:`unlearn` (a pytree).
+
+  Attributes:
+    params: ``w_r``, same tree structure and dtypes as ``params``.
+    solver: ``"dual"`` or ``"primal"``: the solver that ran.
+    damping: λ used.
+    loss: ``"mse"`` or ``"ce"``.
+    linearized_at: ``"init_params"`` or ``"params"``.
+    num_retain, num_forget: samples in ``D_r`` and ``D_f``.
+    num_outputs: C.
+    num_params: P, scalars in the PEFT pytree.
+    delta_norm: ``‖w_r − w_D‖₂``.
+    forget_residual_norm: ``‖V‖₂``, the linear retrained model's residual on
+      ``D_f`` that the update removes.
+    relative_residual: the largest relative residual of the linear solves.
+    cond: the largest condition number (estimate) of the systems solved.
+    rank: numerical rank of the last system (its size when λ > 0).
+    seconds: wall time of the call, compilation included.
+  """
+  params: Any
+  solver: str
+  damping: float
+  loss: str
+  linearized_at: str
+  num_retain: int
+  num_forget: int
+  num_outputs: int
+  num_params: int
+  delta_norm: float
+  forget_residual_norm: float
+  relative_residual: float
+  cond: float
+  rank: int
+  seconds: float
+
+
+def _check_split(name: str, data) -> tuple[np.ndarray | jax.Array, np.ndarray]:
+  if not isinstance(data, (tuple, list)) or len(data) != 2:
+    raise TypeError(f"{name}: expected a pair (x, y) of inputs and integer "
+                    f"labels, got {type(data).__name__}.")
+  x, y = data
+  x_shape = np.shape(x)
+  y = np.asarray(y)
+  if len(x_shape) < 1:
+    raise ValueError(f"{name}: x must have a leading sample axis, got shape "
+                     f"{x_shape}.")
+  if y.ndim != 1:
+    raise ValueError(f"{name}: y must be a 1-D array of integer labels, got "
+                     f"shape {y.shape}. Pass class indices, not one-hot rows.")
+  if not np.issubdtype(y.dtype, np.integer):
+    raise TypeError(f"{name}: y must hold integer class labels, got dtype "
+                    f"{y.dtype}. Convert with y.astype(int).")
+  if x_shape[0] != y.shape[0]:
+    raise ValueError(f"{name}: x has {x_shape[0]} samples but y has "
+                     f"{y.shape[0]}; they must match.")
+  xa = np.asarray(x) if not isinstance(x, jax.Array) else x
+  if jnp.issubdtype(xa.dtype, jnp.inexact) and not bool(
+      jnp.all(jnp.isfinite(xa))):
+    raise ValueError(f"{name}: x contains NaN or infinite values; clean or "
+                     "drop those samples.")
+  return xa, y
+
+
+def _check_finite_tree(name: str, tree) -> None:
+  leaves = jax.tree_util.tree_leaves(tree)
+  if not leaves:
+    raise ValueError(f"{name}: the pytree has no arrays.")
+  for leaf in leaves:
+    if not jnp.issubdtype(jnp.result_type(leaf), jnp.floating):
+      raise TypeError(f"{name}: every leaf must be a floating-point array, got "
+                      f"{jnp.result_type(leaf)}.")
+    if not bool(jnp.all(jnp.isfinite(leaf))):
+      raise ValueError(f"{name}: contains NaN or infinite values.")
+
+
+def _dense_bytes(solver: str, n: int, c: int, p: int, itemsize: int) -> int:
+  """Memory of a solver's dense matrices (its dominant term)."""
+  if solver == "dual":
+    # Θ on the host and on the device, and (Θ_rr + λI)⁻¹ Θ_rf beside it.
+    return 3 * (n * c) ** 2 * itemsize
+  return 3 * p * p * itemsize  # A_r, A_f and one factor
+
+
+def _flops(solver: str, n: int, c: int, p: int) -> float:
+  """Leading-order flop counts, the cost model of ``solver="auto"``."""
+  if solver == "dual":
+    # kernel contraction N²C²P, Cholesky of the N·C system
+    return (n * c) ** 2 * p + (n * c) ** 3 / 3
+  # Gram accumulation N·C·P², two P×P Cholesky factorisations
+  return n * c * p * p + 2 * p ** 3 / 3
+
+
+def choose_solver(n: int, c: int, p: int, itemsize: int = 4,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
+  """The cheaper of ``"dual"`` and ``"primal"`` that fits ``memory_budget``.
+
+  Cost model (leading terms): dual ``(NC)²P + (NC)³/3`` flops and
+  ``3(NC)²`` numbers; primal ``NCP² + 2P³/3`` flops and ``3P²`` numbers, with
+  N samples, C logits, P PEFT parameters. Ties go to the dual (the paper's).
+  """
+  fits = [s for s in ("dual", "primal")
+          if _dense_bytes(s, n, c, p, itemsize) <= memory_budget]
+  if not fits:
+    raise ValueError(
+        f"memory_budget={memory_budget} bytes is too small for either dense "
+        f"solver (dual needs {_dense_bytes('dual', n, c, p, itemsize)}, primal "
+        f"{_dense_bytes('primal', n, c, p, itemsize)} bytes for N={n}, C={c}, "
+        f"P={p}). Raise memory_budget or unlearn with fewer samples.")
+  return min(fits, key=lambda s: _flops(s, n, c, p))
+
+
+def _residuals(logits: jax.Array, y: np.ndarray, loss: str) -> jax.Array:
+  onehot = jax.nn.one_hot(jnp.asarray(y), logits.shape[1], dtype=logits.dtype)
+  if loss == "mse":
+    r = logits - onehot
+  else:
+    r = jax.nn.softmax(logits, axis=-1) - onehot
+  return r.reshape(-1)
+
+
+def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
+            forget, *, init_params=None, damping: float = DEFAULT_DAMPING,
+            loss: str = "mse", solver: str = "auto", rcond: float | None = None,
+            implementation: int = 1, block_size: int | None = None,
+            memory_budget: int = DEFAULT_MEMORY_BUDGET) -> UnlearnResult:
+  r"""Forgets ``forget`` with the one-shot NTK update (Fast-NTK, Eq. (1)).
+
+  ``w_r = w_D + P J_fᵀ M V`` (see :mod:`fastntk_jax.update`), computed over
+  the pytree ``params`` only — pass the PEFT parameters and an ``apply_fn``
+  that closes over the frozen rest (:func:`fastntk_jax.peft.make_apply_fn`).
+
+  Example::
+
+    apply_fn, peft, frozen = make_apply_fn(model, variables, predicate)
+    res = unlearn(apply_fn, peft, (x_r, y_r), (x_f, y_f),
+                  init_params=peft_before_finetuning, damping=1.0)
+    variables = merge(res.params, frozen)
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> logits (N, C)``; each sample's output
+      must depend on that sample alone (BatchNorm in inference mode).
+    params: ``w_D``, the PEFT parameters after fine-tuning on ``D``.
+    retain: ``(x, y)``, ``D_r``; ``y`` integer labels in ``[0, C)``.
+    forget: ``(x, y)``, ``D_f``; non-empty, inputs shaped like ``retain``'s.
+    init_params: ``w_0``, where ``J`` and ``f_0`` are taken (the parameters
+      before fine-tuning). None linearises at ``params`` (as the public code
+      of Golatkar et al. does).
+    damping: λ ≥ 0, absolute, added to every kernel diagonal. 0 means the
+      ``λ → 0⁺`` limit (pseudo-inverses with cutoff ``rcond``).
+    loss: ``"mse"`` — residual ``f_0 − onehot(y)`` (the linearised theory; use
+      with MSE-fine-tuned models) — or ``"ce"`` — ``softmax(f_0) − onehot(y)``.
+    solver: ``"dual"`` (kernel space, ``N·C`` systems, the paper's),
+      ``"primal"`` (parameter space, ``P×P`` systems) or ``"auto"`` (the cheaper
+      by :func:`choose_solver`).
+    rcond: relative eigenvalue cutoff for ``damping=0``.
+    implementation: neural-tangents NTK implementation for the dual kernel:
+      1 (Jacobian contraction) or 2 (NTK-vector products).
+    block_size: samples per block of Jacobian work (None: automatic).
+    memory_budget: bytes the dense matrices may take; a solver over it is
+      refused before any work starts.
+
+  Returns:
+    :class:`UnlearnResult`.
+
+  Raises:
+    TypeError, ValueError: bad input, before heavy work.
+    UnlearningError: a factorisation failed (e.g. λ too small for float32).
+
+  References:
+    Li et al., Fast-NTK, https://arxiv.org/abs/2312.14923, Eq. (1);
+    Golatkar et al., ECCV 2020, https://arxiv.org/abs/2003.02960.
+  """
+  t0 = time.perf_counter()
+  # ---- validation, before any heavy work --------------------------------
+  if not callable(apply_fn):
+    raise TypeError("apply_fn must be callable as apply_fn(params, x).")
+  x_r, y_r = _check_split("retain", retain)
+  x_f, y_f = _check_split("forget", forget)
+  if y_f.shape[0] == 0:
+    raise ValueError("forget: the forget set is empty; there is nothing to "
+                     "unlearn. Pass at least one (x, y) sample.")
+  if y_r.shape[0] == 0:
+    raise ValueError("retain: the retain set is empty; Eq. (1) needs D_r. To "
+                     "forget everything, reset to init_params instead.")
+  if np.shape(x_r)[1:] != np.shape(x_f)[1:]:
+    raise ValueError(
+        f"forget: inputs have per-sample shape {np.shape(x_f)[1:]} but retain "
+        f"inputs have {np.shape(x_r)[1:]}; both must match the model input.")
+  if jnp.result_type(x_r) != jnp.result_type(x_f):
+    raise TypeError(f"forget: x dtype {jnp.result_type(x_f)} differs from "
+                    f"retain's {jnp.result_type(x_r)}; cast one of them.")
+  if isinstance(damping, bool) or not isinstance(
+      damping, (int, float, np.floating, np.integer)):
+    raise TypeError(f"damping must be a float ≥ 0, got {type(damping)}.")
+  damping = float(damping)
+  if not math.isfinite(damping) or damping < 0:
+    raise ValueError(f"damping must be finite and ≥ 0, got {damping}. Use 0 "
+                     "for the λ → 0⁺ (pseudo-inverse) limit.")
+  if loss not in _LOSSES:
+    raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}.")
+  if solver not in _SOLVERS:
+    raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}.")
+  if int(implementation) not in (1, 2):
+    raise ValueError(f"implementation must be 1 or 2, got {implementation}.")
+  _check_finite_tree("params", params)
+  if init_params is not None:
+    _check_finite_tree("init_params", init_params)
+    s_p = jax.tree_util.tree_structure(params)
+    s_i = jax.tree_util.tree_structure(init_params)
+    if s_p != s_i:
+      raise ValueError("init_params must have the tree structure of params "
+                       f"(w_0 and w_D of the same PEFT pytree); got {s_i} vs "
+                       f"{s_p}.")
+    for a, b in zip(jax.tree_util.tree_leaves(params),
+                    jax.tree_util.tree_leaves(init_params)):
+      if np.shape(a) != np.shape(b):
+        raise ValueError("init_params: a leaf has shape "
+                         f"{np.shape(b)} where params has {np.shape(a)}.")
+  c = kernels.num_outputs(apply_fn, params, x_r)
+  for name, y in (("retain", y_r), ("forget", y_f)):
+    if y.min() < 0 or y.max() >= c:
+      raise ValueError(
+          f"{name}: labels must lie in [0, {c}) for a model with {c} logits; "
+          f"got range [{y.min()}, {y.max()}].")
+  lin = params if init_params is None else init_params
+  flat_w, unravel = ravel_pytree(params)
+  p = int(flat_w.shape[0])
+  n_r, n_f = int(y_r.shape[0]), int(y_f.shape[0])
+  n = n_r + n_f
+  itemsize = jnp.dtype(flat_w.dtype).itemsize
+  if solver == "auto":
+    solver = choose_solver(n, c, p, itemsize, memory_budget)
+  else:
+    need = _dense_bytes(solver, n, c, p, itemsize)
+    if need > memory_budget:
+      other = "primal" if solver == "dual" else "dual"
+      hint = ("the primal solver (solver='primal') needs only P×P matrices, "
+              f"{_dense_bytes('primal', n, c, p, itemsize)} bytes here"
+              if solver == "dual" else
+              "the dual solver (solver='dual') needs N·C×N·C matrices, "
+              f"{_dense_bytes('dual', n, c, p, itemsize)} bytes here")
+      raise ValueError(
+          f"solver={solver!r} needs about {need / 2**30:.2f} GiB of dense "
+          f"matrices for N={n} samples, C={c}, P={p}, over memory_budget="
+          f"{memory_budget / 2**30:.2f} GiB. Raise memory_budget (argument "
+          f"memory_budget=...) if the memory is there, or use {other!r}: "
+          f"{hint}.")
+
+  # ---- residuals at the linearisation point -----------------------------
+  f0_r = kernels.predict(apply_fn, lin, x_r)
+  f0_f = kernels.predict(apply_fn, lin, x_f)
+  r_r = _residuals(f0_r, y_r, loss)
+  r_f = _residuals(f0_f, y_f, loss)
+
+  if solver == "dual":
+    th_rr = kernels.ntk(apply_fn, lin, x_r, block_size=block_size,
+                        implementation=implementation)
+    th_rf = kernels.ntk(apply_fn, lin, x_r, x_f, block_size=block_size,
+                        implementation=implementation)
+    th_ff = kernels.ntk(apply_fn, lin, x_f, block_size=block_size,
+                        implementation=implementation)
+    upd = update.kernel_space(th_rr, th_rf, th_ff, r_r, r_f, damping, rcond)
+    infos, v = upd.infos, upd.v
+    _raise_if_failed(infos, damping, solver)
+    g_r = kernels.vjp(apply_fn, lin, x_r, upd.coef_r.reshape(n_r, c),
+                      block_size=block_size)
+    g_f = kernels.vjp(apply_fn, lin, x_f, upd.coef_f.reshape(n_f, c),
+                      block_size=block_size)
+    delta = ravel_pytree(g_r)[0] + ravel_pytree(g_f)[0]
+  else:
+    a_r, b_r = kernels.gram(apply_fn, lin, x_r, r_r.reshape(n_r, c),
+                            block_size=block_size)
+    a_f, b_f = kernels.gram(apply_fn, lin, x_f, r_f.reshape(n_f, c),
+                            block_size=block_size)
+    upd = update.parameter_space(a_r, a_f, b_r, b_f, damping, rcond)
+    infos = upd.infos
+    _raise_if_failed(infos, damping, solver)
+    # V = J_f x_r + r_f, reported as a diagnostic.
+    v = kernels.jvp(apply_fn, lin, x_f, unravel(upd.x_retrain),
+                    block_size=block_size).reshape(-1) + r_f
+    delta = upd.delta
+
+  if not bool(jnp.all(jnp.isfinite(delta))):
+    raise UnlearningError(
+        "the update is not finite although every solve reported success; "
+        "check apply_fn for NaNs at the linearisation point.")
+  new_params = jax.tree_util.tree_map(
+      lambda w, d: (w + d).astype(jnp.result_type(w)), params,
+      unravel(delta.astype(flat_w.dtype)))
+  jax.block_until_ready(new_params)
+  return UnlearnResult(
+      params=new_params, solver=solver, damping=damping, loss=loss,
+      linearized_at="params" if init_params is None else "init_params",
+      num_retain=n_r, num_forget=n_f, num_outputs=c, num_params=p,
+      delta_norm=float(jnp.linalg.norm(delta)),
+      forget_residual_norm=float(jnp.linalg.norm(v)),
+      relative_residual=max(float(i.relative_residual) for i in infos),
+      cond=max(float(i.cond) for i in infos),
+      rank=int(infos[-1].rank),
+      seconds=time.perf_counter() - t0)
+
+
+def _raise_if_failed(infos, damping: float, solver: str) -> None:
+  for k, info in enumerate(infos):
+    if not bool(info.ok):
+      raise UnlearningError(
+          f"{solver} solver: factorisation {k + 1} of {len(infos)} failed (the "
+          f"damped matrix is not numerically positive definite at damping="
+          f"{damping}, condition estimate {float(info.cond):.3g}). Increase "
+          "damping, enable float64 with jax.config.update('jax_enable_x64', "
+          "True), or use damping=0 for the pseudo-inverse limit.")
