@@ -299,12 +299,14 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
   r_f = _residuals(f0_f, y_f, loss)
 
   if solver == "dual":
-    th_rr = kernels.ntk(apply_fn, lin, x_r, block_size=block_size,
+    # One symmetric kernel over D = [D_r; D_f]: one compilation, upper blocks
+    # only; then its three blocks.
+    theta = kernels.ntk(apply_fn, lin, jnp.concatenate(
+        [jnp.asarray(x_r), jnp.asarray(x_f)]), block_size=block_size,
                         implementation=implementation)
-    th_rf = kernels.ntk(apply_fn, lin, x_r, x_f, block_size=block_size,
-                        implementation=implementation)
-    th_ff = kernels.ntk(apply_fn, lin, x_f, block_size=block_size,
-                        implementation=implementation)
+    k = n_r * c
+    th_rr, th_rf, th_ff = theta[:k, :k], theta[:k, k:], theta[k:, k:]
+    del theta
     upd = update.kernel_space(th_rr, th_rf, th_ff, r_r, r_f, damping, rcond)
     infos, v = upd.infos, upd.v
     _raise_if_failed(infos, damping, solver)

@@ -1,0 +1,91 @@
+"""Kernels over the PEFT pytree of a ResNet with BatchNorm, against explicit Jacobians."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from fastntk_jax import kernels, peft
+from fastntk_jax.models import CifarResNet
+
+
+@pytest.fixture(scope="module")
+def resnet():
+  model = CifarResNet(depth=20)
+  variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 32, 32, 3)))
+  # Non-trivial running statistics, so that inference-mode BatchNorm is not
+  # the identity.
+  key = jax.random.PRNGKey(1)
+  stats = jax.tree_util.tree_map(
+      lambda a: a + 0.3 * jax.random.uniform(key, a.shape), variables["batch_stats"])
+  variables = {"params": variables["params"], "batch_stats": stats}
+  pred = peft.any_of(peft.batchnorm(variables), peft.head())
+  apply_fn, w, _ = peft.make_apply_fn(model, variables, pred)
+  rng = np.random.default_rng(0)
+  x1 = jnp.asarray(rng.normal(size=(6, 32, 32, 3)), jnp.float32)
+  x2 = jnp.asarray(rng.normal(size=(3, 32, 32, 3)), jnp.float32)
+  return apply_fn, w, x1, x2
+
+
+def _explicit_jacobian(apply_fn, w, x):
+  """Whole-batch reverse-mode Jacobian, (N·C, P): no vmap, no blocking."""
+  flat, unravel = ravel_pytree(w)
+  return jax.jacrev(lambda f: apply_fn(unravel(f), x).reshape(-1))(flat)
+
+
+def test_peft_is_batchnorm_and_head(resnet):
+  _, w, _, _ = resnet
+  assert peft.count_params(w) == 1376 + 650  # BN scale+shift, head 64x10+10
+
+
+@pytest.mark.parametrize("implementation", [1, 2])
+def test_ntk_matches_explicit_jacobians(resnet, implementation):
+  apply_fn, w, x1, x2 = resnet
+  j1 = _explicit_jacobian(apply_fn, w, x1)
+  j2 = _explicit_jacobian(apply_fn, w, x2)
+  scale = float(jnp.abs(j1 @ j1.T).max())
+  got12 = kernels.ntk(apply_fn, w, x1, x2, implementation=implementation)
+  assert got12.shape == (60, 30)
+  np.testing.assert_allclose(got12, j1 @ j2.T, atol=2e-5 * scale)
+  got11 = kernels.ntk(apply_fn, w, x1, block_size=4,
+                      implementation=implementation)  # blocks of 4 + 2 (padded)
+  np.testing.assert_allclose(got11, j1 @ j1.T, atol=2e-5 * scale)
+  np.testing.assert_allclose(got11, got11.T, atol=1e-6 * scale)
+
+
+def test_jacobian_gram_and_products(resnet):
+  apply_fn, w, x1, _ = resnet
+  ref = _explicit_jacobian(apply_fn, w, x1)
+  scale = float(jnp.abs(ref).max())
+  jac = kernels.jacobian(apply_fn, w, x1, block_size=4)
+  np.testing.assert_allclose(jac, ref, atol=1e-5 * scale)
+  r = jnp.asarray(np.random.default_rng(1).normal(size=(6, 10)), jnp.float32)
+  a, b = kernels.gram(apply_fn, w, x1, r, block_size=4)
+  np.testing.assert_allclose(a, ref.T @ ref, atol=2e-5 * float(jnp.abs(ref.T @ ref).max()))
+  np.testing.assert_allclose(b, ref.T @ r.reshape(-1), atol=2e-5 * float(jnp.abs(ref.T @ r.reshape(-1)).max()))
+  flat, unravel = ravel_pytree(w)
+  v = jnp.asarray(np.random.default_rng(2).normal(size=flat.shape), jnp.float32)
+  jv = kernels.jvp(apply_fn, w, x1, unravel(v), block_size=4)
+  np.testing.assert_allclose(jv.reshape(-1), ref @ v, atol=2e-5 * float(jnp.abs(ref @ v).max()))
+  jtu = ravel_pytree(kernels.vjp(apply_fn, w, x1, r, block_size=4))[0]
+  np.testing.assert_allclose(jtu, ref.T @ r.reshape(-1), atol=2e-5 * float(jnp.abs(jtu).max()))
+
+
+def test_train_mode_batchnorm_couples_samples(resnet):
+  """Why the kernels need inference-mode BatchNorm: in training mode a
+  sample's logits change when another sample of the batch changes."""
+  _, _, x1, _ = resnet
+  model = CifarResNet(depth=20)
+  variables = model.init(jax.random.PRNGKey(0), x1[:1])
+  f = lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+  g = lambda x: model.apply(variables, x, train=False)
+  x_changed = x1.at[1].add(1.0)
+  assert not np.allclose(f(x1)[0], f(x_changed)[0], atol=1e-4)
+  np.testing.assert_allclose(g(x1)[0], g(x_changed)[0], atol=1e-6)
+
+
+def test_auto_block_size_bounds_memory():
+  assert kernels.auto_block_size(10_000, 10, 2026, 4, 256 * 2**20) == 1656
+  assert kernels.auto_block_size(10, 10, 10**9) == 1  # never below one sample
+  assert kernels.auto_block_size(5, 10, 10) == 5  # never above N
