@@ -60,7 +60,7 @@ def run_seed(seed, args, x, y, xt, yt):
       print(f"  gram at {key}: {grams[key][2]:.1f}s", flush=True)
     return grams[key]
 
-  for ft in ("mse", "ce"):
+  for ft in args.finetune_losses:
     w_d = train.finetune(m.apply_fn, m.init_params, x, y, config=cfg(ft))
     w_r = train.finetune(m.apply_fn, m.init_params, *retain, config=cfg(ft))
     out["finetune"][ft] = {"full": rep(w_d.params), "retrain": rep(w_r.params),
@@ -72,6 +72,8 @@ def run_seed(seed, args, x, y, xt, yt):
     flat_d, unravel = ravel_pytree(w_d.params)
     flat_r, _ = ravel_pytree(w_r.params)
     for lin_name, lin in (("init", m.init_params), ("trained", w_d.params)):
+      if lin_name not in args.linearize:
+        continue
       a_r, a_f, _ = grams_at("init" if lin_name == "init" else f"trained-{ft}", lin)
       f_r = kernels.predict(m.apply_fn, lin, retain[0])
       f_f = kernels.predict(m.apply_fn, lin, forget[0])
@@ -104,13 +106,15 @@ def summarize(path: Path) -> str:
   """
   res = json.loads(path.read_text())
   seeds = sorted(res["seeds"])
-  groups = {}
+  groups, failed = {}, {}
   for s in seeds:
     r = res["seeds"][s]
     for row in r["rows"]:
       key = (row["finetune"], row["linearize"], row["residual"], row["damping"])
       ret = r["finetune"][row["finetune"]]["retrain"]
+      failed.setdefault(key, 0)
       if not row["ok"]:
+        failed[key] += 1
         continue
       gap = 100 * (abs(row["retain"] - ret["retain"]) + abs(row["forget"] - ret["forget"])
                    + abs(row["test"] - ret["test"])) / 3
@@ -119,7 +123,7 @@ def summarize(path: Path) -> str:
   lines = [f"Seeds {', '.join(seeds)}; accuracy in % (mean ± std over seeds).", "",
            "| fine-tune | model | D_r | D_f | test | test (retained classes) |",
            "|---|---|---|---|---|---|"]
-  for ft in ("mse", "ce"):
+  for ft in res["config"].get("finetune_losses", ["mse", "ce"]):
     for name in ("full", "retrain"):
       rows = [res["seeds"][s]["finetune"][ft][name] for s in seeds]
       lines.append(f"| {ft} | {name} | " + " | ".join(
@@ -127,13 +131,18 @@ def summarize(path: Path) -> str:
   lines += ["", "| fine-tune | J and f_0 at | residual | λ | D_r | D_f | test | "
             "test (retained) | ‖Δw‖ | gap to Retrain (points) |",
             "|---|---|---|---|---|---|---|---|---|---|"]
-  for key in sorted(groups, key=lambda k: (k[0] != "mse", k[1], k[2] != "mse", k[3])):
+  for key in sorted(failed, key=lambda k: (k[0] != "mse", k[1], k[2] != "mse", k[3])):
+    if key not in groups:
+      lines.append(f"| {key[0]} | {'w_0' if key[1] == 'init' else 'w_D'} | {key[2]} | "
+                   f"{key[3]:g} | factorisation failed in all {failed[key]} seeds |||||||")
+      continue
     rows = [g[0] for g in groups[key]]
     gaps = [g[1] for g in groups[key]]
+    note = f" ({failed[key]} seed(s) failed)" if failed[key] else ""
     lines.append(
         f"| {key[0]} | {'w_0' if key[1] == 'init' else 'w_D'} | {key[2]} | {key[3]:g} | "
         + " | ".join(ms([r[k] for r in rows]) for k in ("retain", "forget", "test", "test_retained"))
-        + f" | {np.mean([r['delta_norm'] for r in rows]):.2f} | {np.mean(gaps):.1f} |")
+        + f" | {np.mean([r['delta_norm'] for r in rows]):.2f} | {np.mean(gaps):.1f}{note} |")
   return "\n".join(lines)
 
 
@@ -145,6 +154,10 @@ def main(argv=None):
   ap.add_argument("--epochs", type=int, default=30)
   ap.add_argument("--dampings", type=float, nargs="+",
                   default=[0.01, 0.1, 1.0, 10.0, 100.0])
+  ap.add_argument("--finetune-losses", nargs="+", default=["mse", "ce"],
+                  choices=["mse", "ce"])
+  ap.add_argument("--linearize", nargs="+", default=["init", "trained"],
+                  choices=["init", "trained"])
   ap.add_argument("--forget-classes", type=int, nargs="+", default=[0])
   ap.add_argument("--out", type=Path,
                   default=Path("benchmarks/results/defaults_sweep.json"))
@@ -164,7 +177,8 @@ def main(argv=None):
             "seeds": {}}
   if args.out.exists():
     old = json.loads(args.out.read_text())
-    if old.get("config", {}).get("epochs") == args.epochs:
+    same = ("epochs", "dampings", "finetune_losses", "linearize", "forget_classes")
+    if all(old.get("config", {}).get(k) == result["config"].get(k) for k in same):
       result["seeds"] = old.get("seeds", {})
   for seed in args.seeds:
     if str(seed) in result["seeds"]:

@@ -47,6 +47,9 @@ def parse_args(argv=None):
                   help="take J and f_0 at the fine-tuned parameters (trained, "
                   "default) or at w_0 before fine-tuning (init)")
   ap.add_argument("--solver", choices=("auto", "dual", "primal"), default="auto")
+  ap.add_argument("--head-scale", type=float, default=0.1,
+                  help="scale of the new head's initial kernel (default 0.1; "
+                  "see fastntk_jax.setups.resnet_bn_head)")
   ap.add_argument("--seed", type=int, default=0,
                   help="head initialisation, data order, augmentation")
   ap.add_argument("--json", type=Path, default=None,
@@ -74,7 +77,7 @@ def main(argv=None):
   xtr, ytr = first_per_class(xtr, ytr, args.ipc)
   xte, yte = first_per_class(xte, yte, args.test_ipc)
   x, xt = np.asarray(normalize_cifar(xtr)), np.asarray(normalize_cifar(xte))
-  model = setups.resnet_bn_head(20, seed=args.seed)
+  model = setups.resnet_bn_head(20, seed=args.seed, head_scale=args.head_scale)
   retain, forget = setups.class_split(x, ytr, [args.forget_class])
   print(f"ResNet-20: {model.num_total:,} parameters, PEFT (BatchNorm + head): "
         f"{model.num_peft:,} ({100 * model.num_peft / model.num_total:.2f} %)")

@@ -50,3 +50,10 @@ def test_ntk_vp_matches_dense():
   vp = _nt.empirical_ntk_vp_fn(f, x1, x2, w)(ct)
   np.testing.assert_allclose(vp, jnp.einsum("ijab,jb->ia", dense, ct), atol=1e-4)
   assert _nt.nt_version == "0.6.5"
+
+
+def test_missing_or_broken_neural_tangents_gives_a_clear_error(monkeypatch):
+  import importlib.util
+  monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+  with pytest.raises(_nt.NeuralTangentsUnavailable, match="pip install neural-tangents"):
+    _nt._load()

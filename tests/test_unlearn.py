@@ -151,8 +151,19 @@ def test_bad_input_raises_before_work(small, over, err, match):
     _call(small, **over(small))
 
 
-def test_failed_factorisation_raises_with_explanation(small):
+def test_nan_logits_are_reported(small):
   apply_fn, w, retain, forget = small
-  bad = lambda params, x: apply_fn(params, x) * jnp.nan  # NaN Jacobians
-  with pytest.raises((F.UnlearningError, ValueError)):
+  bad = lambda params, x: apply_fn(params, x) * jnp.nan
+  with pytest.raises(ValueError, match="NaN or infinite logits"):
     F.unlearn(bad, w, retain, forget, damping=1e-3)
+
+
+@pytest.mark.parametrize("solver", ["dual", "primal"])
+def test_failed_factorisation_raises_with_explanation(small, solver):
+  """Finite logits, but J has entries ~1e19: the float32 Gram overflows and the
+  Cholesky factorisation fails. That must raise, not return NaNs."""
+  apply_fn, w, retain, forget = small
+  huge = lambda params, x: 1e19 * (apply_fn(params, x) - apply_fn(
+      jax.lax.stop_gradient(params), x))
+  with pytest.raises(F.UnlearningError, match="factorisation .* failed"):
+    F.unlearn(huge, w, retain, forget, damping=1e-3, solver=solver)

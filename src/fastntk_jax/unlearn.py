@@ -295,6 +295,11 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
   # ---- residuals at the linearisation point -----------------------------
   f0_r = kernels.predict(apply_fn, lin, x_r)
   f0_f = kernels.predict(apply_fn, lin, x_f)
+  if not (bool(jnp.all(jnp.isfinite(f0_r))) and bool(jnp.all(jnp.isfinite(f0_f)))):
+    raise ValueError(
+        f"apply_fn returns NaN or infinite logits at the linearisation point "
+        f"({'init_params' if init_params is not None else 'params'}); check "
+        "the model and its inputs there.")
   r_r = _residuals(f0_r, y_r, loss)
   r_f = _residuals(f0_f, y_f, loss)
 
