@@ -50,8 +50,8 @@ def resnet_bn_head(depth: int = 20, *, num_classes: int = 10, seed: int = 0,
     head_scale: the new head's kernel is Flax's default Dense initialisation
       times ``head_scale`` (bias zero). Near-zero initial logits matter for MSE
       fine-tuning: with the full-scale head (logits ≈ 0.8 against one-hot
-      targets) Adam at 1e-2 drove the BatchNorm shifts to dead features and a
-      constant output (19 % train accuracy after 6 epochs, docs/defaults.md);
+      targets) MSE fine-tuning with Adam at 1e-2 collapsed to a near-constant
+      output (13 % on D_r after 6 epochs; docs/defaults.md, section 3);
       a zero head would make the BatchNorm Jacobian vanish at ``w_0``.
     weights: optional path to a PyTorch-layout ``.npz`` checkpoint.
 

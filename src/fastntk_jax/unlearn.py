@@ -30,7 +30,7 @@ __all__ = [
     "unlearn",
 ]
 
-#: λ, chosen from the measurements in docs/defaults.md (quickstart, 3 seeds).
+#: λ, chosen from the measurements in docs/defaults.md (quickstart, 5 seeds).
 DEFAULT_DAMPING = 1.0
 #: Bytes the dense matrices of a solver may take before it is refused.
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
