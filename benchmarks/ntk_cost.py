@@ -143,7 +143,7 @@ def main(argv=None):
       "cpu_count": os.cpu_count(), "platform": platform.platform(),
       "versions": {"jax": jax.__version__, "python": sys.version.split()[0],
                    "fastntk_jax": fastntk_jax.__version__,
-                   "neural_tangents": fastntk_jax._nt.nt_version},
+                   "neural_tangents": fastntk_jax._nt.nt_version()},
       "config": {"models": args.models, "n": args.n,
                  "implementations": args.implementations,
                  "repeats": args.repeats, "seed": args.seed,

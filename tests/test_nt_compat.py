@@ -49,7 +49,7 @@ def test_ntk_vp_matches_dense():
   ct = jnp.asarray(rng.normal(size=(5, 2)), jnp.float32)
   vp = _nt.empirical_ntk_vp_fn(f, x1, x2, w)(ct)
   np.testing.assert_allclose(vp, jnp.einsum("ijab,jb->ia", dense, ct), atol=1e-4)
-  assert _nt.nt_version == "0.6.5"
+  assert _nt.nt_version() == "0.6.5"
 
 
 def test_missing_or_broken_neural_tangents_gives_a_clear_error(monkeypatch):

@@ -83,23 +83,15 @@ def test_zero_damping_is_the_pseudoinverse_limit(shape):
   with jax.enable_x64(True):
     prob = _problem(1, *shape)
     ref = _reference(*prob, 0.0)
-    dual, _ = _dual(*prob, 0.0)
-    primal, _ = _primal(*prob, 0.0)
+    dual, out_d = _dual(*prob, 0.0)
+    primal, out_p = _primal(*prob, 0.0)
+    assert all(bool(i.ok) for i in out_d.infos + out_p.infos)
     scale = np.linalg.norm(ref)
     np.testing.assert_allclose(dual, ref, atol=1e-7 * scale)
     np.testing.assert_allclose(primal, ref, atol=1e-7 * scale)
     # ... and the limit of small positive damping.
     small = _reference(*prob, 1e-9)
     np.testing.assert_allclose(small, ref, atol=1e-4 * scale)
-
-
-def test_sign_of_v_matters():
-  """Flipping the sign of V's first term gives a different (wrong) update."""
-  with jax.enable_x64(True):
-    j_r, j_f, r_r, r_f = _problem(2, 8, 3, 3, 40)
-    ref = _reference(j_r, j_f, r_r, r_f, 0.1)
-    wrong, _ = _dual(j_r, j_f, r_r, -r_f, 0.1)
-    assert np.linalg.norm(wrong - ref) > 0.1 * np.linalg.norm(ref)
 
 
 def test_jittable():

@@ -20,8 +20,11 @@ Only implementations 1 (Jacobian contraction) and 2 (NTK-vector products) are
 offered: implementation 3 (structured derivatives) relies on JAX internals
 that changed after 0.4.26 and does not give correct results on current JAX.
 
-Public names: :data:`empirical_ntk_fn`, :data:`empirical_ntk_vp_fn`,
-:data:`NtkImplementation`, :data:`nt_version`.
+neural-tangents is loaded on first use, so that code paths which need no
+kernel (the parameter-space solver) work without it.
+
+Public names: :func:`empirical_ntk_fn`, :func:`empirical_ntk_vp_fn`,
+:func:`nt_version`.
 """
 
 from __future__ import annotations
@@ -32,14 +35,13 @@ import importlib.util
 import re
 import sys
 import types
+import warnings
 from pathlib import Path
 
 import jax
 
 __all__ = [
     "NeuralTangentsUnavailable",
-    "NtkImplementation",
-    "SUPPORTED_IMPLEMENTATIONS",
     "empirical_ntk_fn",
     "empirical_ntk_vp_fn",
     "nt_version",
@@ -57,8 +59,14 @@ class NeuralTangentsUnavailable(ImportError):
 # Forwarding namespaces for the JAX modules neural-tangents imports from.
 
 
-def _forwarding_module(name: str, *sources: str, extra: dict | None = None):
-  """A module whose attributes are looked up in ``sources`` in order."""
+def _forwarding_module(name: str, *sources: str, extra: dict | None = None,
+                       fallbacks: dict | None = None):
+  """A module whose attributes are looked up in ``sources`` in order.
+
+  ``extra`` wins over the sources; ``fallbacks`` serve names none of them has
+  (names neural-tangents only uses in annotations).
+  """
+  fallbacks = dict(fallbacks or {})
   mod = types.ModuleType(name)
   mods = []
   for src in sources:
@@ -71,9 +79,13 @@ def _forwarding_module(name: str, *sources: str, extra: dict | None = None):
   def __getattr__(attr):  # PEP 562
     if attr in extra:
       return extra[attr]
-    for m in mods:
-      if hasattr(m, attr):
-        return getattr(m, attr)
+    with warnings.catch_warnings():  # deprecated aliases must not fail a load
+      warnings.simplefilter("ignore")
+      for m in mods:
+        if hasattr(m, attr):
+          return getattr(m, attr)
+    if attr in fallbacks:
+      return fallbacks[attr]
     raise AttributeError(
         f"neural-tangents asked for {name}.{attr}, which none of {sources} "
         f"has on JAX {jax.__version__}.")
@@ -112,7 +124,7 @@ def _build_shims() -> dict[str, types.ModuleType]:
     pass
   core = _forwarding_module(
       _PRIVATE + "._jax_core", "jax.extend.core", "jax.core",
-      "jax._src.core")
+      "jax._src.core", fallbacks={"Value": object})
   ad = _forwarding_module(
       _PRIVATE + "._jax_ad", "jax.interpreters.ad",
       "jax._src.interpreters.ad", extra=ad_extra)
@@ -153,7 +165,9 @@ class _RewritingLoader(importlib.abc.SourceLoader):
     for pattern, repl in _REWRITES:
       source = pattern.sub(repl, source)
     if "sys.modules[" in source and "\nimport sys\n" not in source:
-      source = "import sys\n" + source
+      future = list(re.finditer(r"^from __future__ import .*$", source, re.M))
+      at = future[-1].end() + 1 if future else 0
+      source = source[:at] + "import sys\n" + source[at:]
     return source.encode("utf-8")
 
   def path_stats(self, path):  # no bytecode caching of rewritten sources
@@ -196,6 +210,11 @@ def _load():
   m = re.search(r"__version__\s*=\s*['\"]([^'\"]+)", init.read_text())
   if m:
     version = m.group(1)
+  if version not in _SUPPORTED_NT:
+    warnings.warn(
+        f"neural-tangents {version} found; fastntk_jax is tested with "
+        f"{', '.join(_SUPPORTED_NT)} and rewrites its imports for that version.",
+        RuntimeWarning, stacklevel=3)
   if _PRIVATE not in sys.modules:
     pkg = types.ModuleType(_PRIVATE)
     pkg.__path__ = []  # a namespace: submodules come from _Finder
@@ -216,20 +235,31 @@ def _load():
   return empirical, version
 
 
-_empirical, nt_version = _load()
+_STATE: dict = {}
 
-#: neural-tangents' enum of NTK implementations.
-NtkImplementation = _empirical.NtkImplementation
-#: The implementations this library offers and tests (3 is excluded: see above).
-SUPPORTED_IMPLEMENTATIONS = (
-    NtkImplementation.JACOBIAN_CONTRACTION,
-    NtkImplementation.NTK_VECTOR_PRODUCTS,
-)
+
+def _get():
+  """neural-tangents' ``empirical`` module, loaded on first use."""
+  if "empirical" not in _STATE:
+    _STATE["empirical"], _STATE["version"] = _load()
+  return _STATE["empirical"]
+
+
+def nt_version() -> str | None:
+  """The loaded neural-tangents version (loads it)."""
+  _get()
+  return _STATE["version"]
+
+
+# Implementations offered and tested (3, structured derivatives, is excluded).
+_SUPPORTED = {1: "JACOBIAN_CONTRACTION", 2: "NTK_VECTOR_PRODUCTS"}
 
 
 def _check_implementation(implementation):
-  impl = NtkImplementation(int(implementation))
-  if impl not in SUPPORTED_IMPLEMENTATIONS:
+  if isinstance(implementation, bool) or int(implementation) != implementation:
+    raise ValueError(f"implementation must be 1 or 2, got {implementation!r}.")
+  impl = _get().NtkImplementation(int(implementation))
+  if int(impl) not in _SUPPORTED:
     raise ValueError(
         f"implementation={int(implementation)} ({impl.name}) is not supported: "
         "neural-tangents' structured derivatives fail on JAX >= 0.4.26. Use "
@@ -239,19 +269,17 @@ def _check_implementation(implementation):
 
 
 def empirical_ntk_fn(f, trace_axes=(-1,), diagonal_axes=(), vmap_axes=None,
-                     implementation=1, _j_rules=True, _s_rules=True,
-                     _fwd=None):
+                     implementation=1):
   """``neural_tangents.empirical_ntk_fn``, restricted to implementations 1/2.
 
   See neural-tangents' documentation; arguments are passed through.
   """
-  return _empirical.empirical_ntk_fn(
+  return _get().empirical_ntk_fn(
       f, trace_axes=trace_axes, diagonal_axes=diagonal_axes,
-      vmap_axes=vmap_axes,
-      implementation=_check_implementation(implementation),
-      _j_rules=_j_rules, _s_rules=_s_rules, _fwd=_fwd)
+      vmap_axes=vmap_axes, implementation=_check_implementation(implementation))
 
 
-#: ``neural_tangents.empirical_ntk_vp_fn``: ``ntk_vp(cotangents)`` for
-#: matrix-free products with the NTK.
-empirical_ntk_vp_fn = _empirical.empirical_ntk_vp_fn
+def empirical_ntk_vp_fn(f, x1, x2, params, **kwargs):
+  """``neural_tangents.empirical_ntk_vp_fn``: ``ntk_vp(cotangents)`` for
+  matrix-free products with the NTK."""
+  return _get().empirical_ntk_vp_fn(f, x1, x2, params, **kwargs)

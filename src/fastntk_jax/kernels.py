@@ -25,6 +25,7 @@ columns of :func:`jacobian` and the rows of :func:`gram` follow that order.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Callable, Iterator
 
 import jax
@@ -48,8 +49,33 @@ __all__ = [
 
 ApplyFn = Callable[..., jax.Array]
 
-#: Memory a block's Jacobians may take, used to choose the block size.
-DEFAULT_BLOCK_BYTES = 256 * 2**20
+#: Working memory one block's Jacobian work may take (XLA temporaries, measured
+#: by compiling a small probe block), used to choose the block size.
+DEFAULT_BLOCK_BYTES = 2 * 2**30
+_PROBE = 8
+
+
+def _per_apply_fn(builder):
+  """Caches ``builder(apply_fn, *key)`` without keeping ``apply_fn`` alive.
+
+  Jitted functions are reused across calls with the same ``apply_fn``; the
+  cache entry goes when the caller drops ``apply_fn`` (and the frozen
+  parameters it closes over). Callables that cannot be weakly referenced are
+  not cached.
+  """
+  cache = weakref.WeakKeyDictionary()
+
+  @functools.wraps(builder)
+  def get(apply_fn, *key):
+    try:
+      per_fn = cache.setdefault(apply_fn, {})
+    except TypeError:
+      return builder(apply_fn, *key)
+    if key not in per_fn:
+      per_fn[key] = builder(apply_fn, *key)
+    return per_fn[key]
+
+  return get
 
 
 def num_outputs(apply_fn: ApplyFn, params, x) -> int:
@@ -63,12 +89,38 @@ def num_outputs(apply_fn: ApplyFn, params, x) -> int:
   return int(out.shape[1])
 
 
-def auto_block_size(n: int, num_logits: int, num_params: int,
-                    itemsize: int = 4,
+def auto_block_size(n: int, bytes_per_sample: float,
                     block_bytes: int = DEFAULT_BLOCK_BYTES) -> int:
-  """Samples per block such that two blocks' Jacobians fit ``block_bytes``."""
-  per_sample = 2 * num_logits * max(num_params, 1) * itemsize
-  return int(max(1, min(n, block_bytes // per_sample)))
+  """Samples per block so that a block's working memory fits ``block_bytes``.
+
+  All of ``n`` when it fits; otherwise the largest power of two that fits (so
+  that different ``n`` share compiled block shapes), and at least 1.
+  """
+  fit = int(block_bytes // max(bytes_per_sample, 1.0))
+  if fit >= n:
+    return int(max(n, 1))
+  return int(2 ** max(0, fit.bit_length() - 1)) if fit >= 1 else 1
+
+
+_BYTES_PER_SAMPLE: dict = {}
+
+
+def _bytes_per_sample(kind: str, jitted, args_for, params, x,
+                      fallback: float) -> float:
+  """Working memory per sample of ``jitted``, from XLA's memory analysis of a
+  compiled probe block of :data:`_PROBE` samples (cached per shape)."""
+  leaves, treedef = jax.tree_util.tree_flatten(params)
+  key = (kind, id(jitted), tuple(np.shape(x)[1:]), str(jnp.result_type(x)),
+         treedef, tuple((np.shape(l), str(jnp.result_type(l))) for l in leaves))
+  if key not in _BYTES_PER_SAMPLE:
+    probe = jnp.zeros((_PROBE,) + tuple(np.shape(x)[1:]), jnp.result_type(x))
+    analysis = jitted.lower(*args_for(probe)).compile().memory_analysis()
+    if analysis is None:  # a backend without memory analysis
+      total = fallback * _PROBE
+    else:
+      total = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
+    _BYTES_PER_SAMPLE[key] = total / _PROBE
+  return _BYTES_PER_SAMPLE[key]
 
 
 def _blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
@@ -85,19 +137,24 @@ def _pad(x, block: int):
   return jnp.concatenate([x, reps], axis=0)
 
 
-def _resolve_block(apply_fn, params, x, block_size):
+def _resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
+                   args_for=None):
   c = num_outputs(apply_fn, params, x)
   p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
-  itemsize = jnp.dtype(jnp.result_type(
-      *jax.tree_util.tree_leaves(params))).itemsize
   if block_size is None:
-    block_size = auto_block_size(len(x), c, p, itemsize)
+    if jitted is None:
+      block_size = len(x)
+    else:
+      # Without XLA's analysis: two Jacobians and ~8x their size in temporaries.
+      fallback = 16.0 * c * p * 4
+      per = _bytes_per_sample(kind, jitted, args_for, params, x, fallback)
+      block_size = auto_block_size(len(x), per)
   if int(block_size) < 1:
     raise ValueError(f"block_size must be >= 1, got {block_size}.")
   return int(min(block_size, max(len(x), 1))), c, p
 
 
-@functools.lru_cache(maxsize=64)
+@_per_apply_fn
 def _ntk_block_fn(apply_fn, implementation: int):
   fn = _nt.empirical_ntk_fn(apply_fn, trace_axes=(), vmap_axes=0,
                             implementation=implementation)
@@ -114,8 +171,11 @@ def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None
     x1: inputs ``(N1, ...)``.
     x2: inputs ``(N2, ...)``; None means ``x1`` (the kernel is then
       symmetric and only its upper blocks are computed).
-    block_size: samples per block; None chooses it from
-      :data:`DEFAULT_BLOCK_BYTES`.
+    block_size: samples per block; None chooses it so that a block's working
+      memory (measured on a compiled probe block) fits
+      :data:`DEFAULT_BLOCK_BYTES`. Each pair of blocks recomputes its two
+      Jacobians (neural-tangents contracts them inside one call), so the
+      Jacobian work grows with the number of blocks.
     implementation: neural-tangents' ``1`` (Jacobian contraction, the most
       reliable, default) or ``2`` (NTK-vector products).
 
@@ -126,8 +186,9 @@ def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None
   symmetric = x2 is None
   x1 = jnp.asarray(x1)
   x2 = x1 if symmetric else jnp.asarray(x2)
-  block, c, _ = _resolve_block(apply_fn, params, x1, block_size)
   fn = _ntk_block_fn(apply_fn, int(implementation))
+  block, c, _ = _resolve_block(apply_fn, params, x1, block_size, "ntk", fn,
+                               lambda xb: (xb, xb, params))
   n1, n2 = x1.shape[0], x2.shape[0]
   dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
   out = np.empty((n1 * c, n2 * c), dtype=dtype)
@@ -146,7 +207,7 @@ def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None
   return jnp.asarray(out)
 
 
-@functools.lru_cache(maxsize=64)
+@_per_apply_fn
 def _jac_block_fn(apply_fn):
   def one(params, xi):
     return apply_fn(params, xi[None])[0]
@@ -162,8 +223,9 @@ def _jac_block_fn(apply_fn):
 
 def _jac_blocks(apply_fn, params, x, block_size):
   x = jnp.asarray(x)
-  block, c, _ = _resolve_block(apply_fn, params, x, block_size)
   fn = _jac_block_fn(apply_fn)
+  block, c, _ = _resolve_block(apply_fn, params, x, block_size, "jac", fn,
+                               lambda xb: (params, xb))
   for s, e in _blocks(x.shape[0], block):
     yield s, e, fn(params, _pad(x[s:e], block))[: (e - s) * c]
 
@@ -208,18 +270,18 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *,
   return a, (None if r is None else b)
 
 
-@functools.lru_cache(maxsize=64)
+@_per_apply_fn
 def _jvp_block_fn(apply_fn):
   def f(params, tangent, xb):
     return jax.jvp(lambda p: apply_fn(p, xb), (params,), (tangent,))[1]
   return jax.jit(f)
 
 
-@functools.lru_cache(maxsize=64)
+@_per_apply_fn
 def _vjp_block_fn(apply_fn):
   def f(params, xb, ct):
-    _, pull = jax.vjp(lambda p: apply_fn(p, xb), params)
-    return pull(ct)[0]
+    out, pull = jax.vjp(lambda p: apply_fn(p, xb), params)
+    return pull(ct.astype(out.dtype))[0]
   return jax.jit(f)
 
 
@@ -227,8 +289,9 @@ def jvp(apply_fn: ApplyFn, params, x, tangent, *,
         block_size: int | None = None) -> jax.Array:
   """``J v``: the logits' directional derivative, shape ``(N, C)``."""
   x = jnp.asarray(x)
-  block, _, _ = _resolve_block(apply_fn, params, x, block_size)
   fn = _jvp_block_fn(apply_fn)
+  block, _, _ = _resolve_block(apply_fn, params, x, block_size, "jvp", fn,
+                               lambda xb: (params, tangent, xb))
   outs = [fn(params, tangent, _pad(x[s:e], block))[: e - s]
           for s, e in _blocks(x.shape[0], block)]
   return jnp.concatenate(outs, axis=0)
@@ -239,8 +302,10 @@ def vjp(apply_fn: ApplyFn, params, x, cotangent, *,
   """``Jᵀ u`` for cotangents ``u`` of shape ``(N, C)``; a pytree like params."""
   x = jnp.asarray(x)
   u = jnp.asarray(cotangent)
-  block, _, _ = _resolve_block(apply_fn, params, x, block_size)
   fn = _vjp_block_fn(apply_fn)
+  block, _, _ = _resolve_block(
+      apply_fn, params, x, block_size, "vjp", fn,
+      lambda xb: (params, xb, jnp.zeros((xb.shape[0],) + u.shape[1:], u.dtype)))
   total = jax.tree_util.tree_map(jnp.zeros_like, params)
   for s, e in _blocks(x.shape[0], block):
     ct = _pad(u[s:e], block)
@@ -251,12 +316,12 @@ def vjp(apply_fn: ApplyFn, params, x, cotangent, *,
   return total
 
 
-@functools.lru_cache(maxsize=64)
+@_per_apply_fn
 def _predict_block_fn(apply_fn):
   return jax.jit(apply_fn)
 
 
-def predict(apply_fn: ApplyFn, params, x, *, block_size: int = 512) -> jax.Array:
+def predict(apply_fn: ApplyFn, params, x, *, block_size: int = 256) -> jax.Array:
   """``apply_fn(params, x)`` in blocks of samples, shape ``(N, C)``."""
   x = jnp.asarray(x)
   block = int(max(1, min(block_size, x.shape[0])))

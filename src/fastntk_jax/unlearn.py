@@ -100,8 +100,8 @@ def _check_split(name: str, data) -> tuple[np.ndarray | jax.Array, np.ndarray]:
     raise ValueError(f"{name}: x has {x_shape[0]} samples but y has "
                      f"{y.shape[0]}; they must match.")
   xa = np.asarray(x) if not isinstance(x, jax.Array) else x
-  if jnp.issubdtype(xa.dtype, jnp.inexact) and not bool(
-      jnp.all(jnp.isfinite(xa))):
+  finite = np.isfinite if isinstance(xa, np.ndarray) else jnp.isfinite
+  if jnp.issubdtype(xa.dtype, jnp.inexact) and not bool(finite(xa).all()):
     raise ValueError(f"{name}: x contains NaN or infinite values; clean or "
                      "drop those samples.")
   return xa, y
@@ -119,12 +119,17 @@ def _check_finite_tree(name: str, tree) -> None:
       raise ValueError(f"{name}: contains NaN or infinite values.")
 
 
-def _dense_bytes(solver: str, n: int, c: int, p: int, itemsize: int) -> int:
-  """Memory of a solver's dense matrices (its dominant term)."""
+def _dense_bytes(solver: str, n: int, c: int, p: int, itemsize: int,
+                 damping: float = 1.0) -> int:
+  """Memory of a solver's dense matrices (its dominant term).
+
+  Dual: Θ on the host and on the device, a damped copy and its Cholesky factor
+  (λ > 0); for λ = 0 also the re-assembled Θ and its eigenvectors. Primal:
+  ``A_r``, ``A_f``, their sum, a damped copy and its factor.
+  """
   if solver == "dual":
-    # Θ on the host and on the device, and (Θ_rr + λI)⁻¹ Θ_rf beside it.
-    return 3 * (n * c) ** 2 * itemsize
-  return 3 * p * p * itemsize  # A_r, A_f and one factor
+    return (4 if damping > 0 else 6) * (n * c) ** 2 * itemsize
+  return 5 * p * p * itemsize
 
 
 def _flops(solver: str, n: int, c: int, p: int) -> float:
@@ -137,21 +142,25 @@ def _flops(solver: str, n: int, c: int, p: int) -> float:
 
 
 def choose_solver(n: int, c: int, p: int, itemsize: int = 4,
-                  memory_budget: int = DEFAULT_MEMORY_BUDGET) -> str:
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                  damping: float = 1.0) -> str:
   """The cheaper of ``"dual"`` and ``"primal"`` that fits ``memory_budget``.
 
   Cost model (leading terms): dual ``(NC)²P + (NC)³/3`` flops and
-  ``3(NC)²`` numbers; primal ``NCP² + 2P³/3`` flops and ``3P²`` numbers, with
-  N samples, C logits, P PEFT parameters. Ties go to the dual (the paper's).
+  ``4(NC)²`` numbers (6 for λ = 0); primal ``NCP² + 2P³/3`` flops and ``5P²``
+  numbers, with N samples, C logits, P PEFT parameters. Ties go to the dual
+  (the paper's form).
   """
-  fits = [s for s in ("dual", "primal")
-          if _dense_bytes(s, n, c, p, itemsize) <= memory_budget]
+  need = {s: _dense_bytes(s, n, c, p, itemsize, damping)
+          for s in ("dual", "primal")}
+  fits = [s for s in ("dual", "primal") if need[s] <= memory_budget]
   if not fits:
     raise ValueError(
-        f"memory_budget={memory_budget} bytes is too small for either dense "
-        f"solver (dual needs {_dense_bytes('dual', n, c, p, itemsize)}, primal "
-        f"{_dense_bytes('primal', n, c, p, itemsize)} bytes for N={n}, C={c}, "
-        f"P={p}). Raise memory_budget or unlearn with fewer samples.")
+        f"memory_budget={memory_budget} bytes ({memory_budget / 2**30:.3g} GiB) "
+        f"is too small for either dense solver: dual needs {need['dual']} "
+        f"bytes, primal {need['primal']} bytes for N={n}, C={c}, P={p}. Raise "
+        "memory_budget=... if the memory is there, or unlearn with fewer "
+        "samples.")
   return min(fits, key=lambda s: _flops(s, n, c, p))
 
 
@@ -232,9 +241,9 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
     raise ValueError(
         f"forget: inputs have per-sample shape {np.shape(x_f)[1:]} but retain "
         f"inputs have {np.shape(x_r)[1:]}; both must match the model input.")
-  if jnp.result_type(x_r) != jnp.result_type(x_f):
-    raise TypeError(f"forget: x dtype {jnp.result_type(x_f)} differs from "
-                    f"retain's {jnp.result_type(x_r)}; cast one of them.")
+  if x_r.dtype != x_f.dtype:  # e.g. raw uint8 images beside normalised ones
+    raise TypeError(f"forget: x dtype {x_f.dtype} differs from retain's "
+                    f"{x_r.dtype}; prepare both sets the same way.")
   if isinstance(damping, bool) or not isinstance(
       damping, (int, float, np.floating, np.integer)):
     raise TypeError(f"damping must be a float ≥ 0, got {type(damping)}.")
@@ -246,8 +255,19 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
     raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}.")
   if solver not in _SOLVERS:
     raise ValueError(f"solver must be one of {_SOLVERS}, got {solver!r}.")
-  if int(implementation) not in (1, 2):
-    raise ValueError(f"implementation must be 1 or 2, got {implementation}.")
+  if isinstance(implementation, bool) or implementation not in (1, 2):
+    raise ValueError(f"implementation must be 1 or 2, got {implementation!r}.")
+  if rcond is not None and not (math.isfinite(float(rcond)) and rcond >= 0):
+    raise ValueError(f"rcond must be a finite float ≥ 0 or None, got {rcond}.")
+  if block_size is not None and (isinstance(block_size, bool) or
+                                 int(block_size) != block_size or
+                                 block_size < 1):
+    raise ValueError(f"block_size must be a positive int or None, got "
+                     f"{block_size!r}.")
+  if isinstance(memory_budget, bool) or not isinstance(
+      memory_budget, (int, np.integer)) or memory_budget <= 0:
+    raise ValueError(f"memory_budget must be a positive number of bytes, got "
+                     f"{memory_budget!r}.")
   _check_finite_tree("params", params)
   if init_params is not None:
     _check_finite_tree("init_params", init_params)
@@ -275,22 +295,22 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
   n = n_r + n_f
   itemsize = jnp.dtype(flat_w.dtype).itemsize
   if solver == "auto":
-    solver = choose_solver(n, c, p, itemsize, memory_budget)
+    solver = choose_solver(n, c, p, itemsize, memory_budget, damping)
   else:
-    need = _dense_bytes(solver, n, c, p, itemsize)
+    need = _dense_bytes(solver, n, c, p, itemsize, damping)
     if need > memory_budget:
       other = "primal" if solver == "dual" else "dual"
-      hint = ("the primal solver (solver='primal') needs only P×P matrices, "
-              f"{_dense_bytes('primal', n, c, p, itemsize)} bytes here"
-              if solver == "dual" else
-              "the dual solver (solver='dual') needs N·C×N·C matrices, "
-              f"{_dense_bytes('dual', n, c, p, itemsize)} bytes here")
+      other_need = _dense_bytes(other, n, c, p, itemsize, damping)
+      shape = "P×P" if other == "primal" else "N·C×N·C"
+      hint = (f"solver={other!r} needs only {shape} matrices, {other_need} "
+              "bytes here, within the budget" if other_need <= memory_budget
+              else f"solver={other!r} ({shape}) would need {other_need} bytes, "
+              "over the budget too; unlearn with fewer samples")
       raise ValueError(
-          f"solver={solver!r} needs about {need / 2**30:.2f} GiB of dense "
-          f"matrices for N={n} samples, C={c}, P={p}, over memory_budget="
-          f"{memory_budget / 2**30:.2f} GiB. Raise memory_budget (argument "
-          f"memory_budget=...) if the memory is there, or use {other!r}: "
-          f"{hint}.")
+          f"solver={solver!r} needs about {need} bytes ({need / 2**30:.3g} GiB) "
+          f"of dense matrices for N={n} samples, C={c}, P={p}, over "
+          f"memory_budget={memory_budget} bytes ({memory_budget / 2**30:.3g} "
+          f"GiB). Raise memory_budget=... if the memory is there; {hint}.")
 
   # ---- residuals at the linearisation point -----------------------------
   f0_r = kernels.predict(apply_fn, lin, x_r)
