@@ -102,7 +102,7 @@ def auto_block_size(n: int, bytes_per_sample: float,
   return int(2 ** max(0, fit.bit_length() - 1)) if fit >= 1 else 1
 
 
-_BYTES_PER_SAMPLE: dict = {}
+_BYTES_PER_SAMPLE = weakref.WeakKeyDictionary()  # jitted fn -> {shapes: bytes}
 
 
 def _bytes_per_sample(kind: str, jitted, args_for, params, x,
@@ -110,17 +110,21 @@ def _bytes_per_sample(kind: str, jitted, args_for, params, x,
   """Working memory per sample of ``jitted``, from XLA's memory analysis of a
   compiled probe block of :data:`_PROBE` samples (cached per shape)."""
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  key = (kind, id(jitted), tuple(np.shape(x)[1:]), str(jnp.result_type(x)),
-         treedef, tuple((np.shape(l), str(jnp.result_type(l))) for l in leaves))
-  if key not in _BYTES_PER_SAMPLE:
+  key = (kind, tuple(np.shape(x)[1:]), str(jnp.result_type(x)), treedef,
+         tuple((np.shape(l), str(jnp.result_type(l))) for l in leaves))
+  try:
+    cache = _BYTES_PER_SAMPLE.setdefault(jitted, {})
+  except TypeError:
+    cache = {}
+  if key not in cache:
     probe = jnp.zeros((_PROBE,) + tuple(np.shape(x)[1:]), jnp.result_type(x))
     analysis = jitted.lower(*args_for(probe)).compile().memory_analysis()
     if analysis is None:  # a backend without memory analysis
       total = fallback * _PROBE
     else:
       total = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
-    _BYTES_PER_SAMPLE[key] = total / _PROBE
-  return _BYTES_PER_SAMPLE[key]
+    cache[key] = total / _PROBE
+  return cache[key]
 
 
 def _blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
