@@ -168,15 +168,15 @@ def test_auto_picks_the_cheaper_solver_that_fits():
   # P = 43 << N·C: primal; P huge vs N·C: dual.
   assert F.choose_solver(n=100, c=10, p=43) == "primal"
   assert F.choose_solver(n=10, c=10, p=100_000) == "dual"
-  # N·C = 20,000 vs P = 4,000: the primal is cheaper (1.6e12 vs 2.9e12 flops)
-  # but its 5·P² floats (320 MB) exceed a 200 MB budget the dual's... does not
-  # fit either (6.4 GB): an error; with 400 MB the primal fits.
+  # N·C = 20,000, P = 4,000: primal 3.6e11 flops and 5·P²·4 B = 320 MB; dual
+  # 4.3e12 flops and 4·(N·C)²·4 B = 6.4 GB. Neither fits 200 MB: an error;
+  # with 400 MB the primal fits.
   with pytest.raises(ValueError, match="too small for either dense solver"):
     F.choose_solver(n=2000, c=10, p=4000, memory_budget=200 * 10**6)
   assert F.choose_solver(n=2000, c=10, p=4000, memory_budget=400 * 10**6) == "primal"
-  # Only the dual fits: chosen although the primal would be cheaper... never
-  # happens in this cost model (cheaper primal means P < N·C, hence smaller);
-  # the fit test itself is checked with the budget just under the dual's need.
+  # In this cost model the cheaper solver is also the smaller one, so the
+  # budget only decides between "fits" and "error": checked at the dual's
+  # exact need.
   need_dual = 4 * (10 * 10) ** 2 * 4
   assert F.choose_solver(n=10, c=10, p=100_000, memory_budget=need_dual) == "dual"
   with pytest.raises(ValueError):
@@ -232,17 +232,30 @@ def _call(small, **over):
     (lambda s: {"forget": (s[3][0].astype(np.float64), s[3][1])}, TypeError, "dtype"),
 ])
 def test_bad_input_raises_before_work(small, over, err, match):
-  calls = []
-  apply_fn = small[0]
-
-  def counting(params, x):  # counts evaluations on data (not shape-only ones)
-    if not isinstance(x, jax.core.Tracer):
-      calls.append(1)
-    return apply_fn(params, x)
-
+  counting, calls = _counting(small[0])
   with pytest.raises(err, match=match):
     _call((counting,) + tuple(small[1:]), **over(small))
   assert not calls
+
+
+def _counting(apply_fn):
+  """Wraps apply_fn to record evaluations on data. The shape-only evaluation
+  that finds C uses a batch of one; every evaluation on the data (traced
+  inside jit or not) sees a larger batch in these tests."""
+  calls = []
+
+  def counting(params, x):
+    if x.shape[0] > 1:
+      calls.append(x.shape)
+    return apply_fn(params, x)
+
+  return counting, calls
+
+
+def test_the_work_detector_detects_work(small):
+  counting, calls = _counting(small[0])
+  _call((counting,) + tuple(small[1:]))
+  assert calls  # a valid call evaluates the model on the data
 
 
 def test_nan_logits_are_reported(small):
