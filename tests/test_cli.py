@@ -131,3 +131,41 @@ def test_pretrain_refuses_to_overwrite_and_checks_resume(tmp_path, capsys):
   assert "--resume" in capsys.readouterr().err
   assert cli.main(argv + ["--resume", "--seed", "1"]) == 2
   assert "seed" in capsys.readouterr().err
+
+
+def test_every_flag_has_help():
+  parser = cli.build_parser()
+  sub = next(a for a in parser._actions if a.dest == "command")
+  for name, p in sub.choices.items():
+    for a in p._actions:
+      if a.dest != "help":
+        assert a.help, f"fastntk {name} {a.option_strings} has no help text"
+
+
+def test_bn_stats_data_then_retain(tmp_path):
+  """Statistics estimated on D are re-estimated on D_r after unlearning."""
+  from fastntk_jax import bn_stats, data, peft, zoo
+  ck, un = tmp_path / "m.ckpt", tmp_path / "u.ckpt"
+  assert cli.main(["train", "--model", "resnet20", "--data", "embedded",
+                   "--ipc", "4", "--test-ipc", "2", "--epochs", "1",
+                   "--bn-stats", "data", "--out", str(ck), "--quiet"]) == 0
+  c = checkpoint.load(ck)
+  _, pre, _ = zoo.load_backbone("resnet20")
+  ds = data.load_dataset("embedded", "train", ipc=4)
+  prep = zoo.preprocess_fn("resnet20")
+  module = zoo.build("resnet20")
+  on_d = bn_stats.reestimate(module, pre, ds.x, preprocess=prep)
+  np.testing.assert_allclose(c.trees["frozen"]["batch_stats"]["bn_init"]["mean"],
+                             on_d["bn_init"]["mean"], rtol=1e-5, atol=1e-6)
+  assert cli.main(["unlearn", "--checkpoint", str(ck), "--forget", "class:1",
+                   "--out", str(un), "--quiet", "--json",
+                   str(tmp_path / "u.json")]) == 0
+  assert json.loads((tmp_path / "u.json").read_text())["bn_stats"] == "retain"
+  u = checkpoint.load(un)
+  keep = ds.y != 1
+  full = peft.merge(u.trees["w_D"], c.trees["frozen"])
+  expect = bn_stats.reestimate(module, full, ds.x[keep], preprocess=prep)
+  got = u.trees["frozen"]["batch_stats"]
+  np.testing.assert_allclose(got["bn_init"]["var"], expect["bn_init"]["var"],
+                             rtol=1e-4)
+  assert not np.allclose(got["bn_init"]["mean"], on_d["bn_init"]["mean"])

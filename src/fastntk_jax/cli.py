@@ -536,7 +536,8 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--params", default="w_D", choices=["w_D", "w_0",
                                                      "w_trained"],
                  help="which PEFT parameters of --checkpoint (default: w_D)")
-  q.add_argument("--split", default="test", choices=["train", "test"])
+  q.add_argument("--split", default="test", choices=["train", "test"],
+                 help="which split to evaluate (default: test)")
   q.add_argument("--first", type=int, help="the first N images of the split "
                  "in the original CIFAR-10 order (e.g. 1000)")
   q.add_argument("--ipc", type=int, help="the first K images of each class")
@@ -545,7 +546,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   q = sub.add_parser("pretrain", help="train a backbone from scratch (all "
                      "parameters; meant for a GPU; resumable)")
-  q.add_argument("--model", required=True)
+  q.add_argument("--model", required=True, help="registry name (see "
+                 "`fastntk params`)")
   q.add_argument("--out", required=True, metavar="PATH",
                  help="checkpoint, rewritten atomically after every epoch")
   q.add_argument("--resume", action="store_true",
@@ -557,18 +559,24 @@ def build_parser() -> argparse.ArgumentParser:
                  "images per class (small CPU runs)")
   q.add_argument("--test-ipc", type=int, help="test images per class for the "
                  "evaluation (default: all)")
-  q.add_argument("--epochs", type=int, default=200)
-  q.add_argument("--batch-size", type=int, default=128)
+  q.add_argument("--epochs", type=int, default=200,
+                 help="epochs of the cosine schedule (default: 200)")
+  q.add_argument("--batch-size", type=int, default=128,
+                 help="images per step (default: 128)")
   q.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 "
                  "SGD, 1e-3 AdamW)")
   q.add_argument("--optimizer", choices=["sgd", "adamw"], help="default: sgd "
                  "for CNNs, adamw for ViTs")
   q.add_argument("--weight-decay", type=float,
                  help="default: 5e-4 SGD, 0.05 AdamW")
-  q.add_argument("--warmup-epochs", type=int, default=1)
-  q.add_argument("--crop-padding", type=int, default=4)
-  q.add_argument("--no-flip", action="store_true")
-  q.add_argument("--label-smoothing", type=float, default=0.0)
+  q.add_argument("--warmup-epochs", type=int, default=1,
+                 help="linear warm-up epochs (default: 1)")
+  q.add_argument("--crop-padding", type=int, default=4,
+                 help="random-crop padding in pixels, 0 disables (default: 4)")
+  q.add_argument("--no-flip", action="store_true",
+                 help="no random horizontal flips")
+  q.add_argument("--label-smoothing", type=float, default=0.0,
+                 help="cross-entropy label smoothing (default: 0)")
   q.add_argument("--eval-every", type=int, default=10, help="test accuracy "
                  "every N epochs (0: only at the end)")
   common(q, data_default="cifar10-jpeg")
@@ -576,7 +584,8 @@ def build_parser() -> argparse.ArgumentParser:
 
   q = sub.add_parser("train", help="PEFT fine-tuning (BatchNorm or prompts + "
                      "a new head); --exclude gives Retrain")
-  q.add_argument("--model", required=True)
+  q.add_argument("--model", required=True, help="registry name (see "
+                 "`fastntk params`)")
   q.add_argument("--weights", metavar="PATH", help="backbone (see evaluate)")
   q.add_argument("--out", metavar="PATH", help="checkpoint with w_0, w_D, "
                  "the frozen variables and the config")
@@ -593,17 +602,25 @@ def build_parser() -> argparse.ArgumentParser:
                  help="ViT prompt length L_p (default: 5)")
   q.add_argument("--loss", default="mse", choices=["mse", "ce"],
                  help="mse (default; what Eq. (1) linearises) or ce")
-  q.add_argument("--epochs", type=int, default=30)
-  q.add_argument("--batch-size", type=int, default=100)
+  q.add_argument("--epochs", type=int, default=30,
+                 help="passes over the data (default: 30)")
+  q.add_argument("--batch-size", type=int, default=100,
+                 help="samples per step (default: 100)")
   q.add_argument("--lr", type=float, default=1e-2, help="Adam step size")
-  q.add_argument("--weight-decay", type=float, default=0.0)
+  q.add_argument("--weight-decay", type=float, default=0.0,
+                 help="decoupled weight decay (AdamW); 0 = Adam (default)")
   q.add_argument("--schedule", default="constant",
-                 choices=["constant", "cosine"])
-  q.add_argument("--warmup-epochs", type=int, default=0)
+                 choices=["constant", "cosine"],
+                 help="learning-rate schedule (default: constant)")
+  q.add_argument("--warmup-epochs", type=int, default=0,
+                 help="linear warm-up epochs of the cosine schedule")
   q.add_argument("--crop-padding", type=int, default=0, help="random crops "
                  "with this padding (default: 0, flips only)")
-  q.add_argument("--no-flip", action="store_true")
-  q.add_argument("--head-scale", type=float, default=0.1)
+  q.add_argument("--no-flip", action="store_true",
+                 help="no random horizontal flips")
+  q.add_argument("--head-scale", type=float, default=0.1,
+                 help="scale of the new head's initial kernel (default: 0.1;"
+                 " near-zero logits keep MSE fine-tuning stable)")
   q.add_argument("--bn-stats", default="pretrained",
                  choices=["pretrained", "data"],
                  help="'pretrained' (default): BatchNorm normalises with the "
@@ -623,8 +640,11 @@ def build_parser() -> argparse.ArgumentParser:
                  "model")
   q.add_argument("--damping", type=float, default=1.0, help="λ (default 1.0; "
                  "docs/defaults.md)")
-  q.add_argument("--solver", default="auto", choices=["auto", "dual", "primal"])
-  q.add_argument("--loss", default="mse", choices=["mse", "ce"])
+  q.add_argument("--solver", default="auto", choices=["auto", "dual", "primal"],
+                 help="dual: kernels over samples (N·C)²; primal: JᵀJ over "
+                 "parameters P²; auto: the cheaper that fits (default)")
+  q.add_argument("--loss", default="mse", choices=["mse", "ce"],
+                 help="residual of the linearised model (default: mse)")
   q.add_argument("--linearize", default="trained", choices=["trained", "init"],
                  help="Jacobians at w_D (default) or w_0")
   q.add_argument("--bn-stats", default="auto",
@@ -632,12 +652,14 @@ def build_parser() -> argparse.ArgumentParser:
                  help="'keep' the statistics, or re-estimate them on D_r "
                  "('retain'); 'auto' (default) re-estimates only when "
                  "training estimated them on D")
-  q.add_argument("--test-ipc", type=int)
+  q.add_argument("--test-ipc", type=int, help="first K test images per "
+                 "class (default: the checkpoint's)")
   q.add_argument("--memory-budget", type=float, default=4.0,
                  help="GiB for dense kernels (default: 4)")
   q.add_argument("--data", help="override the checkpoint's data source")
-  q.add_argument("--json", metavar="PATH")
-  q.add_argument("--quiet", action="store_true")
+  q.add_argument("--json", metavar="PATH", help="also write the results "
+                 "(with device, versions and configuration) to PATH")
+  q.add_argument("--quiet", action="store_true", help="no progress lines")
   q.set_defaults(fn=cmd_unlearn)
   return p
 
