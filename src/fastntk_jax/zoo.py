@@ -32,6 +32,7 @@ import numpy as np
 from fastntk_jax import checkpoint
 from fastntk_jax import peft
 from fastntk_jax.models import resnet as _resnet
+from fastntk_jax.setups import PeftModel
 
 __all__ = [
     "MODEL_NAMES",
@@ -230,15 +231,8 @@ def load_backbone(name: str, weights: str | Path | None = None, *,
   return module, init_variables(module, s.image_size, seed), False
 
 
-class Prepared(NamedTuple):
-  """A model ready for PEFT: ``apply_fn(peft, x)``, ``w_0``, the frozen rest,
-  the module, and the parameter counts."""
-  apply_fn: Callable[[Any, Any], jax.Array]
-  init_params: Any
-  frozen: Any
-  module: Any
-  num_total: int
-  num_peft: int
+# A model ready for PEFT: the same record as the ready-made setups return.
+Prepared = PeftModel
 
 
 def prepare(name: str, module, variables: Mapping, *, num_classes: int,
