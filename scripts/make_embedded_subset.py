@@ -16,13 +16,12 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from fastntk_jax._io import atomic_write
 from fastntk_jax.data import CIFAR10_CLASSES, read_cifar10_jpeg_zip_with_names, shared_data_dir
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -59,22 +58,6 @@ def build_subset(zip_path: Path, per_class_train: int, per_class_test: int) -> d
     return arrays
 
 
-def write_npz_atomic(out: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes ``np.savez_compressed`` output via a temp file and ``os.replace``."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--zip", type=Path, default=_default_zip(),
@@ -89,7 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
     arrays = build_subset(args.zip, args.per_class_train, args.per_class_test)
-    write_npz_atomic(args.out, arrays)
+    atomic_write(args.out, lambda f: np.savez_compressed(f, **arrays))
     print(
         f"wrote {args.out} ({args.out.stat().st_size / 1e6:.2f} MB): "
         + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items())

@@ -16,12 +16,11 @@ Usage (from the repository root)::
 from __future__ import annotations
 
 import argparse
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
+from fastntk_jax._io import atomic_write
 from fastntk_jax.data import load_cifar10_lossless, shared_data_dir
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -40,22 +39,6 @@ def build_order(lossless: Path) -> dict[str, np.ndarray]:
   }
 
 
-def write_npz_atomic(out: Path, arrays: dict[str, np.ndarray]) -> None:
-  """``np.savez_compressed`` through a temp file in the same folder and ``os.replace``."""
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez_compressed(f, **arrays)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual file mode
-    os.replace(tmp, out)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
-
-
 def main(argv: list[str] | None = None) -> None:
   root = shared_data_dir()
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -67,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
   if args.lossless is None:
     parser.error("no ../shared/data found; pass --lossless PATH")
   arrays = build_order(args.lossless)
-  write_npz_atomic(args.out, arrays)
+  atomic_write(args.out, lambda f: np.savez_compressed(f, **arrays))
   print(f"wrote {args.out} ({args.out.stat().st_size} bytes): "
         + ", ".join(f"{k} {v.dtype}{list(v.shape)}" for k, v in arrays.items()))
 

@@ -587,3 +587,17 @@ def test_tfds_conversion_with_a_fake_builder(monkeypatch):
     warnings.simplefilter("error")
     builder.download_and_prepare = lambda: setattr(builder, "prepared", True)
     assert load_dataset("tfds:fake", ipc=1, tfds_download=True).y.tolist() == [2, 0, 1]
+
+
+def test_jpeg_cache_write_failure_warns_and_leaves_nothing(tmp_path, monkeypatch):
+  path = _make_zip(tmp_path / "tiny.zip")
+  cache = tmp_path / "cache"
+
+  def disk_full(*a, **k):
+    raise OSError("disk full")
+
+  monkeypatch.setattr(np, "savez", disk_full)
+  with pytest.warns(UserWarning, match="could not write the cache file"):
+    ds = load_dataset(str(path), "test", cache_dir=cache)
+  assert ds.x.shape == (4, 32, 32, 3)
+  assert list(cache.iterdir()) == []  # no temporary file left behind

@@ -90,13 +90,10 @@ def _load(args, split: str, *, image_size: int, ipc=None, first=None,
 
 
 def _predict(apply_fn, params, x, preprocess, batch_size: int = 250):
-  import jax
-  import jax.numpy as jnp
-  fn = jax.jit(lambda p, xb: apply_fn(p, preprocess(xb)))
-  out = []
-  for s in range(0, len(x), batch_size):
-    out.append(np.asarray(fn(params, jnp.asarray(x[s:s + batch_size]))))
-  return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+  """Logits of uint8 images ``x``, preprocessed a block at a time."""
+  from fastntk_jax import kernels
+  return np.asarray(kernels.predict(lambda p, xb: apply_fn(p, preprocess(xb)),
+                                    params, x, block_size=batch_size))
 
 
 def _accuracy(apply_fn, params, x, y, preprocess) -> float:

@@ -30,7 +30,6 @@ import io
 import numbers
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable, Iterator, Sequence
@@ -41,6 +40,7 @@ import numpy as np
 from PIL import Image
 
 from fastntk_jax import splits
+from fastntk_jax._io import atomic_write
 
 __all__ = [
   "CIFAR10_CLASSES",
@@ -387,16 +387,8 @@ def _read_cache(path: Path, digest: str, split: str):
 
 
 def _write_npz_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-  """``np.savez`` (uncompressed: loads fast) through a temp file and ``os.replace``."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-  try:
-    with os.fdopen(fd, "wb") as f:
-      np.savez(f, **arrays)
-    os.replace(tmp, path)
-  except BaseException:
-    Path(tmp).unlink(missing_ok=True)
-    raise
+  """``np.savez`` (uncompressed: loads fast), written atomically."""
+  atomic_write(path, lambda f: np.savez(f, **arrays))
 
 
 def _cached_jpeg_split(zip_path: Path, split: str, cache_dir: Path | None):
