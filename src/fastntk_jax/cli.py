@@ -497,6 +497,26 @@ _DATA_HELP = ("image source: 'embedded' (shipped subset, 100 train/test images "
               "(ROOT/<split>/<class>/*.jpg|png) or 'tfds:NAME'")
 
 
+# ------------------------------------------------------------ experiment
+def cmd_experiment(args) -> dict:
+  from fastntk_jax import bench
+  overrides = {}
+  if args.seeds is not None:
+    overrides["seeds"] = args.seeds
+  if args.methods is not None:
+    overrides["methods"] = args.methods
+  cfg = bench.load_config(args.config, overrides)
+  out = Path(args.out) if args.out else Path("results") / cfg["name"]
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {out} is a file; give a directory.")
+  _log(args, f"[experiment] {cfg['name']}: {len(cfg['seeds'])} seeds x "
+       f"{len(cfg['methods'])} methods -> {out}")
+  results = bench.run_experiment(cfg, out, progress=not args.quiet)
+  print((out / "table.md").read_text())
+  print(f"results: {out}/results.json, table.md, metrics.png, relearn.png")
+  return results
+
+
 def build_parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="fastntk",
@@ -658,6 +678,19 @@ def build_parser() -> argparse.ArgumentParser:
                  "(with device, versions and configuration) to PATH")
   q.add_argument("--quiet", action="store_true", help="no progress lines")
   q.set_defaults(fn=cmd_unlearn)
+
+  q = sub.add_parser("experiment", help="run a bench configuration: every "
+                     "method, seed and metric; resumable")
+  q.add_argument("config", metavar="CONFIG", help="a .toml or .json "
+                 "configuration, e.g. configs/demo.toml")
+  q.add_argument("--out", metavar="DIR", help="results directory (default: "
+                 "results/<config name>); rerun with the same DIR to resume")
+  q.add_argument("--seeds", metavar="S", type=int, nargs="+",
+                 help="override the config's seeds")
+  q.add_argument("--methods", metavar="NAME", nargs="+",
+                 help="override the config's methods")
+  q.add_argument("--quiet", action="store_true", help="no progress output")
+  q.set_defaults(fn=cmd_experiment)
   return p
 
 

@@ -1,0 +1,216 @@
+"""The bench: configurations, aggregation, tables, plots, the resumable runner."""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastntk_jax import bench, checkpoint, cli, methods as methods_lib
+from fastntk_jax.bench import config as config_lib
+from fastntk_jax.bench import report
+from fastntk_jax.bench.features import head_input_fn
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- configs
+def test_every_shipped_config_resolves():
+  files = sorted((ROOT / "configs").glob("*.toml"))
+  assert len(files) >= 8
+  names = set()
+  for f in files:
+    cfg = bench.load_config(f)
+    names.add(cfg["name"])
+    assert cfg["methods"] == list(config_lib.METHOD_ORDER)
+  assert len(names) == len(files)  # distinct result directories
+
+
+def test_defaults_are_filled_and_unknown_keys_named(tmp_path):
+  cfg = bench.resolve({"name": "x", "data": {"ipc": 3}})
+  assert cfg["data"]["ipc"] == 3 and cfg["data"]["forget"] == "class:0"
+  assert cfg["finetune"]["loss"] == "mse" and cfg["seeds"] == [0, 1, 2]
+  with pytest.raises(bench.ConfigError, match="data.ipcc"):
+    bench.resolve({"name": "x", "data": {"ipcc": 3}})
+  with pytest.raises(bench.ConfigError, match="unknown method 'foo'"):
+    bench.resolve({"name": "x", "methods": ["full", "foo"]})
+  with pytest.raises(bench.ConfigError, match="'name' is required"):
+    bench.resolve({})
+  with pytest.raises(bench.ConfigError, match="data.forget"):
+    bench.resolve({"name": "x", "data": {"forget": "klass:0"}})
+  with pytest.raises(bench.ConfigError, match="seeds"):
+    bench.resolve({"name": "x", "seeds": [0, 0]})
+  with pytest.raises(bench.ConfigError, match="model.name"):
+    bench.resolve({"name": "x", "model": {"name": "resnet19"}})
+  with pytest.raises(bench.ConfigError, match="finetune.loss"):
+    bench.resolve({"name": "x", "finetune": {"loss": "hinge"}})
+  with pytest.raises(bench.ConfigError, match="test_ipc must be >= 1"):
+    bench.resolve({"name": "x", "data": {"train_split": "test",
+                                         "test_ipc": 0}})
+  with pytest.raises(bench.ConfigError, match=r"\[method.ga\].*'lr'"):
+    bench.resolve({"name": "x", "method": {"ga": {"lr": 1.0}}})
+  with pytest.raises(bench.ConfigError, match="no file"):
+    bench.load_config(tmp_path / "missing.toml")
+  bad = tmp_path / "bad.toml"
+  bad.write_text("name = ")
+  with pytest.raises(bench.ConfigError, match="cannot parse"):
+    bench.load_config(bad)
+
+
+def test_methods_are_listed_in_table_order():
+  cfg = bench.resolve({"name": "x", "methods": ["fast_ntk", "full",
+                                                "retrain"]})
+  assert cfg["methods"] == ["full", "retrain", "fast_ntk"]
+
+
+def test_config_hash_ignores_only_resumable_keys():
+  a = bench.resolve({"name": "x"})
+  b = bench.resolve({"name": "x", "seeds": [5], "methods": ["full"],
+                     "method": {"ga": {"epochs": 3}}})
+  c = bench.resolve({"name": "x", "data": {"ipc": 7}})
+  assert config_lib.config_hash(a) == config_lib.config_hash(b)
+  assert config_lib.config_hash(a) != config_lib.config_hash(c)
+
+
+# ------------------------------------------------------------ aggregation
+def _fake_run(root, seed, method, m):
+  checkpoint.atomic_write_json(
+      root / "runs" / f"seed{seed}" / f"{method}.json",
+      {"method": method, "seed": seed, "metrics": m, "seconds": 2.0 + seed,
+       "compile_seconds": 1.0, "relearn_curve": [1.0, 0.5, 0.01]})
+
+
+def test_aggregate_mean_std_and_avg_d(tmp_path):
+  cfg = bench.resolve({"name": "agg", "seeds": [0, 1],
+                       "methods": ["retrain", "fast_ntk"]})
+  base = {"acc_retain": 90.0, "acc_forget": 0.0, "acc_test": 80.0,
+          "mia": 100.0, "relearn_epochs": 10}
+  for s in (0, 1):
+    _fake_run(tmp_path, s, "retrain", base)
+    _fake_run(tmp_path, s, "fast_ntk",
+              {**base, "acc_retain": 88.0 - 2 * s, "acc_forget": 4.0,
+               "mia": 96.0, "relearn_epochs": 20 + s})
+  res = report.aggregate(tmp_path, cfg, {"device": "cpu", "platform": "cpu",
+                                         "versions": {"jax": jax.__version__}})
+  fn = res["methods"]["fast_ntk"]
+  assert fn["acc_retain"]["mean"] == pytest.approx(87.0)
+  assert fn["acc_retain"]["std"] == pytest.approx(np.std([88, 86], ddof=1))
+  assert fn["acc_retain"]["values"] == [88.0, 86.0]
+  # Avg.D per seed: (|4-0| + |88-90| + 0 + |96-100|)/4 = 2.5, then 3.0.
+  assert fn["avg_d"]["values"] == pytest.approx([2.5, 3.0])
+  assert res["methods"]["retrain"]["avg_d"]["mean"] == 0.0
+  assert fn["seconds"]["mean"] == pytest.approx(2.5)
+  assert res["seeds"] == [0, 1]
+  md = report.markdown(res)
+  assert "| Fast-NTK | 87.0 ± 1.4 | 4.0 ± 0.0 | 80.0 ± 0.0 |" in md
+  assert "| Retrain |" in md and "Avg.D" in md
+  report.write_all(tmp_path, res)
+  for png in ("metrics.png", "relearn.png"):
+    assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  saved = json.loads((tmp_path / "results.json").read_text())
+  assert saved["methods"]["fast_ntk"]["avg_d"]["mean"] == pytest.approx(2.75)
+
+
+def test_json_safe_turns_nan_into_null():
+  out = report.json_safe({"a": float("nan"), "b": np.float32(1.5),
+                          "c": np.arange(2), "d": (np.int64(3),)})
+  assert out == {"a": None, "b": 1.5, "c": [0, 1], "d": [3]}
+  json.dumps(out, allow_nan=False)
+
+
+# --------------------------------------------------------------- features
+def test_head_input_features_reproduce_the_logits():
+  from fastntk_jax import setups
+  model = setups.resnet_bn_head(20, seed=0)
+  from fastntk_jax import peft
+  variables = peft.merge(model.init_params, model.frozen)
+  x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
+  f = head_input_fn(model.module)(variables, x)
+  assert f.shape == (3, 64)
+  head = model.init_params["params"]["head"]
+  np.testing.assert_allclose(f @ head["kernel"] + head["bias"],
+                             model.apply_fn(model.init_params, x),
+                             rtol=1e-5, atol=1e-5)
+  with pytest.raises(ValueError, match="head='nohead'"):
+    head_input_fn(model.module, head="nohead")(variables, x)
+
+
+# ----------------------------------------------------------------- runner
+TINY = {
+    "name": "tiny", "seeds": [0],
+    "methods": ["full", "retrain", "fast_ntk", "ga"],
+    "data": {"source": "embedded", "ipc": 3, "test_ipc": 3},
+    "finetune": {"epochs": 2, "batch_size": 10},
+    "metrics": {"relearn_max_epochs": 3, "probe_epochs": 2},
+    "method": {"ga": {"epochs": 1}},
+}
+
+
+def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
+  cfg = bench.resolve(TINY)
+  out = tmp_path / "res"
+  real = methods_lib.run_method
+  calls = []
+
+  def failing(name, problem, **kw):
+    calls.append(name)
+    if name == "ga":
+      raise RuntimeError("interrupted")
+    return real(name, problem, **kw)
+
+  monkeypatch.setattr(methods_lib, "run_method", failing)
+  with pytest.raises(RuntimeError, match="interrupted"):
+    bench.run_experiment(cfg, out, progress=False)
+  assert calls == ["retrain", "full", "fast_ntk", "ga"]  # Retrain first
+  assert (out / "runs" / "seed0" / "fast_ntk.json").is_file()
+  assert not (out / "results.json").exists()
+
+  calls.clear()
+  monkeypatch.setattr(methods_lib, "run_method",
+                      lambda name, problem, **kw: (calls.append(name),
+                                                   real(name, problem,
+                                                        **kw))[1])
+  res = bench.run_experiment(cfg, out, progress=False)
+  assert calls == ["ga"]  # only the missing run
+  assert set(res["methods"]) == {"full", "retrain", "fast_ntk", "ga"}
+  for m, r in res["methods"].items():
+    for k in ("acc_retain", "acc_forget", "acc_test", "relearn_epochs", "mia",
+              "kl_to_retrain", "avg_d", "seconds"):
+      assert r[k]["mean"] is not None, (m, k)
+  assert res["methods"]["retrain"]["kl_to_retrain"]["mean"] == 0.0
+  assert res["methods"]["retrain"]["acc_forget"]["mean"] == pytest.approx(
+      res["methods"]["retrain"]["acc_forget"]["values"][0])
+  assert set(res["probe"]) == {"fast_ntk", "pretrained", "random_init"}
+  manifest = json.loads((out / "manifest.json").read_text())
+  assert manifest["forget"]["0"]["forget_indices"] == [0, 1, 2]  # class 0
+  assert manifest["train"]["num"] == 30
+  for f in ("results.json", "table.md", "metrics.png", "relearn.png",
+            "config.json"):
+    assert (out / f).is_file()
+
+  # A changed hyperparameter re-runs that method only.
+  calls.clear()
+  cfg2 = bench.resolve({**TINY, "method": {"ga": {"epochs": 2}}})
+  bench.run_experiment(cfg2, out, progress=False)
+  assert calls == ["ga"]
+  # Another configuration in the same directory is refused.
+  with pytest.raises(bench.ConfigError, match="different configuration"):
+    bench.run_experiment(bench.resolve({**TINY, "data": {
+        "source": "embedded", "ipc": 4, "test_ipc": 3}}), out, progress=False)
+
+
+def test_runner_refuses_a_random_backbone_unless_allowed(tmp_path):
+  cfg = bench.resolve({**TINY, "model": {"name": "mobilenetv2"}})
+  with pytest.raises(bench.ConfigError, match="require_pretrained"):
+    bench.run_experiment(cfg, tmp_path / "m", progress=False)
+  assert not (tmp_path / "m").exists()  # refused before any work
+
+
+def test_cli_experiment_reports_config_errors(tmp_path, capsys):
+  bad = tmp_path / "c.toml"
+  bad.write_text('name = "x"\n[data]\nipcc = 3\n')
+  assert cli.main(["experiment", str(bad), "--out", str(tmp_path / "o")]) == 2
+  assert "data.ipcc" in capsys.readouterr().err

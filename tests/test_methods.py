@@ -1,0 +1,420 @@
+"""Tests of fastntk_jax.methods on tiny hand-made models (seconds, CPU)."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.flatten_util import ravel_pytree
+
+from fastntk_jax import methods, train
+from fastntk_jax.methods import _common
+from fastntk_jax.unlearn import unlearn
+
+C = 3  # classes
+
+
+def mlp(p, x):
+  h = jnp.tanh(x.reshape(x.shape[0], -1) @ p["w1"] + p["b1"])
+  return h @ p["w2"] + p["b2"]
+
+
+def linear(p, x):
+  return x.reshape(x.shape[0], -1) @ p["w"] + p["b"]
+
+
+def _data(seed=0, n=48):
+  rng = np.random.default_rng(seed)
+  y = rng.integers(0, C, n).astype(np.int32)
+  x = rng.normal(size=(n, 2, 2, 2)).astype(np.float32)
+  x += 0.7 * y[:, None, None, None]
+  return x, y
+
+
+def _mlp_init(seed=0):
+  rng = np.random.default_rng(seed)
+  return {"w1": jnp.asarray(rng.normal(size=(8, 6)) * 0.5, jnp.float32),
+          "b1": jnp.zeros(6, jnp.float32),
+          "w2": jnp.asarray(rng.normal(size=(6, C)) * 0.1, jnp.float32),
+          "b2": jnp.zeros(C, jnp.float32)}
+
+
+def _problem(apply_fn=mlp, init=None, *, loss="mse", augment=True):
+  x, y = _data()
+  init = _mlp_init() if init is None else init
+  recipe = train.FinetuneConfig(loss=loss, epochs=15, batch_size=16,
+                                learning_rate=1e-2, augment=augment, seed=0)
+  w_d = train.finetune(apply_fn, init, x, y, config=recipe).params
+  f = y == 0
+  return methods.UnlearningProblem(apply_fn, init, w_d, (x[~f], y[~f]),
+                                   (x[f], y[f]), recipe, C)
+
+
+@pytest.fixture(scope="module")
+def problem():
+  return _problem()
+
+
+@pytest.fixture(scope="module")
+def problem_exact():  # no augmentation: exact comparisons
+  return _problem(augment=False)
+
+
+def _loss(p, prob, which, loss):
+  x, y = getattr(prob, which)
+  return float(train.loss_fn(prob.apply_fn(p, jnp.asarray(x)),
+                             jnp.asarray(y), loss))
+
+
+def _leaves(t):
+  return [np.asarray(v) for v in jax.tree_util.tree_leaves(t)]
+
+
+def _equal(a, b):
+  return all(np.array_equal(u, v) for u, v in zip(_leaves(a), _leaves(b)))
+
+
+# ---- every method ------------------------------------------------------
+
+@pytest.mark.parametrize("name", methods.METHOD_NAMES)
+def test_every_method_runs_and_keeps_the_tree(problem, name):
+  r = methods.run_method(name, problem, seed=0)
+  assert (jax.tree_util.tree_structure(r.params)
+          == jax.tree_util.tree_structure(problem.params))
+  for new, old in zip(jax.tree_util.tree_leaves(r.params),
+                      jax.tree_util.tree_leaves(problem.params)):
+    assert new.shape == old.shape and new.dtype == old.dtype
+    assert np.all(np.isfinite(np.asarray(new)))
+  assert 0.0 <= r.compile_seconds <= r.seconds
+  json.dumps(r.info)  # JSON-serialisable
+  assert r.info["method"] == name and r.info["seed"] == 0
+  assert r.info["hyperparameters"] == methods.defaults(name)
+  if name != "full":  # every real method moves the weights
+    assert not _equal(r.params, problem.params)
+
+
+def test_defaults_match_signatures_and_are_copies():
+  import inspect
+  for name in methods.METHOD_NAMES:
+    spec = _common._registry()[name]
+    params = inspect.signature(spec.fn).parameters
+    assert set(params) - {"problem", "key"} == set(methods.defaults(name))
+    assert set(spec.checks) == set(spec.defaults)
+  d = methods.defaults("salun")
+  d["mask_ratio"] = 0.9
+  assert methods.defaults("salun")["mask_ratio"] == 0.5
+
+
+def test_full_returns_w_d_exactly(problem):
+  r = methods.run_method("full", problem)
+  assert _equal(r.params, problem.params)
+
+
+def test_retrain_equals_finetune_from_w0(problem):
+  r = methods.run_method("retrain", problem, seed=5)
+  ref = train.finetune(mlp, problem.init_params, *problem.retain,
+                       config=problem.recipe).params
+  assert _equal(r.params, ref)
+
+
+@pytest.mark.parametrize("linearize", ["trained", "init"])
+def test_fast_ntk_equals_unlearn(problem, linearize):
+  r = methods.run_method("fast_ntk", problem, damping=0.5, linearize=linearize)
+  ref = unlearn(mlp, problem.params, problem.retain, problem.forget,
+                init_params=None if linearize == "trained"
+                else problem.init_params, damping=0.5, loss="mse")
+  assert _equal(r.params, ref.params)
+  assert r.info["solver"] == ref.solver and r.info["damping"] == 0.5
+  assert r.info["delta_norm"] == pytest.approx(ref.delta_norm)
+  assert r.info["cond"] == pytest.approx(ref.cond)
+
+
+def test_max_loss_increases_the_recipe_loss_on_forget(problem):
+  r = methods.run_method("max_loss", problem, epochs=5, learning_rate=1e-2)
+  assert (_loss(r.params, problem, "forget", "mse")
+          > _loss(problem.params, problem, "forget", "mse") + 0.1)
+
+
+def test_ga_increases_cross_entropy_on_forget(problem):
+  r = methods.run_method("ga", problem, epochs=5, learning_rate=1e-2)
+  assert (_loss(r.params, problem, "forget", "ce")
+          > _loss(problem.params, problem, "forget", "ce") + 0.1)
+
+
+def test_ft_decreases_retain_loss(problem):
+  r = methods.run_method("ft", problem, epochs=10, learning_rate=1e-2)
+  assert (_loss(r.params, problem, "retain", "mse")
+          < _loss(problem.params, problem, "retain", "mse"))
+
+
+# ---- random labels --------------------------------------------------------
+
+def test_random_wrong_labels_never_true_and_uniform():
+  rng = np.random.default_rng(0)
+  y = np.repeat(np.arange(4), 6000)
+  z = methods.random_wrong_labels(rng, y, 4)
+  assert z.dtype == np.int32 and not np.any(z == y)
+  for c in range(4):  # uniform over the 3 other classes
+    counts = np.bincount(z[y == c], minlength=4)
+    others = np.delete(counts, c) / 6000
+    np.testing.assert_allclose(others, 1 / 3, atol=0.03)
+
+
+def test_random_label_pushes_forget_predictions_off_the_true_class(problem):
+  r = methods.run_method("random_label", problem, epochs=20,
+                         learning_rate=1e-2)
+  x, y = problem.forget
+  pred = np.argmax(np.asarray(mlp(r.params, jnp.asarray(x))), -1)
+  before = np.argmax(np.asarray(mlp(problem.params, jnp.asarray(x))), -1)
+  assert np.mean(pred == y) < np.mean(before == y)
+  both = methods.run_method("random_label", problem, epochs=2,
+                            with_retain=True)
+  n = len(problem.forget[1]) + len(problem.retain[1])
+  assert both.info["steps"] == 2 * -(-n // 16)
+
+
+# ---- SalUn ------------------------------------------------------------------
+
+@pytest.mark.parametrize("ratio", [0.1, 0.5, 1.0])
+def test_saliency_mask_is_the_top_fraction_of_the_summed_gradient(problem,
+                                                                   ratio):
+  x, y = problem.forget
+  mask = methods.saliency_mask(mlp, problem.params, x, y, ratio=ratio,
+                               block_size=3)  # several blocks, a short one
+  # Dense reference: one gradient of the summed CE, NumPy top-k.
+  g = jax.grad(lambda p: jnp.sum(optax.softmax_cross_entropy_with_integer_labels(
+      mlp(p, jnp.asarray(x)), jnp.asarray(y))))(problem.params)
+  flat = np.abs(np.asarray(ravel_pytree(g)[0]))
+  k = max(1, round(ratio * flat.size))
+  got = np.concatenate([np.asarray(m).ravel() for m in
+                        jax.tree_util.tree_leaves(mask)])
+  assert got.dtype == bool and got.sum() == k
+  assert flat[got].min() >= flat[~got].max() if k < flat.size else got.all()
+
+
+def test_salun_keeps_unmasked_weights_bit_identical(problem):
+  hp = dict(mask_ratio=0.3, epochs=4, learning_rate=0.1, momentum=0.9,
+            weight_decay=0.1, optimizer="sgd")
+  r = methods.run_method("salun", problem, **hp)
+  x, y = problem.forget
+  mask = methods.saliency_mask(mlp, problem.params, x, y, ratio=0.3)
+  assert r.info["mask_size"] == round(0.3 * 75)
+  for new, old, m in zip(_leaves(r.params), _leaves(problem.params),
+                         _leaves(mask)):
+    assert np.array_equal(new[~m], old[~m])  # bit-identical
+  moved = np.concatenate([(n != o)[m].ravel() for n, o, m in zip(
+      _leaves(r.params), _leaves(problem.params), _leaves(mask))])
+  assert moved.mean() > 0.9
+  # A gradient-only mask lets weight decay move the unmasked weights: the
+  # check above could fail.
+  tx = _common.optimizer("sgd", 0.9, 0.1)
+  params, state = problem.params, tx.init(problem.params)
+  grads = jax.tree_util.tree_map(lambda m: jnp.zeros(m.shape), mask)
+  for _ in range(3):
+    u, state = tx.update(grads, state, params, learning_rate=0.1, mask=None)
+    params = optax.apply_updates(params, u)
+  assert any(not np.array_equal(n[~m], o[~m]) for n, o, m in zip(
+      _leaves(params), _leaves(problem.params), _leaves(mask)))
+
+
+# ---- SFR-on -----------------------------------------------------------------
+
+def test_adaptive_weights():
+  losses = jnp.asarray([0.1, 0.5, 2.0, 4.0])
+  for lam in (0.5, 1.0, 2.0):
+    w = np.asarray(methods.adaptive_weights(losses, lam))
+    ref = np.asarray(losses) ** -lam
+    np.testing.assert_allclose(w, 4 * ref / ref.sum(), rtol=1e-5)
+    assert w.sum() == pytest.approx(4.0, rel=1e-6)
+    assert np.all(np.diff(w) < 0)  # lower loss, larger weight
+  np.testing.assert_allclose(methods.adaptive_weights(losses, 0.0), 1.0,
+                             rtol=1e-6)
+  # No gradient flows through the weights.
+  g = jax.grad(lambda l: jnp.sum(methods.adaptive_weights(l, 1.0) * 3.0))(
+      losses)
+  np.testing.assert_array_equal(g, 0.0)
+
+
+def test_fisher_diagonal_and_mask_against_closed_form():
+  rng = np.random.default_rng(1)
+  p = {"w": jnp.asarray(rng.normal(size=(8, C)), jnp.float32),
+       "b": jnp.asarray(rng.normal(size=C), jnp.float32)}
+  x, y = _data(2, n=30)
+  xf, yf, xr, yr = x[:11], y[:11], x[11:], y[11:]
+
+  def ref_fisher(x, y):  # per-sample CE gradients of softmax(xW + b)
+    xs = x.reshape(len(x), -1).astype(np.float64)
+    z = xs @ np.asarray(p["w"], np.float64) + np.asarray(p["b"])
+    prob = np.exp(z - z.max(1, keepdims=True))
+    prob /= prob.sum(1, keepdims=True)
+    r = prob - np.eye(C)[y]
+    gw = xs[:, :, None] * r[:, None, :]
+    return {"w": np.mean(gw ** 2, 0), "b": np.mean(r ** 2, 0)}
+
+  got_f = methods.fisher_diagonal(linear, p, xf, yf, block_size=4)
+  got_r = methods.fisher_diagonal(linear, p, xr, yr, block_size=4)
+  want_f, want_r = ref_fisher(xf, yf), ref_fisher(xr, yr)
+  for k in ("w", "b"):
+    np.testing.assert_allclose(got_f[k], want_f[k], rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(got_r[k], want_r[k], rtol=1e-4, atol=1e-7)
+  for gamma in (0.5, 1.0, 2.0):
+    mask = methods.fisher_mask(got_f, got_r, gamma)
+    for k in ("w", "b"):
+      ratio = want_f[k] / (want_r[k] + 1e-15)
+      keep = np.abs(ratio - gamma) > 1e-3  # away from the threshold
+      np.testing.assert_array_equal(np.asarray(mask[k])[keep],
+                                    (ratio >= gamma)[keep])
+  assert not bool(methods.fisher_mask({"a": jnp.zeros(2)},
+                                      {"a": jnp.zeros(2)}, 1.0)["a"].any())
+
+
+def test_slow_update_hand_checked_sequence():
+  slow, fast = {"a": jnp.asarray([0.0, 2.0])}, {"a": jnp.asarray([4.0, 2.0])}
+  slow = methods.slow_update(slow, fast, 0.5)
+  np.testing.assert_allclose(slow["a"], [2.0, 2.0])
+  fast = {"a": slow["a"] + jnp.asarray([2.0, -4.0])}  # fast restarts at slow
+  slow = methods.slow_update(slow, fast, 0.25)
+  np.testing.assert_allclose(slow["a"], [2.5, 1.0])
+  np.testing.assert_allclose(methods.slow_update(slow, fast, 1.0)["a"],
+                             fast["a"])
+
+
+def test_sfr_on_slow_weights_in_the_loop(problem_exact):
+  # alpha = 0, plain SGD: each step is fast = slow − lr·g(slow); averaging
+  # every step gives slow − β·lr·g(slow), i.e. SGD at rate β·lr.
+  base = dict(steps=6, alpha=0.0, momentum=0.0, weight_decay=0.0,
+              schedule="constant", clip_norm=None)
+  avg = methods.run_method("sfr_on", problem_exact, learning_rate=0.2,
+                           slow_every=1, slow_rate=0.5, **base)
+  sgd = methods.run_method("sfr_on", problem_exact, learning_rate=0.1,
+                           slow_every=None, **base)
+  for a, b in zip(_leaves(avg.params), _leaves(sgd.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+  # slow_rate = 1 is the released code's (no averaging).
+  one = methods.run_method("sfr_on", problem_exact, learning_rate=0.1,
+                           slow_every=1, slow_rate=1.0, **base)
+  assert _equal(one.params, sgd.params)
+
+
+def test_sfr_on_forgets(problem):
+  r = methods.run_method("sfr_on", problem, steps=30, learning_rate=0.05)
+  assert r.info["forget_steps"] == 6
+  assert 0 < r.info["mask_fraction"] <= 1
+  assert (_loss(r.params, problem, "forget", "ce")
+          > _loss(problem.params, problem, "forget", "ce"))
+
+
+# ---- distillation -------------------------------------------------------------
+
+def _np_kl(t_logits, s_logits, temp, t_probs=None):
+  def sm(z):
+    z = np.asarray(z, np.float64) / temp
+    e = np.exp(z - z.max(1, keepdims=True))
+    return e / e.sum(1, keepdims=True)
+  pt = sm(t_logits) if t_probs is None else t_probs
+  return np.sum(pt * (np.log(pt) - np.log(sm(s_logits))), 1)
+
+
+def test_kl_divergence_matches_numpy():
+  rng = np.random.default_rng(3)
+  t, s = rng.normal(size=(5, 4)), rng.normal(size=(5, 4))
+  np.testing.assert_allclose(methods.kl_divergence(t, s, 2.0),
+                             _np_kl(t, s, 2.0), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(methods.kl_divergence(t, t, 2.0), 0, atol=1e-6)
+
+
+@pytest.mark.parametrize("incompetent", ["init", "uniform"])
+def test_bad_teacher_decreases_its_objective(problem_exact, incompetent):
+  prob = problem_exact
+  x = np.concatenate([prob.forget[0], prob.retain[0]])
+  is_f = np.arange(len(x)) < len(prob.forget[0])
+
+  def objective(p):
+    comp = np.asarray(mlp(prob.params, x))
+    bad = np.asarray(mlp(prob.init_params, x))
+    kl_c = _np_kl(comp, np.asarray(mlp(p, x)), 1.0)
+    kl_b = (_np_kl(bad, np.asarray(mlp(p, x)), 1.0) if incompetent == "init"
+            else _np_kl(None, np.asarray(mlp(p, x)), 1.0,
+                        np.full((len(x), C), 1 / C)))
+    return np.mean(np.where(is_f, kl_b, kl_c))
+
+  r = methods.run_method("bad_teacher", prob, retain_fraction=1.0, epochs=10,
+                         learning_rate=1e-2, incompetent=incompetent)
+  assert r.info["retain_used"] == len(prob.retain[0])
+  assert objective(r.params) < 0.7 * objective(prob.params)
+
+
+def test_scrub_min_pass_decreases_and_max_pass_diverges(problem_exact):
+  prob, temp, a, g = problem_exact, 4.0, 0.5, 0.99
+  x, y = prob.retain
+
+  def min_objective(p):
+    s = np.asarray(mlp(p, x))
+    kl = np.mean(_np_kl(np.asarray(mlp(prob.params, x)), s, temp)) * temp ** 2
+    z = s - s.max(1, keepdims=True)
+    ce = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y])
+    return a * kl + g * ce
+
+  common = dict(epochs=8, learning_rate=0.1, alpha=a, gamma=g)
+  no_max = methods.run_method("scrub", prob, max_steps=0, **common)
+  assert min_objective(no_max.params) < min_objective(prob.params)
+  # The max passes start where student = teacher (zero KL gradient) and then
+  # push the student away from the teacher on D_f.
+  with_max = methods.run_method("scrub", prob, max_steps=8, **common)
+  xf = prob.forget[0]
+
+  def forget_kl(p):
+    return np.mean(_np_kl(np.asarray(mlp(prob.params, xf)),
+                          np.asarray(mlp(p, xf)), temp))
+  assert forget_kl(with_max.params) > 10 * forget_kl(no_max.params)
+  assert with_max.info["max_passes"] == 8
+  assert np.all(np.diff(with_max.info["max_objective"]) < 0)
+
+
+# ---- errors, determinism, caching -------------------------------------------
+
+def test_unknown_method_and_hyperparameter_errors(problem):
+  with pytest.raises(ValueError, match="choose one of .*'sfr_on'"):
+    methods.run_method("retrian", problem)
+  with pytest.raises(ValueError, match="choose one of"):
+    methods.defaults("nope")
+  with pytest.raises(ValueError, match="'epoch'.*valid ones.*'epochs'"):
+    methods.run_method("ft", problem, epoch=3)
+  with pytest.raises(ValueError, match="learning_rate"):
+    methods.run_method("ft", problem, learning_rate=-1.0)
+  with pytest.raises(ValueError, match="optimizer"):
+    methods.run_method("salun", problem, optimizer="rmsprop")
+  with pytest.raises(ValueError, match="mask_ratio"):
+    methods.run_method("salun", problem, mask_ratio=0.0)
+  with pytest.raises(TypeError, match="UnlearningProblem"):
+    methods.run_method("ft", tuple(problem))
+  empty = problem._replace(forget=(problem.forget[0][:0], problem.forget[1][:0]))
+  with pytest.raises(ValueError, match="forget is empty"):
+    methods.run_method("ga", empty)
+
+
+def test_errors_come_before_any_work(problem):
+  def boom(p, x):
+    raise AssertionError("apply_fn was called")
+  bad = problem._replace(apply_fn=boom)
+  with pytest.raises(ValueError, match="unknown hyperparameter"):
+    methods.run_method("sfr_on", bad, stepz=3)
+  with pytest.raises(ValueError, match="labels must lie"):
+    methods.run_method("sfr_on", bad._replace(num_classes=2))
+
+
+@pytest.mark.parametrize("name", ["random_label", "salun", "bad_teacher",
+                                  "scrub", "sfr_on"])
+def test_same_seed_same_params(problem, name):
+  a = methods.run_method(name, problem, seed=3)
+  b = methods.run_method(name, problem, seed=3)
+  assert _equal(a.params, b.params)
+
+
+def test_different_seed_different_params_without_recompiling(problem):
+  a = methods.run_method("random_label", problem, seed=11)
+  b = methods.run_method("random_label", problem, seed=12)
+  assert not _equal(a.params, b.params)
+  assert b.compile_seconds <= 0.25 * max(a.compile_seconds, 1e-3)
