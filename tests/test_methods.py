@@ -131,6 +131,17 @@ def test_fast_ntk_equals_unlearn(problem, linearize):
   assert r.info["cond"] == pytest.approx(ref.cond)
 
 
+def test_fast_ntk_residual_loss_override(problem):
+  # The recipe is MSE; loss="ce" must give unlearn(..., loss="ce"), which
+  # differs from the MSE residual's update.
+  r = methods.run_method("fast_ntk", problem, damping=0.5, loss="ce")
+  ref = unlearn(mlp, problem.params, problem.retain, problem.forget,
+                damping=0.5, loss="ce")
+  assert _equal(r.params, ref.params)
+  mse = methods.run_method("fast_ntk", problem, damping=0.5)
+  assert not _equal(r.params, mse.params)
+
+
 def test_max_loss_increases_the_recipe_loss_on_forget(problem):
   r = methods.run_method("max_loss", problem, epochs=5, learning_rate=1e-2)
   assert (_loss(r.params, problem, "forget", "mse")

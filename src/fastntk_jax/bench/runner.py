@@ -183,6 +183,11 @@ class _Progress:
     elif self._enabled:
       self._log(text)
 
+  def note(self, text: str) -> None:
+    """Shows ``text`` beside the bar without advancing it (terminal only)."""
+    if self._bar is not None:
+      self._bar.set_postfix_str(text)
+
   def close(self) -> None:
     if self._bar is not None:
       self._bar.close()
@@ -306,8 +311,11 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
     except (checkpoint.CheckpointError, KeyError, ValueError):
       w_d = None
   if w_d is None:
-    res = train.finetune(model.apply_fn, model.init_params, xn, y_tr,
-                         config=recipe)
+    res = train.finetune(
+        model.apply_fn, model.init_params, xn, y_tr, config=recipe,
+        progress=lambda e, loss: bar.note(
+            f"seed {seed}: fine-tuning epoch {e + 1}/{recipe.epochs} "
+            f"loss {loss:.4f}"))
     w_d = res.params
     ft_info = {"seconds": res.seconds, "losses": res.losses.tolist()}
     checkpoint.save(ft_path, {"w_0": jax.device_get(model.init_params),

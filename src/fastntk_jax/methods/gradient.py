@@ -110,14 +110,16 @@ def retrain(problem, *, key):
                       "losses": [float(v) for v in res.losses]}
 
 
-def fast_ntk(problem, *, key, damping, solver, linearize):
+def fast_ntk(problem, *, key, damping, solver, linearize, loss):
   """Eq. (1) of Fast-NTK; ``linearize="trained"``: J at ``w_D``,
-  ``"init"``: J and ``f_0`` at ``w_0``."""
+  ``"init"``: J and ``f_0`` at ``w_0``; ``loss``: the residual's loss,
+  ``"recipe"`` (the fine-tuning loss), ``"mse"`` or ``"ce"``."""
   del key
   res = ntk_unlearn(
       problem.apply_fn, problem.params, problem.retain, problem.forget,
       init_params=None if linearize == "trained" else problem.init_params,
-      damping=float(damping), loss=problem.recipe.loss, solver=solver)
+      damping=float(damping),
+      loss=problem.recipe.loss if loss == "recipe" else loss, solver=solver)
   return res.params, {"solver": res.solver, "damping": res.damping,
                       "cond": res.cond, "delta_norm": res.delta_norm,
                       "linearized_at": res.linearized_at,
@@ -212,9 +214,11 @@ METHODS = {
     "full": C.MethodSpec(full, {}, {}),
     "retrain": C.MethodSpec(retrain, {}, {}),
     "fast_ntk": C.MethodSpec(
-        fast_ntk, {"damping": 1.0, "solver": "auto", "linearize": "trained"},
+        fast_ntk, {"damping": 1.0, "solver": "auto", "linearize": "trained",
+                   "loss": "recipe"},
         {"damping": C.NONNEGATIVE, "solver": C.one_of("auto", "dual", "primal"),
-         "linearize": C.one_of("trained", "init")}),
+         "linearize": C.one_of("trained", "init"),
+         "loss": C.one_of("recipe", "mse", "ce")}),
     "max_loss": C.MethodSpec(
         max_loss, {"epochs": 5, "learning_rate": 2e-3},
         {"epochs": _EPOCHS, "learning_rate": _LR}),

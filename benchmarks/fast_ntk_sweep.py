@@ -1,0 +1,85 @@
+"""Fast-NTK's settings on a finished bench run: residual loss, J's point, λ.
+
+Loads the fine-tuned model of one seed of a `fastntk experiment` results
+directory (its ``finetune.ckpt``), re-runs Fast-NTK with every combination of
+the residual loss (mse/ce), the linearisation point (w_D "trained" / w_0
+"init") and the damping λ, and compares with that seed's Retrain. Used to
+show why Fast-NTK does not forget after cross-entropy fine-tuning.
+
+    python benchmarks/fast_ntk_sweep.py RESULTS_DIR --seed 0 \
+        --out benchmarks/results/fast_ntk_sweep_ipc50_ce.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastntk_jax import checkpoint, methods, splits, train, zoo
+from fastntk_jax.bench import runner
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("results", type=Path, help="a `fastntk experiment` --out dir")
+  ap.add_argument("--seed", type=int, default=0, help="which seed's model")
+  ap.add_argument("--dampings", type=float, nargs="+",
+                  default=[0.01, 0.1, 1.0, 10.0], help="λ values")
+  ap.add_argument("--out", type=Path, required=True, help="JSON to write")
+  args = ap.parse_args(argv)
+  cfg = json.loads((args.results / "config.json").read_text())
+  m = cfg["model"]
+  module, variables, _ = zoo.load_backbone(m["name"], m["weights"] or None,
+                                           seed=0)
+  x_tr, y_tr, x_te, y_te, names, _ = runner._load_data(cfg)
+  spec = runner._forget_spec(cfg["data"]["forget"], args.seed)
+  r_idx, f_idx = splits.apply_forget(spec, y_tr, names)
+  model = zoo.prepare(m["name"], module, variables, num_classes=len(names),
+                      mode=m["peft"], head_scale=m["head_scale"],
+                      seed=args.seed)
+  prep = jax.jit(zoo.preprocess_fn(m["name"]))
+  xn, xt = np.asarray(prep(jnp.asarray(x_tr))), np.asarray(prep(jnp.asarray(x_te)))
+  sdir = args.results / "runs" / f"seed{args.seed}"
+  ck = checkpoint.load(sdir / "finetune.ckpt", expect_kind="bench-finetune")
+  w_d = checkpoint.restore_like(model.init_params, ck.trees["w_D"])
+  recipe = train.FinetuneConfig(**cfg["finetune"], seed=args.seed)
+  problem = methods.UnlearningProblem(
+      model.apply_fn, model.init_params, w_d, (xn[r_idx], y_tr[r_idx]),
+      (xn[f_idx], y_tr[f_idx]), recipe, len(names))
+
+  def acc(params):
+    out = {}
+    for k, (x, y) in {"retain": problem.retain, "forget": problem.forget,
+                      "test": (xt, y_te)}.items():
+      logits = model.apply_fn(params, x)
+      out[k] = 100 * float(np.mean(np.argmax(logits, -1) == y))
+    return out
+
+  rows = [{"method": "retrain", **json.loads(
+      (sdir / "retrain.json").read_text())["metrics"]}]
+  for loss, lin, lam in itertools.product(("mse", "ce"), ("trained", "init"),
+                                          args.dampings):
+    res = methods.run_method("fast_ntk", problem, seed=args.seed, loss=loss,
+                             linearize=lin, damping=lam)
+    a = acc(res.params)
+    rows.append({"method": "fast_ntk", "residual": loss, "linearize": lin,
+                 "damping": lam, "acc_retain": a["retain"],
+                 "acc_forget": a["forget"], "acc_test": a["test"],
+                 "delta_norm": res.info.get("delta_norm"),
+                 "seconds": res.seconds})
+    print(f"residual {loss:3s} J at {lin:7s} λ={lam:<5g} D_r {a['retain']:5.1f} "
+          f"D_f {a['forget']:5.1f} test {a['test']:5.1f}", flush=True)
+  checkpoint.atomic_write_json(args.out, {
+      "results": str(args.results), "seed": args.seed,
+      "finetune_loss": cfg["finetune"]["loss"], "rows": rows,
+      **runner.environment()})
+
+
+if __name__ == "__main__":
+  main()
