@@ -1,11 +1,9 @@
 """The bench: configurations, aggregation, tables, plots, the resumable runner."""
 
 import json
-import math
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 

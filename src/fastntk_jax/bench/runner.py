@@ -25,9 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,17 +36,13 @@ import numpy as np
 
 from fastntk_jax import checkpoint
 from fastntk_jax import kernels
-from fastntk_jax import metrics
 from fastntk_jax import methods as methods_lib
-from fastntk_jax import mia
-from fastntk_jax import probe
-from fastntk_jax import relearn
 from fastntk_jax import splits
 from fastntk_jax import train
 from fastntk_jax import zoo
+from fastntk_jax.bench import evaluate
 from fastntk_jax.bench import report
 from fastntk_jax.bench.config import ConfigError, config_hash
-from fastntk_jax.bench.features import head_input_fn
 
 __all__ = ["run_experiment", "environment"]
 
@@ -116,52 +110,6 @@ def _forget_spec(text: str, seed: int) -> splits.ForgetSpec:
   if spec.kind == "random":
     spec = spec._replace(seed=spec.seed + seed)
   return spec
-
-
-# ------------------------------------------------------------- metrics
-def _evaluate(apply_fn, params, sets, *, forget_kind, forget_classes, recipe,
-              mcfg, seed, retrain_logits) -> tuple[dict, dict]:
-  """The metrics of one method on one seed; returns (metrics, logits)."""
-  (x_r, y_r), (x_f, y_f), (x_t, y_t) = sets
-  logits = {k: np.asarray(kernels.predict(apply_fn, params, x))
-            for k, x in (("retain", x_r), ("forget", x_f), ("test", x_t))}
-  acc = lambda k, y, mask=None: float(100 * np.mean(
-      (np.argmax(logits[k], -1) == y)[mask if mask is not None else slice(None)]
-  )) if (mask is None or mask.any()) else float("nan")
-  out = {"acc_retain": acc("retain", y_r), "acc_forget": acc("forget", y_f),
-         "acc_test": acc("test", y_t)}
-  in_forget = np.isin(y_t, forget_classes)
-  if forget_kind == "class":
-    out["acc_test_retained"] = acc("test", y_t, ~in_forget)
-    out["acc_test_forgotten"] = acc("test", y_t, in_forget)
-  if mcfg["mia"]:
-    # Members: D_r. Non-members: held-out images of the same classes as D_r,
-    # so the attack learns membership rather than class identity.
-    nonmem = ~in_forget if forget_kind == "class" else np.ones(len(y_t), bool)
-    res = mia.mia_efficacy(logits["retain"], y_r, logits["test"][nonmem],
-                           y_t[nonmem], logits["forget"], y_f, seed=seed)
-    out["mia"] = 100 * float(res.efficacy)
-    out["mia_attack_accuracy"] = 100 * float(res.attack_balanced_accuracy)
-    # Loss-threshold AUC of D_f against unseen images of D_f's classes:
-    # 0.5 = D_f looks unseen.
-    same = in_forget if forget_kind == "class" else np.ones(len(y_t), bool)
-    lf = mia.per_sample_loss(logits["forget"], y_f, "ce")
-    lt = mia.per_sample_loss(logits["test"][same], y_t[same], "ce")
-    out["mia_auc"] = float(mia.loss_auc(lf, lt))
-  if retrain_logits is not None:
-    out["kl_to_retrain"] = float(np.mean(metrics.softmax_kl(
-        retrain_logits["forget"], logits["forget"])))
-    out["kl_to_retrain_test"] = float(np.mean(metrics.softmax_kl(
-        retrain_logits["test"], logits["test"])))
-  extra = {}
-  if mcfg["relearn"]:
-    rl = relearn.relearn_time(apply_fn, params, x_f, y_f, config=recipe,
-                              threshold=mcfg["relearn_threshold"],
-                              max_epochs=mcfg["relearn_max_epochs"])
-    out["relearn_epochs"] = int(rl.epochs)
-    extra["relearn_curve"] = np.asarray(rl.losses).tolist()
-    extra["relearn_reached"] = bool(rl.reached)
-  return out, {**extra, "_logits": logits}
 
 
 # --------------------------------------------------------------- runner
@@ -366,7 +314,7 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
                                                         xs[0]))
                           for k, xs in (("forget", sets[1]), ("test", sets[2]))}
     else:
-      values, extra = _evaluate(
+      values, extra = evaluate.evaluate(
           model.apply_fn, params, sets, forget_kind=spec.kind,
           forget_classes=forget_classes, recipe=recipe, mcfg=mcfg, seed=seed,
           retrain_logits=retrain_logits)
@@ -383,32 +331,11 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
              f"{values['acc_retain']:.1f} TA {values['acc_test']:.1f} "
              f"({timing['seconds']:.1f} s)")
   if mcfg["probe"] and "fast_ntk" in cfg["methods"]:
-    _probe(cfg, sdir, seed, model, xn, y_tr, idx, num_classes)
-
-
-def _probe(cfg, sdir, seed, model, xn, y_tr, idx, num_classes):
-  """Table III: a linear head on frozen features, trained on D."""
-  path = sdir / "probe.json"
-  if _read_json(path) is not None:
-    return
-  from fastntk_jax import peft
-  ck = checkpoint.load(sdir / "fast_ntk.ckpt", expect_kind="bench-params")
-  w_r = checkpoint.restore_like(model.init_params, ck.trees["params"])
-  feats = head_input_fn(model.module)
-  random_vars = zoo.init_variables(model.module,
-                                   zoo.spec(cfg["model"]["name"]).image_size,
-                                   seed + 1000)
-  backbones = {"fast_ntk": peft.merge(w_r, model.frozen),
-               "pretrained": peft.merge(model.init_params, model.frozen),
-               "random_init": random_vars}
-  r_idx, f_idx = idx
-  out = {}
-  for name, variables in backbones.items():
-    f = np.asarray(kernels.predict(feats, variables, xn))
-    res = probe.linear_probe(f, y_tr, f[r_idx], y_tr[r_idx], f[f_idx],
-                             y_tr[f_idx], num_classes=num_classes,
-                             epochs=cfg["metrics"]["probe_epochs"], seed=seed)
-    out[name] = {"acc_retain": 100 * float(res.acc_retain),
-                 "acc_forget": 100 * float(res.acc_forget),
-                 "seconds": float(res.seconds)}
-  _write_json(path, out)
+    path = sdir / "probe.json"
+    if _read_json(path) is None:
+      ck = checkpoint.load(sdir / "fast_ntk.ckpt", expect_kind="bench-params")
+      w_r = checkpoint.restore_like(model.init_params, ck.trees["params"])
+      _write_json(path, evaluate.probe_report(
+          model, w_r, xn, y_tr, idx, num_classes,
+          image_size=zoo.spec(cfg["model"]["name"]).image_size,
+          epochs=mcfg["probe_epochs"], seed=seed))
