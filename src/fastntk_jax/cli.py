@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -44,19 +43,8 @@ def _log(args, msg: str) -> None:
 
 
 def _environment() -> dict[str, Any]:
-  import jax
-  import flax
-  import optax
-  import fastntk_jax
-  return {
-      "device": str(jax.devices()[0].device_kind),
-      "platform": jax.default_backend(),
-      "num_devices": jax.device_count(),
-      "versions": {"fastntk_jax": fastntk_jax.__version__,
-                   "jax": jax.__version__, "flax": flax.__version__,
-                   "optax": optax.__version__,
-                   "python": platform.python_version()},
-  }
+  from fastntk_jax._env import environment
+  return environment()
 
 
 def _write_json(path: str | None, payload: dict) -> None:

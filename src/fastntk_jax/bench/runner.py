@@ -28,13 +28,13 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from fastntk_jax import checkpoint
+from fastntk_jax._env import environment
 from fastntk_jax import kernels
 from fastntk_jax import methods as methods_lib
 from fastntk_jax import splits
@@ -45,23 +45,6 @@ from fastntk_jax.bench import report
 from fastntk_jax.bench.config import ConfigError, config_hash
 
 __all__ = ["run_experiment", "environment"]
-
-
-def environment() -> dict[str, Any]:
-  """Device and versions, recorded with every result."""
-  import flax
-  import optax
-  import platform
-  import fastntk_jax
-  return {
-      "device": str(jax.devices()[0].device_kind),
-      "platform": jax.default_backend(),
-      "num_devices": jax.device_count(),
-      "versions": {"fastntk_jax": fastntk_jax.__version__,
-                   "jax": jax.__version__, "flax": flax.__version__,
-                   "optax": optax.__version__,
-                   "python": platform.python_version()},
-  }
 
 
 def _digest(a: np.ndarray) -> str:

@@ -420,3 +420,14 @@ def run_method(name: str, problem: UnlearningProblem, *, seed: int = 0,
     jax.block_until_ready(params)
   info = dict(info, method=name, seed=int(seed), hyperparameters=dict(hp))
   return MethodResult(params, m.seconds, m.compile_seconds, info)
+
+
+def sum_over_blocks(fn, params, x, y, block_size: int):
+  """``Σ_blocks fn(params, x_b, y_b)`` for a pytree-valued ``fn``, with
+  ``x`` cast to float32 and ``y`` to int32 (bounded memory per call)."""
+  x, y = as_float32(x), np.asarray(y, np.int32)
+  total = None
+  for s in range(0, len(y), block_size):
+    g = fn(params, x[s:s + block_size], y[s:s + block_size])
+    total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
+  return total

@@ -76,12 +76,8 @@ def saliency_mask(apply_fn, params, x, y, *, ratio: float,
   Returns:
     A boolean pytree shaped like ``params`` (True = updated).
   """
-  grad = _summed_ce_grad_fn(apply_fn)
-  x, y = C.as_float32(x), np.asarray(y, np.int32)
-  total = None
-  for s in range(0, len(y), block_size):
-    g = grad(params, x[s:s + block_size], y[s:s + block_size])
-    total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
+  total = C.sum_over_blocks(_summed_ce_grad_fn(apply_fn), params, x, y,
+                            block_size)
   flat = np.abs(np.asarray(ravel_pytree(total)[0]))
   k = max(1, int(round(ratio * flat.size)))
   keep = np.zeros(flat.size, bool)

@@ -83,12 +83,7 @@ def fisher_diagonal(apply_fn, params, x, y, *, block_size: int = 64):
   Returns:
     A pytree shaped like ``params``: ``(1/N) Σ_i (∇ CE_i)²``.
   """
-  fn = _sq_grads_fn(apply_fn)
-  x, y = C.as_float32(x), np.asarray(y, np.int32)
-  total = None
-  for s in range(0, len(y), block_size):
-    g = fn(params, x[s:s + block_size], y[s:s + block_size])
-    total = g if total is None else jax.tree_util.tree_map(jnp.add, total, g)
+  total = C.sum_over_blocks(_sq_grads_fn(apply_fn), params, x, y, block_size)
   return jax.tree_util.tree_map(lambda v: v / len(y), total)
 
 
