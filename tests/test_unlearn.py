@@ -168,19 +168,24 @@ def test_auto_picks_the_cheaper_solver_that_fits():
   # P = 43 << N·C: primal; P huge vs N·C: dual.
   assert F.choose_solver(n=100, c=10, p=43) == "primal"
   assert F.choose_solver(n=10, c=10, p=100_000) == "dual"
-  # N·C = 20,000, P = 4,000: primal 3.6e11 flops and 5·P²·4 B = 320 MB; dual
-  # 4.3e12 flops and 4·(N·C)²·4 B = 6.4 GB. Neither fits 200 MB: an error;
-  # with 400 MB the primal fits.
-  with pytest.raises(ValueError, match="too small for either dense solver"):
-    F.choose_solver(n=2000, c=10, p=4000, memory_budget=200 * 10**6)
-  assert F.choose_solver(n=2000, c=10, p=4000, memory_budget=400 * 10**6) == "primal"
-  # In this cost model the cheaper solver is also the smaller one, so the
-  # budget only decides between "fits" and "error": checked at the dual's
-  # exact need.
+  # N·C = 20,000, P = 4,000: primal 3.6e11 flops and 5·P²·8 B = 640 MB
+  # (float64 Grams); dual 4.3e12 flops and 4·(N·C)²·4 B = 6.4 GB. Neither
+  # fits 600 MB: matrix-free CG; with 700 MB the primal fits; with float32
+  # Grams (4 B) 320 MB suffices.
+  assert F.choose_solver(n=2000, c=10, p=4000, memory_budget=600 * 10**6) == "cg"
+  assert F.choose_solver(n=2000, c=10, p=4000, memory_budget=700 * 10**6) == "primal"
+  assert F.choose_solver(n=2000, c=10, p=4000, memory_budget=330 * 10**6,
+                         precision_itemsize=4) == "primal"
+  # The budget decides at the dual's exact need.
   need_dual = 4 * (10 * 10) ** 2 * 4
   assert F.choose_solver(n=10, c=10, p=100_000, memory_budget=need_dual) == "dual"
-  with pytest.raises(ValueError):
-    F.choose_solver(n=10, c=10, p=100_000, memory_budget=need_dual - 1)
+  assert F.choose_solver(n=10, c=10, p=100_000,
+                         memory_budget=need_dual - 1) == "cg"
+  # Both fit: fewer flops wins, whichever is larger in memory.
+  # N·C = 600, P = 500: primal 2.33e8 flops (10 MB) vs dual 2.52e8 (5.8 MB).
+  assert F.choose_solver(n=60, c=10, p=500) == "primal"
+  # N·C = 500, P = 600: dual 1.9e8 vs primal 3.2e8.
+  assert F.choose_solver(n=50, c=10, p=600) == "dual"
 
 
 # ---------------------------------------------------------------- bad input

@@ -20,10 +20,20 @@ statistics couple the samples and these kernels would be wrong.
 
 Parameters are flattened with :func:`jax.flatten_util.ravel_pytree`; the
 columns of :func:`jacobian` and the rows of :func:`gram` follow that order.
+
+Sharding: every function takes ``mesh``, a 1-D :class:`jax.sharding.Mesh`
+with axis ``"data"``; None means :func:`default_mesh` (all local devices when
+there are several, else none). Each block of samples is placed with
+``NamedSharding(mesh, P("data"))`` along the sample axis and the parameters
+are replicated; the jitted block functions then run SPMD over the devices and
+XLA inserts the collectives (e.g. the all-reduce that makes :func:`gram`'s
+``JᵀJ`` replicated). Block sizes are rounded up to a multiple of the number of
+devices; padded samples never contribute. On one device nothing changes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import weakref
 from collections.abc import Callable, Iterator
@@ -32,12 +42,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from fastntk_jax import _nt
 
 __all__ = [
     "DEFAULT_BLOCK_BYTES",
+    "DATA_AXIS",
     "auto_block_size",
+    "default_mesh",
     "gram",
     "jacobian",
     "jvp",
@@ -53,6 +67,63 @@ ApplyFn = Callable[..., jax.Array]
 #: by compiling a small probe block), used to choose the block size.
 DEFAULT_BLOCK_BYTES = 2 * 2**30
 _PROBE = 8
+
+#: The mesh axis that blocks of samples are sharded along.
+DATA_AXIS = "data"
+
+
+def default_mesh() -> Mesh | None:
+  """A 1-D mesh over :func:`jax.local_devices` with axis ``"data"``.
+
+  Returns:
+    The mesh, or None when this process sees a single device (then the
+    kernels run unsharded, exactly as without a mesh).
+  """
+  devices = jax.local_devices()
+  if len(devices) < 2:
+    return None
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def _resolve_mesh(mesh) -> Mesh | None:
+  """Validates ``mesh`` at the public boundary; None -> :func:`default_mesh`."""
+  if mesh is None:
+    return default_mesh()
+  if not isinstance(mesh, Mesh):
+    raise TypeError(
+        f"mesh must be a jax.sharding.Mesh or None, got {type(mesh).__name__}. "
+        "Pass None for all local devices, or build one with "
+        "jax.sharding.Mesh(np.array(jax.local_devices()), ('data',)).")
+  if tuple(mesh.axis_names) != (DATA_AXIS,):
+    raise ValueError(
+        f"mesh must be 1-D with the single axis name {DATA_AXIS!r}, got axis "
+        f"names {tuple(mesh.axis_names)}. Build it as "
+        f"jax.sharding.Mesh(devices, ({DATA_AXIS!r},)).")
+  here = jax.process_index()
+  if any(d.process_index != here for d in mesh.devices.flat):
+    raise ValueError(
+        "mesh must hold only this process's devices (jax.local_devices()): "
+        "blocks of samples are placed from host memory. In a multi-host run, "
+        "give each process a mesh over its own local devices.")
+  return mesh
+
+
+def _n_devices(mesh: Mesh | None) -> int:
+  return 1 if mesh is None else int(mesh.size)
+
+
+def _shard_rows(mesh: Mesh | None, x):
+  """Places ``x`` split along its first (sample) axis over ``mesh``."""
+  if mesh is None:
+    return x
+  return jax.device_put(x, NamedSharding(mesh, P(DATA_AXIS)))
+
+
+def _replicate(mesh: Mesh | None, tree):
+  """Places a pytree whole on every device of ``mesh``."""
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, NamedSharding(mesh, P()))
 
 
 def _per_apply_fn(builder):
@@ -106,24 +177,32 @@ _BYTES_PER_SAMPLE = weakref.WeakKeyDictionary()  # jitted fn -> {shapes: bytes}
 
 
 def _bytes_per_sample(kind: str, jitted, args_for, params, x,
-                      fallback: float) -> float:
+                      fallback: float, mesh: Mesh | None = None) -> float:
   """Working memory per sample of ``jitted``, from XLA's memory analysis of a
-  compiled probe block of :data:`_PROBE` samples (cached per shape)."""
+  compiled probe block of :data:`_PROBE` samples (cached per shape).
+
+  ``args_for(probe)`` places the probe block as the real blocks are placed;
+  with a ``mesh`` the probe is rounded up to a multiple of its devices and the
+  analysis is per device, so the budget holds per device and the blocks grow
+  with the number of devices.
+  """
   leaves, treedef = jax.tree_util.tree_flatten(params)
   key = (kind, tuple(np.shape(x)[1:]), str(jnp.result_type(x)), treedef,
-         tuple((np.shape(l), str(jnp.result_type(l))) for l in leaves))
+         tuple((np.shape(l), str(jnp.result_type(l))) for l in leaves), mesh)
   try:
     cache = _BYTES_PER_SAMPLE.setdefault(jitted, {})
   except TypeError:
     cache = {}
   if key not in cache:
-    probe = jnp.zeros((_PROBE,) + tuple(np.shape(x)[1:]), jnp.result_type(x))
+    d = _n_devices(mesh)
+    n_probe = -(-_PROBE // d) * d
+    probe = jnp.zeros((n_probe,) + tuple(np.shape(x)[1:]), jnp.result_type(x))
     analysis = jitted.lower(*args_for(probe)).compile().memory_analysis()
     if analysis is None:  # a backend without memory analysis
-      total = fallback * _PROBE
+      total = fallback * n_probe / d
     else:
       total = analysis.temp_size_in_bytes + analysis.output_size_in_bytes
-    cache[key] = total / _PROBE
+    cache[key] = total / n_probe
   return cache[key]
 
 
@@ -142,7 +221,8 @@ def _pad(x, block: int):
 
 
 def _resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
-                   args_for=None):
+                   args_for=None, mesh=None):
+  """(samples per block, C, P); the block is a multiple of mesh's devices."""
   c = num_outputs(apply_fn, params, x)
   p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
   if block_size is None:
@@ -151,11 +231,14 @@ def _resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
     else:
       # Without XLA's analysis: two Jacobians and ~8x their size in temporaries.
       fallback = 16.0 * c * p * 4
-      per = _bytes_per_sample(kind, jitted, args_for, params, x, fallback)
+      per = _bytes_per_sample(kind, jitted, args_for, params, x, fallback,
+                              mesh=mesh)
       block_size = auto_block_size(len(x), per)
   if int(block_size) < 1:
     raise ValueError(f"block_size must be >= 1, got {block_size}.")
-  return int(min(block_size, max(len(x), 1))), c, p
+  block = int(min(block_size, max(len(x), 1)))
+  d = _n_devices(mesh)
+  return -(-block // d) * d, c, p
 
 
 @_per_apply_fn
@@ -166,7 +249,7 @@ def _ntk_block_fn(apply_fn, implementation: int):
 
 
 def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None,
-        implementation: int = 1) -> jax.Array:
+        implementation: int = 1, mesh: Mesh | None = None) -> jax.Array:
   """Empirical NTK over ``params`` with every logit kept.
 
   Args:
@@ -182,27 +265,35 @@ def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None
       Jacobian work grows with the number of blocks.
     implementation: neural-tangents' ``1`` (Jacobian contraction, the most
       reliable, default) or ``2`` (NTK-vector products).
+    mesh: devices to shard over (module docstring); None means
+      :func:`default_mesh`. Each ``x1`` block is split over the devices and
+      the ``x2`` block and ``params`` are replicated, so every device computes
+      its rows of the kernel block.
 
   Returns:
     ``Θ`` of shape ``(N1·C, N2·C)``, sample-major:
     ``Θ[n·C + c, m·C + d] = ∂f_c(x1_n)/∂w · ∂f_d(x2_m)/∂w``.
   """
+  mesh = _resolve_mesh(mesh)
   symmetric = x2 is None
   x1 = jnp.asarray(x1)
   x2 = x1 if symmetric else jnp.asarray(x2)
   fn = _ntk_block_fn(apply_fn, int(implementation))
-  block, c, _ = _resolve_block(apply_fn, params, x1, block_size, "ntk", fn,
-                               lambda xb: (xb, xb, params))
+  params_r = _replicate(mesh, params)
+  block, c, _ = _resolve_block(
+      apply_fn, params, x1, block_size, "ntk", fn,
+      lambda xb: (_shard_rows(mesh, xb), _replicate(mesh, xb), params_r),
+      mesh=mesh)
   n1, n2 = x1.shape[0], x2.shape[0]
   dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
   out = np.empty((n1 * c, n2 * c), dtype=dtype)
   for i0, i1 in _blocks(n1, block):
-    a = _pad(x1[i0:i1], block)
+    a = _shard_rows(mesh, _pad(x1[i0:i1], block))
     for j0, j1 in _blocks(n2, block):
       if symmetric and j0 < i0:
         continue
-      b = _pad(x2[j0:j1], block)
-      k = fn(a, b, params)[: i1 - i0, : j1 - j0]  # (bi, bj, C, C)
+      b = _replicate(mesh, _pad(x2[j0:j1], block))
+      k = fn(a, b, params_r)[: i1 - i0, : j1 - j0]  # (bi, bj, C, C)
       k = np.asarray(jnp.transpose(k, (0, 2, 1, 3)).reshape(
           (i1 - i0) * c, (j1 - j0) * c))
       out[i0 * c:i1 * c, j0 * c:j1 * c] = k
@@ -225,29 +316,80 @@ def _jac_block_fn(apply_fn):
   return jax.jit(block_jac)
 
 
-def _jac_blocks(apply_fn, params, x, block_size):
+def _padded_jac_blocks(apply_fn, params, x, block_size, mesh):
+  """Yields ``(start, end, J_block)`` for an already resolved ``mesh``.
+
+  ``J_block`` has ``block·C`` rows, sharded along them over ``mesh``; the
+  rows past ``(end - start)·C`` belong to padding samples.
+  """
   x = jnp.asarray(x)
   fn = _jac_block_fn(apply_fn)
-  block, c, _ = _resolve_block(apply_fn, params, x, block_size, "jac", fn,
-                               lambda xb: (params, xb))
+  params_r = _replicate(mesh, params)
+  block, _, _ = _resolve_block(
+      apply_fn, params, x, block_size, "jac", fn,
+      lambda xb: (params_r, _shard_rows(mesh, xb)), mesh=mesh)
   for s, e in _blocks(x.shape[0], block):
-    yield s, e, fn(params, _pad(x[s:e], block))[: (e - s) * c]
+    yield s, e, fn(params_r, _shard_rows(mesh, _pad(x[s:e], block)))
 
 
-def jacobian(apply_fn: ApplyFn, params, x, *,
-             block_size: int | None = None) -> jax.Array:
-  """The explicit Jacobian ``J`` of shape ``(N·C, P)``, sample-major rows."""
+def _jac_blocks(apply_fn, params, x, block_size, *, mesh: Mesh | None = None):
+  """Yields ``(start, end, J_block)``, ``J_block`` of ``(end - start)·C`` rows.
+
+  Full blocks stay sharded along their rows over ``mesh`` (None:
+  :func:`default_mesh`); a short last block is cut from its padded block,
+  which gathers it onto every device.
+  """
+  mesh = _resolve_mesh(mesh)
+  c = num_outputs(apply_fn, params, x)
+  for s, e, jb in _padded_jac_blocks(apply_fn, params, x, block_size, mesh):
+    rows = (e - s) * c
+    yield s, e, (jb if rows == jb.shape[0] else jb[:rows])
+
+
+def jacobian(apply_fn: ApplyFn, params, x, *, block_size: int | None = None,
+             mesh: Mesh | None = None) -> jax.Array:
+  """The explicit Jacobian ``J`` of shape ``(N·C, P)``, sample-major rows.
+
+  ``mesh``: devices to shard the blocks of samples over (module docstring).
+  """
   return jnp.concatenate(
-      [j for _, _, j in _jac_blocks(apply_fn, params, x, block_size)], axis=0)
+      [j for _, _, j in _jac_blocks(apply_fn, params, x, block_size,
+                                    mesh=mesh)], axis=0)
 
 
-@jax.jit
-def _accumulate(acc_a, acc_b, jb, rb):
-  return acc_a + jb.T @ jb, acc_b + jb.T @ rb
+@functools.cache
+def _accumulate_fn(mesh: Mesh | None):
+  """Jitted ``(A, b) += (Jᵀ diag(keep) J, Jᵀ diag(keep) r)`` for one block.
+
+  ``keep`` (1 for real rows, 0 for padding) zeroes the padding samples
+  exactly. On a mesh, ``J`` is sharded along its rows, so the contraction
+  over them is an XLA all-reduce and ``A``, ``b`` come out replicated.
+  """
+  def accumulate(acc_a, acc_b, jb, rb, keep):
+    jb = jb.astype(acc_a.dtype)
+    jk = jb * keep[:, None].astype(acc_a.dtype)
+    return acc_a + jk.T @ jb, acc_b + jk.T @ rb.astype(acc_a.dtype)
+
+  if mesh is None:
+    return jax.jit(accumulate)
+  whole = NamedSharding(mesh, P())
+  return jax.jit(accumulate, out_shardings=(whole, whole))
+
+
+def precision_scope(precision: str | None):
+  """A context in which arrays of dtype ``precision`` can exist.
+
+  ``"float64"`` turns on :func:`jax.enable_x64` locally (JAX drops 64-bit
+  types otherwise); anything else leaves the configuration as it is.
+  """
+  if precision == "float64":
+    return jax.enable_x64(True)
+  return contextlib.nullcontext()
 
 
 def gram(apply_fn: ApplyFn, params, x, r=None, *,
-         block_size: int | None = None) -> tuple[jax.Array, jax.Array | None]:
+         block_size: int | None = None, mesh: Mesh | None = None,
+         precision: str | None = None) -> tuple[jax.Array, jax.Array | None]:
   """Parameter-space Gram matrix and gradient, accumulated over blocks.
 
   Args:
@@ -256,21 +398,38 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *,
     x: inputs ``(N, ...)``.
     r: optional residuals ``(N, C)``.
     block_size: samples per block.
+    mesh: devices to shard the blocks of samples over (module docstring);
+      None means :func:`default_mesh`.
+    precision: dtype of the sums, ``"float64"`` or ``"float32"``; None: the
+      parameters' dtype. Jacobian blocks stay in the model's dtype and are
+      cast before the product (float64 sums keep full-dataset Grams, whose
+      condition number grows with N, usable).
 
   Returns:
     ``(JᵀJ, Jᵀ r)`` of shapes ``(P, P)`` and ``(P,)`` (the second is None
-    when ``r`` is None). Memory: ``P²`` plus one block's Jacobian.
+    when ``r`` is None), replicated over ``mesh``. Memory: ``P²`` plus one
+    block's Jacobian (split over the devices) per device.
   """
+  if precision not in (None, "float32", "float64"):
+    raise ValueError(f"precision must be None, 'float32' or 'float64', got "
+                     f"{precision!r}.")
+  mesh = _resolve_mesh(mesh)
   flat, _ = ravel_pytree(params)
   p = flat.shape[0]
-  a = jnp.zeros((p, p), flat.dtype)
-  b = jnp.zeros((p,), flat.dtype)
+  dt = flat.dtype if precision is None else np.dtype(precision)
+  with precision_scope(precision):
+    a, b = _replicate(mesh, (jnp.zeros((p, p), dt), jnp.zeros((p,), dt)))
+  c = num_outputs(apply_fn, params, x)
   rr = None if r is None else jnp.asarray(r, flat.dtype).reshape(-1)
-  c = None
-  for s, e, jb in _jac_blocks(apply_fn, params, x, block_size):
-    c = jb.shape[0] // (e - s)
-    rb = jnp.zeros((jb.shape[0],), flat.dtype) if rr is None else rr[s * c:e * c]
-    a, b = _accumulate(a, b, jb, rb)
+  accumulate = _accumulate_fn(mesh)
+  for s, e, jb in _padded_jac_blocks(apply_fn, params, x, block_size, mesh):
+    rows = jb.shape[0]
+    keep = (jnp.arange(rows) < (e - s) * c).astype(flat.dtype)
+    rb = (jnp.zeros((rows,), flat.dtype) if rr is None
+          else _pad(rr[s * c:e * c], rows))
+    with precision_scope(precision):
+      a, b = accumulate(a, b, jb, _shard_rows(mesh, rb),
+                        _shard_rows(mesh, keep))
   return a, (None if r is None else b)
 
 
@@ -290,32 +449,47 @@ def _vjp_block_fn(apply_fn):
 
 
 def jvp(apply_fn: ApplyFn, params, x, tangent, *,
-        block_size: int | None = None) -> jax.Array:
-  """``J v``: the logits' directional derivative, shape ``(N, C)``."""
+        block_size: int | None = None, mesh: Mesh | None = None) -> jax.Array:
+  """``J v``: the logits' directional derivative, shape ``(N, C)``.
+
+  ``mesh``: devices to shard the blocks of samples over (module docstring).
+  """
+  mesh = _resolve_mesh(mesh)
   x = jnp.asarray(x)
   fn = _jvp_block_fn(apply_fn)
-  block, _, _ = _resolve_block(apply_fn, params, x, block_size, "jvp", fn,
-                               lambda xb: (params, tangent, xb))
-  outs = [fn(params, tangent, _pad(x[s:e], block))[: e - s]
+  params_r, tangent_r = _replicate(mesh, (params, tangent))
+  block, _, _ = _resolve_block(
+      apply_fn, params, x, block_size, "jvp", fn,
+      lambda xb: (params_r, tangent_r, _shard_rows(mesh, xb)), mesh=mesh)
+  outs = [fn(params_r, tangent_r,
+             _shard_rows(mesh, _pad(x[s:e], block)))[: e - s]
           for s, e in _blocks(x.shape[0], block)]
   return jnp.concatenate(outs, axis=0)
 
 
 def vjp(apply_fn: ApplyFn, params, x, cotangent, *,
-        block_size: int | None = None):
-  """``Jᵀ u`` for cotangents ``u`` of shape ``(N, C)``; a pytree like params."""
+        block_size: int | None = None, mesh: Mesh | None = None):
+  """``Jᵀ u`` for cotangents ``u`` of shape ``(N, C)``; a pytree like params.
+
+  ``mesh``: devices to shard the blocks of samples over (module docstring);
+  the sum over samples is an XLA all-reduce and the result is replicated.
+  """
+  mesh = _resolve_mesh(mesh)
   x = jnp.asarray(x)
   u = jnp.asarray(cotangent)
   fn = _vjp_block_fn(apply_fn)
+  params_r = _replicate(mesh, params)
   block, _, _ = _resolve_block(
       apply_fn, params, x, block_size, "vjp", fn,
-      lambda xb: (params, xb, jnp.zeros((xb.shape[0],) + u.shape[1:], u.dtype)))
-  total = jax.tree_util.tree_map(jnp.zeros_like, params)
+      lambda xb: (params_r, _shard_rows(mesh, xb), _shard_rows(
+          mesh, jnp.zeros((xb.shape[0],) + u.shape[1:], u.dtype))), mesh=mesh)
+  total = _replicate(mesh, jax.tree_util.tree_map(jnp.zeros_like, params))
   for s, e in _blocks(x.shape[0], block):
     ct = _pad(u[s:e], block)
     if e - s < block:  # padded rows must not contribute
       ct = ct.at[e - s:].set(0)
-    g = fn(params, _pad(x[s:e], block), ct)
+    g = fn(params_r, _shard_rows(mesh, _pad(x[s:e], block)),
+           _shard_rows(mesh, ct))
     total = jax.tree_util.tree_map(jnp.add, total, g)
   return total
 
@@ -325,11 +499,19 @@ def _predict_block_fn(apply_fn):
   return jax.jit(apply_fn)
 
 
-def predict(apply_fn: ApplyFn, params, x, *, block_size: int = 256) -> jax.Array:
-  """``apply_fn(params, x)`` in blocks of samples, shape ``(N, C)``."""
+def predict(apply_fn: ApplyFn, params, x, *, block_size: int = 256,
+            mesh: Mesh | None = None) -> jax.Array:
+  """``apply_fn(params, x)`` in blocks of samples, shape ``(N, C)``.
+
+  ``mesh``: devices to shard the blocks of samples over (module docstring);
+  ``block_size`` is rounded up to a multiple of their number.
+  """
+  mesh = _resolve_mesh(mesh)
   x = jnp.asarray(x)
-  block = int(max(1, min(block_size, x.shape[0])))
+  d = _n_devices(mesh)
+  block = -(-int(max(1, min(block_size, x.shape[0]))) // d) * d
   fn = _predict_block_fn(apply_fn)
-  outs = [fn(params, _pad(x[s:e], block))[: e - s]
+  params_r = _replicate(mesh, params)
+  outs = [fn(params_r, _shard_rows(mesh, _pad(x[s:e], block)))[: e - s]
           for s, e in _blocks(x.shape[0], block)]
   return jnp.concatenate(outs, axis=0)

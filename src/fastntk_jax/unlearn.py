@@ -18,8 +18,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from fastntk_jax import cg
 from fastntk_jax import kernels
 from fastntk_jax import update
+from fastntk_jax.solve import SolveInfo
 
 __all__ = [
     "DEFAULT_DAMPING",
@@ -36,7 +38,8 @@ DEFAULT_DAMPING = 1.0
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
 
 _LOSSES = ("mse", "ce")
-_SOLVERS = ("auto", "dual", "primal")
+_SOLVERS = ("auto", "dual", "primal", "cg")
+_PRECISIONS = {"float64": 8, "float32": 4}
 
 
 class UnlearningError(FloatingPointError):
@@ -48,7 +51,7 @@ class UnlearnResult(NamedTuple):
 
   Attributes:
     params: ``w_r``, same tree structure and dtypes as ``params``.
-    solver: ``"dual"`` or ``"primal"``: the solver that ran.
+    solver: ``"dual"``, ``"primal"`` or ``"cg"``: the solver that ran.
     damping: λ used.
     loss: ``"mse"`` or ``"ce"``.
     linearized_at: ``"init_params"`` or ``"params"``.
@@ -59,9 +62,12 @@ class UnlearnResult(NamedTuple):
     forget_residual_norm: ``‖V‖₂``, the linear retrained model's residual on
       ``D_f`` that the update removes.
     relative_residual: the largest relative residual of the linear solves.
-    cond: the largest condition number (estimate) of the systems solved.
-    rank: numerical rank of the last system (its size when λ > 0).
+    cond: the largest condition number (estimate) of the systems solved
+      (NaN for ``"cg"``, which never forms them).
+    rank: numerical rank of the last system (its size when λ > 0; P for
+      ``"cg"``).
     seconds: wall time of the call, compilation included.
+    cg_steps: conjugate-gradient steps over both solves (0 for dense solvers).
   """
   params: Any
   solver: str
@@ -78,6 +84,7 @@ class UnlearnResult(NamedTuple):
   cond: float
   rank: int
   seconds: float
+  cg_steps: int = 0
 
 
 def _check_split(name: str, data) -> tuple[np.ndarray | jax.Array, np.ndarray]:
@@ -120,20 +127,24 @@ def _check_finite_tree(name: str, tree) -> None:
 
 
 def _dense_bytes(solver: str, n: int, c: int, p: int, itemsize: int,
-                 damping: float = 1.0) -> int:
+                 damping: float = 1.0, precision_itemsize: int = 8) -> int:
   """Memory of a solver's dense matrices (its dominant term).
 
   Dual: Θ on the host and on the device, a damped copy and its Cholesky factor
-  (λ > 0); for λ = 0 also the re-assembled Θ and its eigenvectors. Primal:
-  ``A_r``, ``A_f``, their sum, a damped copy and its factor.
+  (λ > 0); for λ = 0 also the re-assembled Θ and its eigenvectors, all in the
+  model's dtype (``itemsize``). Primal: ``A_r``, ``A_f``, their sum, a damped
+  copy and its factor, in ``precision_itemsize``. CG: four ``P``-vectors
+  (iterate, residual, direction, product) plus the right-hand sides.
   """
   if solver == "dual":
     return (4 if damping > 0 else 6) * (n * c) ** 2 * itemsize
-  return 5 * p * p * itemsize
+  if solver == "primal":
+    return 5 * p * p * precision_itemsize
+  return 8 * p * itemsize
 
 
 def _flops(solver: str, n: int, c: int, p: int) -> float:
-  """Leading-order flop counts, the cost model of ``solver="auto"``."""
+  """Leading-order flop counts of the dense solvers (beyond the Jacobian)."""
   if solver == "dual":
     # kernel contraction N²C²P, Cholesky of the N·C system
     return (n * c) ** 2 * p + (n * c) ** 3 / 3
@@ -143,24 +154,24 @@ def _flops(solver: str, n: int, c: int, p: int) -> float:
 
 def choose_solver(n: int, c: int, p: int, itemsize: int = 4,
                   memory_budget: int = DEFAULT_MEMORY_BUDGET,
-                  damping: float = 1.0) -> str:
-  """The cheaper of ``"dual"`` and ``"primal"`` that fits ``memory_budget``.
+                  damping: float = 1.0, precision_itemsize: int = 8) -> str:
+  """The solver ``solver="auto"`` runs: the cheapest dense one that fits.
 
-  Cost model (leading terms): dual ``(NC)²P + (NC)³/3`` flops and
-  ``4(NC)²`` numbers (6 for λ = 0); primal ``NCP² + 2P³/3`` flops and ``5P²``
-  numbers, with N samples, C logits, P PEFT parameters. Ties go to the dual
-  (the paper's form).
+  Cost model (leading terms beyond the Jacobian rows, which every solver
+  needs): dual ``(NC)²P + (NC)³/3`` flops and ``4(NC)²`` numbers (6 for
+  λ = 0); primal ``NCP² + 2P³/3`` flops and ``5P²`` numbers in the solve
+  precision; with N samples, C logits, P PEFT parameters. Of those that fit
+  ``memory_budget`` the one with fewer flops wins (ties go to the dual, the
+  paper's form). When neither fits, ``"cg"``: matrix-free conjugate
+  gradients, ``O(P)`` memory, each step one linearised pass over the data
+  (about ``3·N·C·P``-equivalent work); its step count depends on the
+  conditioning, so it is chosen only when no dense form fits.
   """
-  need = {s: _dense_bytes(s, n, c, p, itemsize, damping)
+  need = {s: _dense_bytes(s, n, c, p, itemsize, damping, precision_itemsize)
           for s in ("dual", "primal")}
   fits = [s for s in ("dual", "primal") if need[s] <= memory_budget]
   if not fits:
-    raise ValueError(
-        f"memory_budget={memory_budget} bytes ({memory_budget / 2**30:.3g} GiB) "
-        f"is too small for either dense solver: dual needs {need['dual']} "
-        f"bytes, primal {need['primal']} bytes for N={n}, C={c}, P={p}. Raise "
-        "memory_budget=... if the memory is there, or unlearn with fewer "
-        "samples.")
+    return "cg"
   return min(fits, key=lambda s: _flops(s, n, c, p))
 
 
@@ -177,7 +188,9 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
             forget, *, init_params=None, damping: float = DEFAULT_DAMPING,
             loss: str = "mse", solver: str = "auto", rcond: float | None = None,
             implementation: int = 1, block_size: int | None = None,
-            memory_budget: int = DEFAULT_MEMORY_BUDGET) -> UnlearnResult:
+            memory_budget: int = DEFAULT_MEMORY_BUDGET,
+            precision: str = "float64", cg_tol: float = 1e-5,
+            cg_max_steps: int | None = None, mesh=None) -> UnlearnResult:
   r"""Forgets ``forget`` with the one-shot NTK update (Fast-NTK, Eq. (1)).
 
   ``w_r = w_D + P J_fᵀ M V`` (see :mod:`fastntk_jax.update`), computed over
@@ -205,14 +218,25 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
     loss: ``"mse"`` — residual ``f_0 − onehot(y)`` (the linearised theory; use
       with MSE-fine-tuned models) — or ``"ce"`` — ``softmax(f_0) − onehot(y)``.
     solver: ``"dual"`` (kernel space, ``N·C`` systems, the paper's),
-      ``"primal"`` (parameter space, ``P×P`` systems) or ``"auto"`` (the cheaper
-      by :func:`choose_solver`).
+      ``"primal"`` (parameter space, ``P×P`` systems), ``"cg"`` (matrix-free
+      conjugate gradients on ``JᵀJ + λI`` with Jacobian–vector products, for
+      when neither dense form fits) or ``"auto"`` (by :func:`choose_solver`).
     rcond: relative eigenvalue cutoff for ``damping=0``.
     implementation: neural-tangents NTK implementation for the dual kernel:
       1 (Jacobian contraction) or 2 (NTK-vector products).
     block_size: samples per block of Jacobian work (None: automatic).
     memory_budget: bytes the dense matrices may take; a solver over it is
       refused before any work starts.
+    precision: ``"float64"`` or ``"float32"``: dtype of the ``P×P`` Gram
+      matrices and their solves (``"primal"``); Jacobians stay in the model's
+      dtype. float64 keeps full-dataset Grams (condition numbers growing with
+      N) solvable; ``"float32"`` halves their memory.
+    cg_tol: relative residual at which ``"cg"`` stops.
+    cg_max_steps: iteration cap per ``"cg"`` solve (None: ``min(10·P, 1000)``);
+      a solve that does not converge raises :class:`UnlearningError`.
+    mesh: a 1-D :class:`jax.sharding.Mesh` with axis ``"data"`` to shard the
+      Jacobian and kernel work over; None uses every local device
+      (:func:`fastntk_jax.kernels.default_mesh`). Checked before any work.
 
   Returns:
     :class:`UnlearnResult`.
@@ -264,6 +288,17 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
                                  block_size < 1):
     raise ValueError(f"block_size must be a positive int or None, got "
                      f"{block_size!r}.")
+  mesh = kernels._resolve_mesh(mesh)
+  if precision not in _PRECISIONS:
+    raise ValueError(f"precision must be one of {tuple(_PRECISIONS)}, got "
+                     f"{precision!r}.")
+  if not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
+    raise ValueError(f"cg_tol must be a float in (0, 1), got {cg_tol!r}.")
+  if cg_max_steps is not None and (isinstance(cg_max_steps, bool) or
+                                   int(cg_max_steps) != cg_max_steps or
+                                   cg_max_steps < 1):
+    raise ValueError(f"cg_max_steps must be a positive int or None, got "
+                     f"{cg_max_steps!r}.")
   if isinstance(memory_budget, bool) or not isinstance(
       memory_budget, (int, np.integer)) or memory_budget <= 0:
     raise ValueError(f"memory_budget must be a positive number of bytes, got "
@@ -294,18 +329,19 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
   n_r, n_f = int(y_r.shape[0]), int(y_f.shape[0])
   n = n_r + n_f
   itemsize = jnp.dtype(flat_w.dtype).itemsize
+  p_item = _PRECISIONS[precision]
   if solver == "auto":
-    solver = choose_solver(n, c, p, itemsize, memory_budget, damping)
-  else:
-    need = _dense_bytes(solver, n, c, p, itemsize, damping)
+    solver = choose_solver(n, c, p, itemsize, memory_budget, damping, p_item)
+  elif solver != "cg":
+    need = _dense_bytes(solver, n, c, p, itemsize, damping, p_item)
     if need > memory_budget:
       other = "primal" if solver == "dual" else "dual"
-      other_need = _dense_bytes(other, n, c, p, itemsize, damping)
+      other_need = _dense_bytes(other, n, c, p, itemsize, damping, p_item)
       shape = "P×P" if other == "primal" else "N·C×N·C"
       hint = (f"solver={other!r} needs only {shape} matrices, {other_need} "
               "bytes here, within the budget" if other_need <= memory_budget
               else f"solver={other!r} ({shape}) would need {other_need} bytes, "
-              "over the budget too; unlearn with fewer samples")
+              "over the budget too; use solver='cg' (matrix-free)")
       raise ValueError(
           f"solver={solver!r} needs about {need} bytes ({need / 2**30:.3g} GiB) "
           f"of dense matrices for N={n} samples, C={c}, P={p}, over "
@@ -313,8 +349,9 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
           f"GiB). Raise memory_budget=... if the memory is there; {hint}.")
 
   # ---- residuals at the linearisation point -----------------------------
-  f0_r = kernels.predict(apply_fn, lin, x_r)
-  f0_f = kernels.predict(apply_fn, lin, x_f)
+  blk = {"block_size": block_size, "mesh": mesh}
+  f0_r = kernels.predict(apply_fn, lin, x_r, mesh=mesh)
+  f0_f = kernels.predict(apply_fn, lin, x_f, mesh=mesh)
   if not (bool(jnp.all(jnp.isfinite(f0_r))) and bool(jnp.all(jnp.isfinite(f0_f)))):
     raise ValueError(
         f"apply_fn returns NaN or infinite logits at the linearisation point "
@@ -323,35 +360,40 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
   r_r = _residuals(f0_r, y_r, loss)
   r_f = _residuals(f0_f, y_f, loss)
 
+  cg_steps = 0
   if solver == "dual":
     # One symmetric kernel over D = [D_r; D_f]: one compilation, upper blocks
     # only; then its three blocks.
     theta = kernels.ntk(apply_fn, lin, jnp.concatenate(
-        [jnp.asarray(x_r), jnp.asarray(x_f)]), block_size=block_size,
-                        implementation=implementation)
+        [jnp.asarray(x_r), jnp.asarray(x_f)]), implementation=implementation,
+                        **blk)
     k = n_r * c
     th_rr, th_rf, th_ff = theta[:k, :k], theta[:k, k:], theta[k:, k:]
     del theta
     upd = update.kernel_space(th_rr, th_rf, th_ff, r_r, r_f, damping, rcond)
     infos, v = upd.infos, upd.v
     _raise_if_failed(infos, damping, solver)
-    g_r = kernels.vjp(apply_fn, lin, x_r, upd.coef_r.reshape(n_r, c),
-                      block_size=block_size)
-    g_f = kernels.vjp(apply_fn, lin, x_f, upd.coef_f.reshape(n_f, c),
-                      block_size=block_size)
+    g_r = kernels.vjp(apply_fn, lin, x_r, upd.coef_r.reshape(n_r, c), **blk)
+    g_f = kernels.vjp(apply_fn, lin, x_f, upd.coef_f.reshape(n_f, c), **blk)
     delta = ravel_pytree(g_r)[0] + ravel_pytree(g_f)[0]
-  else:
+  elif solver == "primal":
     a_r, b_r = kernels.gram(apply_fn, lin, x_r, r_r.reshape(n_r, c),
-                            block_size=block_size)
+                            precision=precision, **blk)
     a_f, b_f = kernels.gram(apply_fn, lin, x_f, r_f.reshape(n_f, c),
-                            block_size=block_size)
-    upd = update.parameter_space(a_r, a_f, b_r, b_f, damping, rcond)
-    infos = upd.infos
-    _raise_if_failed(infos, damping, solver)
+                            precision=precision, **blk)
+    with kernels.precision_scope(precision):
+      upd = update.parameter_space(a_r, a_f, b_r, b_f, damping, rcond)
+      infos = upd.infos
+      _raise_if_failed(infos, damping, solver)
+      delta = upd.delta.astype(flat_w.dtype)
+      x_ret = upd.x_retrain.astype(flat_w.dtype)
     # V = J_f x_r + r_f, reported as a diagnostic.
-    v = kernels.jvp(apply_fn, lin, x_f, unravel(upd.x_retrain),
-                    block_size=block_size).reshape(-1) + r_f
-    delta = upd.delta
+    v = kernels.jvp(apply_fn, lin, x_f, unravel(x_ret),
+                    **blk).reshape(-1) + r_f
+  else:
+    delta, v, infos, cg_steps = _cg_update(
+        apply_fn, lin, x_r, x_f, r_r.reshape(n_r, c), r_f.reshape(n_f, c),
+        damping, cg_tol, cg_max_steps, blk)
 
   if not bool(jnp.all(jnp.isfinite(delta))):
     raise UnlearningError(
@@ -370,7 +412,38 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
       relative_residual=max(float(i.relative_residual) for i in infos),
       cond=max(float(i.cond) for i in infos),
       rank=int(infos[-1].rank),
-      seconds=time.perf_counter() - t0)
+      seconds=time.perf_counter() - t0, cg_steps=cg_steps)
+
+
+def _cg_update(apply_fn, lin, x_r, x_f, r_r, r_f, damping, tol, max_steps,
+               blk):
+  """Eq. (1) in parameter space, matrix-free.
+
+  ``x_r = −(A_r + λI)⁻¹ J_rᵀ r_r`` and ``w_r − w_D = (A + λI)⁻¹ J_fᵀ V`` with
+  ``V = J_f x_r + r_f``, every ``A v`` a linearised pass over the data.
+  """
+  mv_r = cg.gauss_newton_matvec(apply_fn, lin, x_r, **blk)
+  mv_f = cg.gauss_newton_matvec(apply_fn, lin, x_f, **blk)
+  _, unravel = ravel_pytree(lin)
+  g_r = ravel_pytree(kernels.vjp(apply_fn, lin, x_r, r_r, **blk))[0]
+  x_ret, info_r = cg.cg_solve(mv_r, -g_r, damping=damping, tol=tol,
+                              max_steps=max_steps)
+  v = kernels.jvp(apply_fn, lin, x_f, unravel(x_ret), **blk) + r_f
+  rhs = ravel_pytree(kernels.vjp(apply_fn, lin, x_f, v, **blk))[0]
+  delta, info = cg.cg_solve(lambda u: mv_r(u) + mv_f(u), rhs, damping=damping,
+                            tol=tol, max_steps=max_steps)
+  for k, i in enumerate((info_r, info)):
+    if not i.ok:
+      raise UnlearningError(
+          f"cg solver: solve {k + 1} of 2 stopped with status {i.status!r} "
+          f"after {i.steps} steps at relative residual "
+          f"{i.relative_residual:.3g} (cg_tol {tol}). Raise cg_max_steps, "
+          "raise damping (better conditioned), or loosen cg_tol.")
+  p = delta.shape[0]
+  infos = tuple(SolveInfo(jnp.asarray(True), jnp.asarray(i.relative_residual),
+                          jnp.asarray(jnp.nan), jnp.asarray(p))
+                for i in (info_r, info))
+  return delta, v.reshape(-1), infos, info_r.steps + info.steps
 
 
 def _raise_if_failed(infos, damping: float, solver: str) -> None:

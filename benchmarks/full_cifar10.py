@@ -1,0 +1,221 @@
+"""Fast-NTK on the full CIFAR-10 training set, and deletion requests at that scale.
+
+ResNet-20 (CIFAR-10 weights from ../shared) with BatchNorm scale/shift + a new
+head as PEFT parameters (P = 2,026), fine-tuned on D with the MSE recipe, then:
+
+1. ``unlearn`` from scratch: forget a class (5,000 images) from the 50,000;
+   the solver is chosen by ``solver="auto"`` (parameter space here).
+2. ``deletion.prepare`` over D once, then requests: ``--request`` random
+   images (timed), and the same class as in 1 (compared with 1).
+3. The request of ``--request`` images checked against ``unlearn`` from
+   scratch on D without them (``--check-request``; one more pass over D).
+
+Accuracy on D_r, D_f and the test set before and after; wall time per stage
+(compilation reported separately, from JAX's compile events); peak resident
+memory of the whole process. Writes JSON atomically.
+
+    python benchmarks/full_cifar10.py                       # all of it
+    python benchmarks/full_cifar10.py --n-train 2000 --test-n 1000   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fastntk_jax import data, deletion, kernels, timing, train, unlearn, zoo
+from fastntk_jax._env import environment
+
+
+def _peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _rss_gib() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 2**20
+  return float("nan")
+
+
+def _acc(apply_fn, params, x, y) -> float:
+  if len(y) == 0:
+    return float("nan")
+  logits = kernels.predict(apply_fn, params, x, block_size=1000)
+  return float(100 * np.mean(np.asarray(jnp.argmax(logits, -1)) == y))
+
+
+def _rel(a, b) -> float:
+  a = np.asarray(ravel_pytree(a)[0], np.float64)
+  b = np.asarray(ravel_pytree(b)[0], np.float64)
+  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _write(path: Path, obj) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=1))
+  os.replace(tmp, path)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--n-train", type=int, default=50000)
+  ap.add_argument("--test-n", type=int, default=10000)
+  ap.add_argument("--forget-class", type=int, default=0)
+  ap.add_argument("--request", type=int, default=100)
+  ap.add_argument("--finetune-epochs", type=int, default=1)
+  ap.add_argument("--damping", type=float, default=1.0)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--check-request", action=argparse.BooleanOptionalAction,
+                  default=True)
+  ap.add_argument("--out", type=Path,
+                  default=Path("benchmarks/results/full_cifar10_cpu.json"))
+  args = ap.parse_args(argv)
+  if args.request < 1 or args.n_train < 100:
+    ap.error("--request must be >= 1 and --n-train >= 100")
+
+  t_start = time.perf_counter()
+  out = {"benchmark": "full_cifar10", **environment(),
+         "cpu_count": os.cpu_count(), "config": vars(args) | {
+             "out": str(args.out), "model": "resnet20 (CIFAR-10 weights), "
+             "BatchNorm scale/shift + new head", "recipe": "mse",
+             "linearised_at": "w_0 (init_params)", "precision": "float64"},
+         "stages": {}}
+  stages = out["stages"]
+
+  def stage(name, fn):
+    with timing.measure() as m:
+      value = fn()
+      jax.block_until_ready(jax.tree_util.tree_leaves(value))
+    stages[name] = {"seconds": m.seconds, "compile_seconds": m.compile_seconds,
+                    "peak_rss_gib": _peak_rss_gib(), "rss_gib": _rss_gib()}
+    print(f"{name}: {m.seconds:.1f} s (compile {m.compile_seconds:.1f} s), "
+          f"peak RSS {_peak_rss_gib():.2f} GiB", flush=True)
+    return value
+
+  def load():
+    tr = data.load_dataset("cifar10-jpeg", "train")
+    te = data.load_dataset("cifar10-jpeg", "test")
+    return tr, te
+
+  tr, te = stage("load_data", load)
+  rng = np.random.default_rng(args.seed)
+  take = np.sort(rng.choice(len(tr.y), args.n_train, replace=False)) \
+      if args.n_train < len(tr.y) else np.arange(len(tr.y))
+  tk = np.sort(rng.choice(len(te.y), args.test_n, replace=False)) \
+      if args.test_n < len(te.y) else np.arange(len(te.y))
+  module, variables, pretrained = zoo.load_backbone("resnet20")
+  model = zoo.prepare("resnet20", module, variables, num_classes=10,
+                      mode="peft", seed=args.seed)
+  prep = jax.jit(zoo.preprocess_fn("resnet20"))
+
+  def preprocess():
+    xs = [np.asarray(prep(jnp.asarray(tr.x[take[i:i + 1000]])))
+          for i in range(0, len(take), 1000)]
+    xt = [np.asarray(prep(jnp.asarray(te.x[tk[i:i + 1000]])))
+          for i in range(0, len(tk), 1000)]
+    return np.concatenate(xs), np.concatenate(xt)
+
+  x, x_te = stage("preprocess", preprocess)
+  y, y_te = tr.y[take], te.y[tk]
+  del tr, te
+  out["num_params"] = int(ravel_pytree(model.init_params)[0].shape[0])
+  out["pretrained_backbone"] = bool(pretrained)
+  out["n_train"], out["n_test"] = int(len(y)), int(len(y_te))
+
+  recipe = train.FinetuneConfig(loss="mse", epochs=args.finetune_epochs,
+                                batch_size=250, learning_rate=1e-2,
+                                seed=args.seed)
+  w_0 = model.init_params
+  w_d = stage("finetune", lambda: train.finetune(
+      model.apply_fn, w_0, x, y, config=recipe).params)
+  forget = y == args.forget_class
+  sets = {"retain": (x[~forget], y[~forget]), "forget": (x[forget], y[forget])}
+
+  def accuracy(params):
+    return {"acc_retain": _acc(model.apply_fn, params, *sets["retain"]),
+            "acc_forget": _acc(model.apply_fn, params, *sets["forget"]),
+            "acc_test": _acc(model.apply_fn, params, x_te, y_te),
+            "acc_test_retained": _acc(model.apply_fn, params,
+                                      x_te[y_te != args.forget_class],
+                                      y_te[y_te != args.forget_class])}
+
+  out["accuracy_finetuned"] = accuracy(w_d)
+  print("fine-tuned:", out["accuracy_finetuned"], flush=True)
+
+  # 1. Fast-NTK from scratch: the class.
+  t_unlearn = time.perf_counter()
+  res = stage("unlearn_class", lambda: unlearn(
+      model.apply_fn, w_d, sets["retain"], sets["forget"], init_params=w_0,
+      damping=args.damping, solver="auto"))
+  out["unlearn_class"] = {
+      "solver": res.solver, "num_retain": res.num_retain,
+      "num_forget": res.num_forget, "delta_norm": res.delta_norm,
+      "relative_residual": res.relative_residual, "cond": res.cond,
+      "wall_seconds_including_validation": time.perf_counter() - t_unlearn,
+      **accuracy(res.params)}
+  print("unlearned:", out["unlearn_class"], flush=True)
+
+  # 2. Prepare once, then requests.
+  ids = np.arange(len(y))
+  state = stage("prepare", lambda: deletion.prepare(
+      model.apply_fn, w_d, (x, y), init_params=w_0, damping=args.damping,
+      ids=ids))
+  req = np.sort(rng.choice(len(y), args.request, replace=False))
+  with timing.measure() as m:  # the first call compiles for this shape
+    r = deletion.forget(state, model.apply_fn, w_d, (x[req], y[req]), ids=req)
+    jax.block_until_ready(r.params)
+  times = []
+  for _ in range(3):
+    t = time.perf_counter()
+    r = deletion.forget(state, model.apply_fn, w_d, (x[req], y[req]), ids=req)
+    jax.block_until_ready(r.params)
+    times.append(time.perf_counter() - t)
+  out["request"] = {"num_forget": args.request, "seconds_all": times,
+                    "seconds_median": float(np.median(times)),
+                    "first_call_seconds": m.seconds,
+                    "first_call_compile_seconds": m.compile_seconds,
+                    "relative_residual": r.relative_residual}
+  print("request:", out["request"], flush=True)
+  cls = np.flatnonzero(forget)
+  rc = stage("request_class", lambda: deletion.forget(
+      state, model.apply_fn, w_d, sets["forget"], ids=cls))
+  out["request_class"] = {"relative_difference_to_unlearn":
+                          _rel(rc.params, res.params),
+                          "relative_update_size": _rel(w_d, res.params)}
+  print("request_class:", out["request_class"], flush=True)
+  out["peak_rss_gib"] = _peak_rss_gib()
+  out["total_seconds"] = time.perf_counter() - t_start
+  _write(args.out, out)
+
+  # 3. The request against unlearning from scratch (one more pass over D).
+  if args.check_request:
+    keep = np.ones(len(y), bool)
+    keep[req] = False
+    ref = stage("unlearn_request_from_scratch", lambda: unlearn(
+        model.apply_fn, w_d, (x[keep], y[keep]), (x[req], y[req]),
+        init_params=w_0, damping=args.damping, solver="primal"))
+    out["request"]["relative_difference_to_unlearn"] = _rel(r.params,
+                                                            ref.params)
+    out["request"]["relative_update_size"] = _rel(w_d, ref.params)
+    print("request check:", out["request"], flush=True)
+  out["peak_rss_gib"] = _peak_rss_gib()
+  out["total_seconds"] = time.perf_counter() - t_start
+  _write(args.out, out)
+  print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+  sys.exit(main())

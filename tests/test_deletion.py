@@ -1,0 +1,148 @@
+"""Deletion requests (prepare once, forget with work ∝ |D_f|) against unlearn()."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fastntk_jax as F
+from fastntk_jax import deletion
+
+
+def _problem(seed=0, n=40, d=5, h=8, c=3):
+  rng = np.random.default_rng(seed)
+  w1 = jnp.asarray(rng.normal(size=(d, h)) / 2, jnp.float32)
+
+  def apply_fn(params, x):
+    return jnp.tanh(x @ (w1 * params["s"])) @ params["w"] + params["b"]
+
+  w0 = {"s": jnp.ones((h,)), "w": jnp.asarray(rng.normal(size=(h, c)) * 0.3,
+                                              jnp.float32),
+        "b": jnp.zeros((c,))}
+  w_d = jax.tree_util.tree_map(
+      lambda a: a + jnp.asarray(0.05 * rng.normal(size=a.shape), a.dtype), w0)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  y = rng.integers(0, c, n)
+  return apply_fn, w0, w_d, x, y
+
+
+def _flat(tree):
+  return np.asarray(jax.flatten_util.ravel_pytree(tree)[0], np.float64)
+
+
+def _rel(a, b):
+  return np.linalg.norm(_flat(a) - _flat(b)) / np.linalg.norm(_flat(b))
+
+
+def test_requests_in_sequence_equal_unlearning_from_scratch():
+  apply_fn, w0, w_d, x, y = _problem()
+  ids = np.arange(len(y))
+  state = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0, ids=ids,
+                           damping=0.5)
+  f1, f2 = np.array([3, 17, 21]), np.array([0, 5, 30, 31])
+  r1 = deletion.forget(state, apply_fn, w_d, (x[f1], y[f1]), ids=f1)
+  r2 = deletion.forget(r1.state, apply_fn, r1.params, (x[f2], y[f2]), ids=f2)
+  gone = np.zeros(len(y), bool)
+  gone[np.r_[f1, f2]] = True
+  scratch = F.unlearn(apply_fn, w_d, (x[~gone], y[~gone]), (x[gone], y[gone]),
+                      init_params=w0, damping=0.5, solver="primal")
+  dual = F.unlearn(apply_fn, w_d, (x[~gone], y[~gone]), (x[gone], y[gone]),
+                   init_params=w0, damping=0.5, solver="dual")
+  assert _rel(w_d, scratch.params) > 1e-2  # there is something to forget
+  assert _rel(r2.params, scratch.params) < 1e-5
+  assert _rel(r2.params, dual.params) < 1e-4  # float32 kernel solve
+  # The first request alone is unlearn() with D_f = f1.
+  keep1 = np.ones(len(y), bool)
+  keep1[f1] = False
+  one = F.unlearn(apply_fn, w_d, (x[keep1], y[keep1]), (x[f1], y[f1]),
+                  init_params=w0, damping=0.5, solver="primal")
+  assert _rel(r1.params, one.params) < 1e-5
+  np.testing.assert_allclose(r1.forget_residual_norm,
+                             one.forget_residual_norm, rtol=1e-4)
+  # The state now describes D without f1 ∪ f2.
+  assert r2.state.num_samples == len(y) - 7
+  np.testing.assert_array_equal(r2.state.ids, np.flatnonzero(~gone))
+  fresh = deletion.prepare(apply_fn, w_d, (x[~gone], y[~gone]), init_params=w0,
+                           damping=0.5)
+  # Jacobian rows agree to float32 rounding between block compositions.
+  np.testing.assert_allclose(r2.state.gram, fresh.gram, rtol=0,
+                             atol=1e-6 * float(np.abs(fresh.gram).max()))
+  np.testing.assert_allclose(r2.state.grad, fresh.grad, rtol=0,
+                             atol=1e-6 * float(np.abs(fresh.grad).max()))
+  assert r2.state.gram.dtype == jnp.float64
+  assert r2.params["w"].dtype == jnp.float32
+  assert r1.relative_residual < 1e-10
+
+
+def test_linear_model_requests_reach_the_ridge_retrain():
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(4)
+    t = jnp.asarray(rng.normal(size=(5, 3 * 12)))
+
+    def apply_fn(params, x):  # linear in params
+      return jnp.einsum("ncp,p->nc", jnp.tanh(x @ t).reshape(-1, 3, 12),
+                        params["w"])
+
+    w0 = {"w": jnp.asarray(rng.normal(size=12))}
+    x = jnp.asarray(rng.normal(size=(20, 5)))
+    y = rng.integers(0, 3, 20)
+    lam = 0.3
+
+    def ridge(xs, ys):
+      j = F.kernels.jacobian(apply_fn, w0, xs)
+      e = (jax.nn.one_hot(ys, 3) - apply_fn(w0, xs)).reshape(-1)
+      return {"w": w0["w"] + j.T @ jnp.linalg.solve(j @ j.T + lam * jnp.eye(
+          j.shape[0]), e)}
+
+    state = deletion.prepare(apply_fn, ridge(x, y), (x, y), init_params=w0,
+                             damping=lam)
+    res = deletion.forget(state, apply_fn, ridge(x, y), (x[:6], y[:6]))
+    np.testing.assert_allclose(res.params["w"], ridge(x[6:], y[6:])["w"],
+                               rtol=1e-8)
+
+
+def test_float32_precision_is_close_on_a_small_problem():
+  apply_fn, w0, w_d, x, y = _problem(1)
+  out = {}
+  for prec in ("float64", "float32"):
+    st = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0, damping=1.0,
+                          precision=prec)
+    assert st.gram.dtype == np.dtype(prec)
+    out[prec] = deletion.forget(st, apply_fn, w_d, (x[:5], y[:5])).params
+  assert _rel(out["float32"], out["float64"]) < 1e-3
+
+
+def test_bad_requests_are_refused_before_work():
+  apply_fn, w0, w_d, x, y = _problem(2, n=12)
+  ids = np.arange(100, 112)
+  st = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0, ids=ids)
+  r = deletion.forget(st, apply_fn, w_d, (x[:2], y[:2]), ids=ids[:2])
+  with pytest.raises(ValueError, match="already forgotten"):
+    deletion.forget(r.state, apply_fn, r.params, (x[:1], y[:1]), ids=ids[:1])
+  with pytest.raises(ValueError, match="ids: the state tracks"):
+    deletion.forget(st, apply_fn, w_d, (x[:1], y[:1]))
+  with pytest.raises(ValueError, match="unique"):
+    deletion.forget(st, apply_fn, w_d, (x[:2], y[:2]), ids=[100, 100])
+  with pytest.raises(ValueError, match="at least one must remain"):
+    deletion.forget(st, apply_fn, w_d, (x, y), ids=ids)
+  with pytest.raises(ValueError, match="forget_set: inputs"):
+    deletion.forget(st, apply_fn, w_d, (x[:1, :3], y[:1]), ids=ids[:1])
+  with pytest.raises(ValueError, match="damping must be finite and > 0"):
+    deletion.prepare(apply_fn, w_d, (x, y), damping=0.0)
+  with pytest.raises(ValueError, match="precision"):
+    deletion.prepare(apply_fn, w_d, (x, y), precision="float16")
+  with pytest.raises(ValueError, match="ids: expected 12"):
+    deletion.prepare(apply_fn, w_d, (x, y), ids=np.arange(3))
+  with pytest.raises(TypeError, match="PreparedState"):
+    deletion.forget({"gram": 1}, apply_fn, w_d, (x[:1], y[:1]))
+  plain = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0)
+  with pytest.raises(ValueError, match="prepared without ids"):
+    deletion.forget(plain, apply_fn, w_d, (x[:1], y[:1]), ids=[100])
+
+
+def test_samples_outside_the_prepared_set_are_detected():
+  apply_fn, w0, w_d, x, y = _problem(3, n=12)
+  st = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0, damping=1e-3)
+  alien = (50 * np.ones((6, 5), np.float32), y[:6])
+  with pytest.raises(F.UnlearningError, match="part of the prepared set"):
+    deletion.forget(st, apply_fn, w_d, alien)

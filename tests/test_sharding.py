@@ -1,0 +1,247 @@
+"""Kernels sharded over several host devices, against one-device references.
+
+JAX fixes its device count when it initialises, so the checks on four CPU
+devices run in a child Python process started with
+``XLA_FLAGS=--xla_force_host_platform_device_count=4``; it prints JSON that
+the tests here assert on.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from fastntk_jax import kernels
+
+_CHILD = textwrap.dedent("""
+    import json
+
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from jax.flatten_util import ravel_pytree
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    from fastntk_jax import kernels
+
+    def apply_fn(params, x):  # 2-layer MLP, 5 -> 7 -> 3
+      h = jnp.tanh(x @ params["w1"] + params["b1"])
+      return h @ params["w2"] + params["b2"]
+
+    k = jax.random.split(jax.random.PRNGKey(0), 6)
+    params = {"w1": jax.random.normal(k[0], (5, 7)),
+              "b1": 0.1 * jax.random.normal(k[1], (7,)),
+              "w2": jax.random.normal(k[2], (7, 3)),
+              "b2": jnp.zeros((3,))}
+    x1 = jax.random.normal(k[3], (10, 5))  # 10 samples: not a multiple of 4
+    x2 = jax.random.normal(k[4], (7, 5))
+    r = jax.random.normal(k[5], (10, 3))
+    flat, unravel = ravel_pytree(params)
+    v = jnp.linspace(-1.0, 1.0, flat.shape[0])
+
+    # One-device references: whole-batch jacrev, no blocks, no sharding.
+    def jac(x):
+      return jax.jacrev(lambda f: apply_fn(unravel(f), x).reshape(-1))(flat)
+    j1, j2 = np.asarray(jac(x1)), np.asarray(jac(x2))
+    ref = {"ntk11": j1 @ j1.T, "ntk12": j1 @ j2.T, "jacobian": j1,
+           "gram_a": j1.T @ j1, "gram_b": j1.T @ np.asarray(r).reshape(-1),
+           "jvp": (j1 @ np.asarray(v)).reshape(10, 3),
+           "vjp": j1.T @ np.asarray(r).reshape(-1),
+           "predict": np.asarray(apply_fn(params, x1))}
+
+    def devices(a):
+      return len(a.sharding.device_set)
+
+    def spec(a):
+      s = a.sharding
+      return list(s.spec) if isinstance(s, NamedSharding) else None
+
+    def run(mesh, block_size):
+      kw = dict(block_size=block_size, mesh=mesh)
+      a, b = kernels.gram(apply_fn, params, x1, r, **kw)
+      a0, b0 = kernels.gram(apply_fn, params, x1, **kw)
+      g = kernels.vjp(apply_fn, params, x1, r, **kw)
+      got = {
+          "ntk11": kernels.ntk(apply_fn, params, x1, **kw),
+          "ntk12": kernels.ntk(apply_fn, params, x1, x2, **kw),
+          "jacobian": kernels.jacobian(apply_fn, params, x1, **kw),
+          "gram_a": a, "gram_b": b,
+          "jvp": kernels.jvp(apply_fn, params, x1, unravel(v), **kw),
+          "vjp": ravel_pytree(g)[0],
+          "predict": kernels.predict(apply_fn, params, x1,
+                                     block_size=block_size or 256, mesh=mesh),
+      }
+      close = {name: bool(np.allclose(
+          np.asarray(got[name]), ref[name], rtol=1e-5,
+          atol=1e-6 * float(np.abs(ref[name]).max()))) for name in ref}
+      blocks = list(kernels._jac_blocks(apply_fn, params, x1, block_size,
+                                        mesh=mesh))
+      first = blocks[0][2]
+      padded = next(kernels._padded_jac_blocks(
+          apply_fn, params, x1, block_size, kernels._resolve_mesh(mesh)))[2]
+      return {
+          "close": close,
+          "gram_without_r": bool(b0 is None and np.allclose(
+              np.asarray(a0), np.asarray(a), rtol=1e-6)),
+          "block_rows": [int(blk.shape[0]) for _, _, blk in blocks],
+          "block_devices": devices(first), "block_spec": spec(first),
+          "padded_devices": devices(padded), "padded_spec": spec(padded),
+          "gram_devices": devices(a), "gram_spec": spec(a),
+          "vjp_devices": devices(jax.tree_util.tree_leaves(g)[0]),
+      }
+
+    mesh = kernels.default_mesh()
+    out = {"n_devices": jax.local_device_count(),
+           "default_axes": list(mesh.axis_names), "default_size": mesh.size,
+           "default": {str(bs): run(None, bs) for bs in (4, None)},
+           "two": run(Mesh(np.array(jax.local_devices()[:2]), ("data",)), 3)}
+
+    # The neural-tangents block function itself, on a block split over rows.
+    fn = kernels._ntk_block_fn(apply_fn, 1)
+    rows, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    kb = fn(jax.device_put(x1[:8], rows), jax.device_put(x1[:8], whole),
+            jax.device_put(params, whole))
+    out["ntk_block_spec"] = spec(kb)
+    out["ntk_block_devices"] = devices(kb)
+
+    # unlearn() (every solver), deletion requests and the CG operator on four
+    # devices against the same calls on a one-device mesh.
+    import fastntk_jax as F
+    from fastntk_jax import cg, deletion
+    one = Mesh(np.array(jax.local_devices()[:1]), ("data",))
+    y = np.arange(10) % 3
+    w_d = jax.tree_util.tree_map(lambda a: a * 1.05 + 0.01, params)
+    def rel(a, b):
+      a = np.asarray(ravel_pytree(jax.device_get(a))[0], np.float64)
+      b = np.asarray(ravel_pytree(jax.device_get(b))[0], np.float64)
+      return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+    out["unlearn_rel"], out["unlearn_moved"] = {}, {}
+    for solver in ("dual", "primal", "cg"):
+      kw = dict(init_params=params, damping=0.5, solver=solver, block_size=4,
+                cg_tol=1e-6)
+      got = F.unlearn(apply_fn, w_d, (x1[3:], y[3:]), (x1[:3], y[:3]), **kw)
+      ref1 = F.unlearn(apply_fn, w_d, (x1[3:], y[3:]), (x1[:3], y[:3]),
+                       mesh=one, **kw)
+      out["unlearn_rel"][solver] = rel(got.params, ref1.params)
+      out["unlearn_moved"][solver] = rel(w_d, ref1.params)
+    st = deletion.prepare(apply_fn, w_d, (x1, y), init_params=params,
+                          block_size=4)
+    st1 = deletion.prepare(apply_fn, w_d, (x1, y), init_params=params,
+                           block_size=4, mesh=one)
+    d4 = deletion.forget(st, apply_fn, w_d, (x1[:3], y[:3]), block_size=4)
+    d1 = deletion.forget(st1, apply_fn, w_d, (x1[:3], y[:3]), block_size=4,
+                         mesh=one)
+    out["deletion_rel"] = rel(d4.params, d1.params)
+    out["deletion_gram_devices"] = devices(st.gram)
+    mv = cg.gauss_newton_matvec(apply_fn, params, x1, block_size=4)(v)
+    out["cg_matvec_close"] = bool(np.allclose(
+        np.asarray(mv), ref["gram_a"] @ np.asarray(v), rtol=1e-5,
+        atol=1e-6 * float(np.abs(ref["gram_a"] @ np.asarray(v)).max())))
+
+    try:
+      kernels.gram(apply_fn, params, x1,
+                   mesh=Mesh(np.array(jax.local_devices()).reshape(2, 2),
+                             ("data", "model")))
+      out["two_axes_error"] = None
+    except ValueError as e:
+      out["two_axes_error"] = str(e)
+    print(json.dumps(out))
+""")
+
+
+@pytest.fixture(scope="module")
+def four_devices():
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  proc = subprocess.run([sys.executable, "-c", _CHILD], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_default_mesh_is_all_local_devices(four_devices):
+  assert four_devices["n_devices"] == 4
+  assert four_devices["default_axes"] == ["data"]
+  assert four_devices["default_size"] == 4
+
+
+@pytest.mark.parametrize("block_size", ["4", "None"])
+def test_sharded_kernels_match_one_device_reference(four_devices, block_size):
+  got = four_devices["default"][block_size]
+  assert got["close"] == {name: True for name in got["close"]}, got["close"]
+  assert got["gram_without_r"]
+
+
+def test_work_is_sharded_over_four_devices(four_devices):
+  got = four_devices["default"]["4"]
+  # 10 samples, blocks of 4 (4 + 4 + 2): full blocks stay split over rows.
+  assert got["block_rows"] == [12, 12, 6]
+  assert got["block_devices"] == 4 and got["block_spec"] == ["data"]
+  # JᵀJ over a row-split J: reduced by XLA, replicated on every device.
+  assert got["gram_devices"] == 4 and got["gram_spec"] == []
+  assert got["vjp_devices"] == 4
+  # Automatic blocks: all 10 samples fit, padded to 12 = 3 per device.
+  auto = four_devices["default"]["None"]
+  assert auto["block_rows"] == [30]
+  assert auto["padded_devices"] == 4 and auto["padded_spec"] == ["data"]
+  assert four_devices["ntk_block_devices"] == 4
+  assert four_devices["ntk_block_spec"][0] == "data"
+
+
+def test_explicit_two_device_mesh(four_devices):
+  got = four_devices["two"]
+  assert got["close"] == {name: True for name in got["close"]}, got["close"]
+  # block_size 3 is rounded up to 4, two samples per device.
+  assert got["block_rows"] == [12, 12, 6]
+  assert got["block_devices"] == 2 and got["block_spec"] == ["data"]
+  assert got["gram_devices"] == 2
+
+
+def test_unlearn_and_deletion_requests_on_four_devices(four_devices):
+  for solver, gap in four_devices["unlearn_rel"].items():
+    assert four_devices["unlearn_moved"][solver] > 1e-2
+    assert gap < (1e-4 if solver == "cg" else 1e-5), (solver, gap)
+  assert four_devices["deletion_rel"] < 1e-5
+  assert four_devices["deletion_gram_devices"] == 4
+  assert four_devices["cg_matvec_close"]
+
+
+def test_two_axis_mesh_is_rejected(four_devices):
+  assert "mesh" in four_devices["two_axes_error"]
+
+
+def _tiny():
+  params = {"w": np.ones((3, 2), np.float32)}
+  return (lambda p, x: x @ p["w"]), params, np.ones((4, 3), np.float32)
+
+
+@pytest.mark.parametrize("fn_name", ["ntk", "jacobian", "gram", "predict"])
+def test_mesh_that_is_not_a_mesh_raises(fn_name):
+  apply_fn, params, x = _tiny()
+  with pytest.raises(TypeError, match="mesh"):
+    getattr(kernels, fn_name)(apply_fn, params, x, mesh="data")
+
+
+def test_mesh_with_another_axis_name_raises():
+  apply_fn, params, x = _tiny()
+  bad = Mesh(np.array(jax.local_devices()[:1]), ("batch",))
+  with pytest.raises(ValueError, match="mesh"):
+    kernels.jvp(apply_fn, params, x, params, mesh=bad)
+  with pytest.raises(ValueError, match="mesh"):
+    kernels.vjp(apply_fn, params, x, np.ones((4, 2), np.float32), mesh=bad)
+
+
+def test_one_device_mesh_matches_no_mesh():
+  apply_fn, params, x = _tiny()
+  if jax.local_device_count() == 1:
+    assert kernels.default_mesh() is None  # nothing changes on one device
+  one = Mesh(np.array(jax.local_devices()[:1]), ("data",))
+  np.testing.assert_array_equal(
+      kernels.jacobian(apply_fn, params, x, mesh=one),
+      kernels.jacobian(apply_fn, params, x))
