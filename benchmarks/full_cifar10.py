@@ -130,7 +130,7 @@ def main(argv=None):
 
   x, x_te = stage("preprocess", preprocess)
   y, y_te = tr.y[take], te.y[tk]
-  del tr, te
+  tr = te = None  # free the uint8 copies
   out["num_params"] = int(ravel_pytree(model.init_params)[0].shape[0])
   out["pretrained_backbone"] = bool(pretrained)
   out["n_train"], out["n_test"] = int(len(y)), int(len(y_te))

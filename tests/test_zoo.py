@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from fastntk_jax import checkpoint, peft, zoo
+from fastntk_jax import checkpoint, zoo
 
 
 def test_registry_names_and_errors():
