@@ -126,6 +126,12 @@ def _check_finite_tree(name: str, tree) -> None:
       raise ValueError(f"{name}: contains NaN or infinite values.")
 
 
+def _check_positive_int_or_none(name: str, value) -> None:
+  if value is not None and (isinstance(value, bool) or int(value) != value
+                            or value < 1):
+    raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
+
+
 def _dense_bytes(solver: str, n: int, c: int, p: int, itemsize: int,
                  damping: float = 1.0, precision_itemsize: int = 8) -> int:
   """Memory of a solver's dense matrices (its dominant term).
@@ -283,22 +289,14 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
     raise ValueError(f"implementation must be 1 or 2, got {implementation!r}.")
   if rcond is not None and not (math.isfinite(float(rcond)) and rcond >= 0):
     raise ValueError(f"rcond must be a finite float ≥ 0 or None, got {rcond}.")
-  if block_size is not None and (isinstance(block_size, bool) or
-                                 int(block_size) != block_size or
-                                 block_size < 1):
-    raise ValueError(f"block_size must be a positive int or None, got "
-                     f"{block_size!r}.")
+  _check_positive_int_or_none("block_size", block_size)
   mesh = kernels._resolve_mesh(mesh)
   if precision not in _PRECISIONS:
     raise ValueError(f"precision must be one of {tuple(_PRECISIONS)}, got "
                      f"{precision!r}.")
   if not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
     raise ValueError(f"cg_tol must be a float in (0, 1), got {cg_tol!r}.")
-  if cg_max_steps is not None and (isinstance(cg_max_steps, bool) or
-                                   int(cg_max_steps) != cg_max_steps or
-                                   cg_max_steps < 1):
-    raise ValueError(f"cg_max_steps must be a positive int or None, got "
-                     f"{cg_max_steps!r}.")
+  _check_positive_int_or_none("cg_max_steps", cg_max_steps)
   if isinstance(memory_budget, bool) or not isinstance(
       memory_budget, (int, np.integer)) or memory_budget <= 0:
     raise ValueError(f"memory_budget must be a positive number of bytes, got "
