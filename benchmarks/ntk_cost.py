@@ -146,7 +146,7 @@ def _inputs(model: str, n: int, seed: int):
 
 
 def _time_kernel(apply_fn, params, x, *, block: int, implementation: int,
-                 repeats: int):
+                 repeats: int, kernel: str = "nt"):
   """Times the kernel: a first call (compiles), then ``repeats`` calls.
 
   Returns:
@@ -160,7 +160,8 @@ def _time_kernel(apply_fn, params, x, *, block: int, implementation: int,
 
   def call():
     return jax.block_until_ready(kernels.ntk(
-        apply_fn, params, x, block_size=block, implementation=implementation))
+        apply_fn, params, x, block_size=block, implementation=implementation,
+        reuse_jacobians=(kernel == "jacobians")))
 
   with timing.measure() as first:
     k = call()
@@ -205,7 +206,7 @@ def _check(apply_fn, params, x, k, c: int) -> dict:
 
 def measure(*, model: str, n: int, pytree: str, implementation: int,
             repeats: int, seed: int, block_size: int | None, num_prompts: int,
-            check: bool = True) -> dict:
+            check: bool = True, kernel: str = "nt") -> dict:
   """One measurement (runs inside the child process).
 
   Returns:
@@ -223,7 +224,7 @@ def measure(*, model: str, n: int, pytree: str, implementation: int,
   base_dev = _device_memory()
   k, first, later, peak_first, peak_rss = _time_kernel(
       m.apply_fn, m.init_params, x, block=block, implementation=implementation,
-      repeats=repeats)
+      repeats=repeats, kernel=kernel)
   dev = _device_memory()
   run = statistics.median(later)
   row = {
@@ -465,6 +466,12 @@ def _measure_one(args, env, job: dict) -> dict:
 def _config(args, env: dict) -> dict:
   return {"models": args.models, "n": sorted(set(args.n)),
           "implementations": args.implementations, "repeats": args.repeats,
+          "kernel": {"nt": "neural-tangents empirical_ntk_fn per pair of "
+                           "blocks (Jacobians of both sides computed in "
+                           "each call)",
+                     "jacobians": "kernels.ntk(reuse_jacobians=True): each "
+                                  "block's Jacobian once, kept, J Jᵀ"}[
+                                      args.kernel],
           "seed": args.seed, "num_prompts": args.num_prompts,
           "num_classes": NUM_CLASSES, "check": not args.no_check,
           "block_size": args.block_size or "N (one block)",
@@ -535,7 +542,8 @@ def sweep(args) -> dict:
       job = {"model": model, "n": n, "pytree": pytree,
              "implementation": impl, "repeats": args.repeats,
              "seed": args.seed, "block_size": args.block_size,
-             "num_prompts": args.num_prompts, "check": not args.no_check}
+             "num_prompts": args.num_prompts, "check": not args.no_check,
+             "kernel": args.kernel}
       if pytree in stop:
         row = {**job, f"skipped_after_{stop[pytree]}": True}
       else:
@@ -585,6 +593,10 @@ def parse_args(argv=None):
   ap.add_argument("--implementations", type=int, nargs="+", default=[1],
                   choices=[1, 2], help="neural-tangents NTK implementation: "
                   "1 Jacobian contraction, 2 NTK-vector products")
+  ap.add_argument("--kernel", choices=("nt", "jacobians"), default="nt",
+                  help="nt: neural-tangents' kernel per pair of blocks "
+                       "(default); jacobians: kernels.ntk(reuse_jacobians="
+                       "True), each Jacobian once, then J Jᵀ")
   ap.add_argument("--repeats", type=int, default=3,
                   help="timed calls after the first (median reported)")
   ap.add_argument("--block-size", type=int, default=None,

@@ -124,7 +124,10 @@ def device_line(result: dict) -> str:
 
 
 def _config_line(cfg: dict) -> str:
-  return (f"Block size {cfg.get('block_size', '?')}, float32, "
+  kernel = cfg.get("kernel", "neural-tangents empirical_ntk_fn per pair of "
+                   "blocks")
+  return (f"Kernel: {kernel}. Block size {cfg.get('block_size', '?')}, "
+          "float32, "
           f"{cfg.get('repeats', '?')} timed call(s) after a compiling first "
           f"call (median shown), memory cap {cfg.get('mem_cap_gib', '?')} GiB "
           f"RSS, timeout {cfg.get('timeout_s', '?')} s; "

@@ -194,6 +194,18 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
   cfg2 = bench.resolve({**TINY, "method": {"ga": {"epochs": 2}}})
   bench.run_experiment(cfg2, out, progress=False)
   assert calls == ["ga"]
+  # Another seed in the same directory extends the record instead of
+  # replacing it: config, manifest and results cover seeds 0 and 1.
+  calls.clear()
+  res = bench.run_experiment(bench.resolve({**TINY, "seeds": [1],
+                                            "methods": ["full"]}), out,
+                             progress=False)
+  assert calls == ["full"]
+  assert res["seeds"] == [0, 1]
+  assert res["methods"]["full"]["num_seeds"] == 2
+  assert set(json.loads((out / "manifest.json").read_text())["forget"]) == {
+      "0", "1"}
+  assert json.loads((out / "config.json").read_text())["seeds"] == [0, 1]
   # Another configuration in the same directory is refused.
   with pytest.raises(bench.ConfigError, match="different configuration"):
     bench.run_experiment(bench.resolve({**TINY, "data": {

@@ -39,19 +39,51 @@ def test_peft_is_batchnorm_and_head(resnet):
   assert peft.count_params(w) == 1376 + 650  # BN scale+shift, head 64x10+10
 
 
-@pytest.mark.parametrize("implementation", [1, 2])
-def test_ntk_matches_explicit_jacobians(resnet, implementation):
+@pytest.mark.parametrize("implementation,reuse", [(1, False), (2, False),
+                                                   (1, True)])
+def test_ntk_matches_explicit_jacobians(resnet, implementation, reuse):
+  """neural-tangents per pair of blocks (reuse False) and Jacobians computed
+  once and contracted (reuse True) both equal J1 J2ᵀ."""
   apply_fn, w, x1, x2 = resnet
   j1 = _explicit_jacobian(apply_fn, w, x1)
   j2 = _explicit_jacobian(apply_fn, w, x2)
   scale = float(jnp.abs(j1 @ j1.T).max())
-  got12 = kernels.ntk(apply_fn, w, x1, x2, implementation=implementation)
+  got12 = kernels.ntk(apply_fn, w, x1, x2, implementation=implementation,
+                      reuse_jacobians=reuse)
   assert got12.shape == (60, 30)
   np.testing.assert_allclose(got12, j1 @ j2.T, atol=2e-5 * scale)
-  got11 = kernels.ntk(apply_fn, w, x1, block_size=4,
+  got11 = kernels.ntk(apply_fn, w, x1, block_size=4, reuse_jacobians=reuse,
                       implementation=implementation)  # blocks of 4 + 2 (padded)
   np.testing.assert_allclose(got11, j1 @ j1.T, atol=2e-5 * scale)
   np.testing.assert_allclose(got11, got11.T, atol=1e-6 * scale)
+
+
+def test_ntk_reuses_jacobians_only_when_they_fit(resnet, monkeypatch):
+  """Automatic choice: one Jacobian pass per sample when (N1 [+ N2])·C·P
+  numbers fit the budget; otherwise neural-tangents per pair of blocks."""
+  assert kernels.jacobians_fit(100, None, 10, 1000, 4, budget=4_000_000)
+  assert not kernels.jacobians_fit(100, 1, 10, 1000, 4, budget=4_000_000)
+  apply_fn, w, x1, _ = resnet
+  calls = {"jac": 0, "nt": 0}
+  jac, nt = kernels.jacobian, kernels._ntk_block_fn
+
+  def count_jac(*a, **k):
+    calls["jac"] += 1
+    return jac(*a, **k)
+
+  def count_nt(*a, **k):
+    calls["nt"] += 1
+    return nt(*a, **k)
+
+  monkeypatch.setattr(kernels, "jacobian", count_jac)
+  monkeypatch.setattr(kernels, "_ntk_block_fn", count_nt)
+  k_auto = kernels.ntk(apply_fn, w, x1, block_size=2)  # 6·10·2026·4 B: fits
+  assert calls == {"jac": 1, "nt": 0}  # symmetric: one Jacobian serves both
+  monkeypatch.setattr(kernels, "DEFAULT_BLOCK_BYTES", 1000)
+  k_nt = kernels.ntk(apply_fn, w, x1, block_size=2)
+  assert calls == {"jac": 1, "nt": 1}
+  scale = float(jnp.abs(k_nt).max())
+  np.testing.assert_allclose(k_auto, k_nt, atol=2e-5 * scale)
 
 
 def test_jacobian_gram_and_products(resnet):

@@ -5,8 +5,10 @@ shape ``(N, C)``, where ``params`` is the PEFT pytree. Outputs are flattened
 *sample-major*: row ``n * C + c`` is logit ``c`` of sample ``n``.
 
 * :func:`ntk` — the empirical NTK with every logit kept,
-  ``Θ(X1, X2) = J(X1) J(X2)ᵀ`` of shape ``(N1·C, N2·C)``, through
-  neural-tangents, jitted, in blocks of samples so that memory stays bounded.
+  ``Θ(X1, X2) = J(X1) J(X2)ᵀ`` of shape ``(N1·C, N2·C)``: from Jacobians
+  computed once per block and kept whole when they fit in memory, else
+  through neural-tangents' kernel per pair of blocks (memory bounded by the
+  block, Jacobians recomputed per pair).
 * :func:`jacobian` — the explicit ``(N·C, P)`` Jacobian (blocked).
 * :func:`gram` — the parameter-space counterparts ``JᵀJ`` (P×P) and
   ``Jᵀ r`` accumulated over blocks of samples.
@@ -54,6 +56,7 @@ __all__ = [
     "default_mesh",
     "gram",
     "jacobian",
+    "jacobians_fit",
     "jvp",
     "ntk",
     "num_outputs",
@@ -248,8 +251,30 @@ def _ntk_block_fn(apply_fn, implementation: int):
   return jax.jit(fn)
 
 
+def jacobians_fit(n1: int, n2: int | None, c: int, p: int, itemsize: int = 4,
+                  budget: int = DEFAULT_BLOCK_BYTES) -> bool:
+  """Whether :func:`ntk` may hold the Jacobians of ``x1`` (and ``x2``) whole.
+
+  ``(N1 [+ N2])·C·P·itemsize <= budget``; ``n2`` None is the symmetric
+  kernel, whose one Jacobian serves both sides.
+  """
+  rows = n1 + (0 if n2 is None else n2)
+  return rows * c * p * itemsize <= budget
+
+
+@functools.cache
+def _contract_fn(mesh: Mesh | None):
+  """Jitted ``J1 J2ᵀ`` at full float32 precision (no TF32 on GPUs)."""
+  def contract(j1, j2):
+    return jnp.matmul(j1, j2.T, precision=jax.lax.Precision.HIGHEST)
+  if mesh is None:
+    return jax.jit(contract)
+  return jax.jit(contract, out_shardings=NamedSharding(mesh, P()))
+
+
 def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None,
-        implementation: int = 1, mesh: Mesh | None = None) -> jax.Array:
+        implementation: int = 1, mesh: Mesh | None = None,
+        reuse_jacobians: bool | None = None) -> jax.Array:
   """Empirical NTK over ``params`` with every logit kept.
 
   Args:
@@ -269,6 +294,14 @@ def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None
       :func:`default_mesh`. Each ``x1`` block is split over the devices and
       the ``x2`` block and ``params`` are replicated, so every device computes
       its rows of the kernel block.
+    reuse_jacobians: True computes each block's Jacobian once (our
+      ``vmap(jacrev)``, as :func:`jacobian`), keeps them whole and returns
+      ``J1 J2ᵀ`` — ``N1 (+ N2)`` per-sample Jacobians instead of the
+      ``~N1·N2/block`` that neural-tangents' per-pair calls need, at the cost
+      of holding ``(N1 [+ N2])·C·P`` numbers. False always uses
+      neural-tangents' kernel per pair of blocks (``implementation``). None
+      (default): True when :func:`jacobians_fit` within
+      :data:`DEFAULT_BLOCK_BYTES`, else False.
 
   Returns:
     ``Θ`` of shape ``(N1·C, N2·C)``, sample-major:
@@ -278,6 +311,18 @@ def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None
   symmetric = x2 is None
   x1 = jnp.asarray(x1)
   x2 = x1 if symmetric else jnp.asarray(x2)
+  if reuse_jacobians is None:
+    flat, _ = ravel_pytree(params)
+    reuse_jacobians = jacobians_fit(
+        x1.shape[0], None if symmetric else x2.shape[0],
+        num_outputs(apply_fn, params, x1), int(flat.shape[0]),
+        jnp.dtype(flat.dtype).itemsize, budget=DEFAULT_BLOCK_BYTES)
+  if reuse_jacobians:
+    j1 = jacobian(apply_fn, params, x1, block_size=block_size, mesh=mesh)
+    j2 = j1 if symmetric else jacobian(apply_fn, params, x2,
+                                       block_size=block_size, mesh=mesh)
+    k = _contract_fn(mesh)(j1, j2)
+    return 0.5 * (k + k.T) if symmetric else k
   fn = _ntk_block_fn(apply_fn, int(implementation))
   params_r = _replicate(mesh, params)
   block, c, _ = _resolve_block(

@@ -228,8 +228,10 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
       conjugate gradients on ``JᵀJ + λI`` with Jacobian–vector products, for
       when neither dense form fits) or ``"auto"`` (by :func:`choose_solver`).
     rcond: relative eigenvalue cutoff for ``damping=0``.
-    implementation: neural-tangents NTK implementation for the dual kernel:
-      1 (Jacobian contraction) or 2 (NTK-vector products).
+    implementation: neural-tangents NTK implementation for the dual kernel
+      when its Jacobians do not fit in memory (:func:`fastntk_jax.kernels.ntk`
+      otherwise contracts Jacobians computed once): 1 (Jacobian contraction)
+      or 2 (NTK-vector products).
     block_size: samples per block of Jacobian work (None: automatic).
     memory_budget: bytes the dense matrices may take; a solver over it is
       refused before any work starts.

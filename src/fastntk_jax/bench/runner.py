@@ -175,8 +175,21 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
   idx = {s: splits.apply_forget(specs[s], y_tr, class_names)
          for s in cfg["seeds"]}
 
+  # A directory extended with other seeds (``--seeds 2`` after ``--seeds 0
+  # 1``) keeps the earlier seeds' record: config, forget indices, results.
+  saved_cfg = _read_json(out / "config.json") or {}
+  saved_forget = (_read_json(out / "manifest.json") or {}).get("forget", {})
+  all_seeds = list(dict.fromkeys(
+      [int(s) for s in saved_cfg.get("seeds", [])] + list(cfg["seeds"])))
+  forget_record = {str(s): v for s, v in saved_forget.items()
+                   if int(s) in all_seeds}
+  forget_record.update({str(s): {"spec": str(specs[s]),
+                                 "forget_indices": idx[s][1].tolist()}
+                        for s in cfg["seeds"]})
+  cfg_all = {**cfg, "seeds": all_seeds}
+
   out.mkdir(parents=True, exist_ok=True)
-  _write_json(out / "config.json", {**cfg, "_hash": config_hash(cfg)})
+  _write_json(out / "config.json", {**cfg_all, "_hash": config_hash(cfg)})
   _write_json(out / "manifest.json", {
       "source": source, "class_names": list(class_names),
       "selection": {k: cfg["data"][k] for k in
@@ -187,9 +200,7 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
                 "labels": y_tr.tolist()},
       "test": {"num": len(y_te), "images_sha256": _digest(x_te),
                "labels_sha256": _digest(y_te.astype(np.int32))},
-      "forget": {str(s): {"spec": str(specs[s]),
-                          "forget_indices": idx[s][1].tolist()}
-                 for s in cfg["seeds"]},
+      "forget": dict(sorted(forget_record.items(), key=lambda kv: int(kv[0]))),
   })
 
   prep = jax.jit(zoo.preprocess_fn(m["name"]))
@@ -215,7 +226,7 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
                 idx[s], specs[s], num_classes, bar, log)
   finally:
     bar.close()
-  results = report.aggregate(out, cfg, environment())
+  results = report.aggregate(out, cfg_all, environment())
   report.write_all(out, results)
   return results
 
