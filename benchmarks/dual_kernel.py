@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ntk_cost  # noqa: E402  (same model and input preparation)
 
-from fastntk_jax import _io, _nt, kernels, timing, zoo  # noqa: E402
+from fastntk_jax import _io, _nt, kernels, timing  # noqa: E402
 from fastntk_jax._env import environment  # noqa: E402
 
 
