@@ -50,6 +50,7 @@ _CHILD = textwrap.dedent("""
       return jax.jacrev(lambda f: apply_fn(unravel(f), x).reshape(-1))(flat)
     j1, j2 = np.asarray(jac(x1)), np.asarray(jac(x2))
     ref = {"ntk11": j1 @ j1.T, "ntk12": j1 @ j2.T, "jacobian": j1,
+           "ntk11_nt": j1 @ j1.T, "ntk12_nt": j1 @ j2.T,
            "gram_a": j1.T @ j1, "gram_b": j1.T @ np.asarray(r).reshape(-1),
            "jvp": (j1 @ np.asarray(v)).reshape(10, 3),
            "vjp": j1.T @ np.asarray(r).reshape(-1),
@@ -70,6 +71,10 @@ _CHILD = textwrap.dedent("""
       got = {
           "ntk11": kernels.ntk(apply_fn, params, x1, **kw),
           "ntk12": kernels.ntk(apply_fn, params, x1, x2, **kw),
+          "ntk11_nt": kernels.ntk(apply_fn, params, x1, reuse_jacobians=False,
+                                  **kw),
+          "ntk12_nt": kernels.ntk(apply_fn, params, x1, x2,
+                                  reuse_jacobians=False, **kw),
           "jacobian": kernels.jacobian(apply_fn, params, x1, **kw),
           "gram_a": a, "gram_b": b,
           "jvp": kernels.jvp(apply_fn, params, x1, unravel(v), **kw),
