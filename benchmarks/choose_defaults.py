@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -28,16 +27,14 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import fastntk_jax as F
-from fastntk_jax import data, kernels, metrics, setups, train, update
+from fastntk_jax import _io, data, kernels, metrics, setups, train, update
 from fastntk_jax.models import normalize_cifar
 from fastntk_jax.unlearn import _residuals
 
 
 def atomic_json(path: Path, obj) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
+  text = json.dumps(obj, indent=1)
+  _io.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def run_seed(seed, args, x, y, xt, yt):

@@ -37,8 +37,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fastntk_jax import data, deletion, kernels, timing, train, unlearn, zoo
-from fastntk_jax._env import environment
+from fastntk_jax import (_io, data, deletion, kernels, timing, train, unlearn,
+                         zoo)
+from fastntk_jax._env import environment, request_host_devices
 
 
 def _peak_rss_gib() -> float:
@@ -67,22 +68,8 @@ def _rel(a, b) -> float:
 
 
 def _write(path: Path, obj) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix(path.suffix + ".tmp")
-  tmp.write_text(json.dumps(obj, indent=1))
-  os.replace(tmp, path)
-
-
-def _set_host_devices(k: int) -> None:
-  """Asks XLA for ``k`` CPU devices; must run before JAX starts a backend."""
-  flag = "--xla_force_host_platform_device_count"
-  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
-          if not f.startswith(flag)]
-  os.environ["XLA_FLAGS"] = " ".join(kept + [f"{flag}={k}"])
-  got = len(jax.devices("cpu"))
-  if got != k:
-    raise SystemExit(f"--host-devices {k}: JAX had already started with {got} "
-                     "CPU device(s); set XLA_FLAGS before starting Python.")
+  text = json.dumps(obj, indent=1)
+  _io.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def main(argv=None):
@@ -110,7 +97,10 @@ def main(argv=None):
     ap.error("--request must be >= 1 and --n-train >= 100")
   if args.host_devices < 1:
     ap.error("--host-devices must be >= 1")
-  _set_host_devices(args.host_devices)
+  try:
+    request_host_devices(args.host_devices)
+  except RuntimeError as e:
+    raise SystemExit(f"--host-devices: {e}")
 
   t_start = time.perf_counter()
   out = {"benchmark": "full_cifar10", **environment(),

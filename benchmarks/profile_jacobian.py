@@ -18,13 +18,6 @@ from pathlib import Path
 N = 1024
 
 
-def _set_host_devices(k: int) -> None:
-  flag = "--xla_force_host_platform_device_count"
-  kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
-          if not f.startswith(flag)]
-  os.environ["XLA_FLAGS"] = " ".join(kept + [f"{flag}={k}"])
-
-
 def main(argv=None) -> dict:
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--host-devices", type=int, default=1,
@@ -34,7 +27,8 @@ def main(argv=None) -> dict:
   args = ap.parse_args(argv)
   if args.host_devices < 1 or args.block < 1 or N % args.block:
     ap.error(f"--host-devices >= 1 and --block dividing {N}")
-  _set_host_devices(args.host_devices)
+  from fastntk_jax._env import request_host_devices
+  request_host_devices(args.host_devices)
 
   import jax
   import jax.numpy as jnp

@@ -22,7 +22,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import fastntk_jax as F
-from fastntk_jax import data, metrics, setups, train
+from fastntk_jax import _io, data, metrics, setups, train
 from fastntk_jax.models import normalize_cifar
 
 
@@ -59,10 +59,8 @@ def main(argv=None):
                     "n_forget": len(forget[1]), "num_params": int(flat_d.shape[0])},
          "relative_difference_dual_vs_primal": rel, "runs": runs}
   print(json.dumps(out, indent=1))
-  args.out.parent.mkdir(parents=True, exist_ok=True)
-  tmp = args.out.with_suffix(".json.tmp")
-  tmp.write_text(json.dumps(out, indent=1))
-  os.replace(tmp, args.out)
+  text = json.dumps(out, indent=1)
+  _io.atomic_write(args.out, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

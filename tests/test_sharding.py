@@ -250,3 +250,22 @@ def test_one_device_mesh_matches_no_mesh():
   np.testing.assert_array_equal(
       kernels.jacobian(apply_fn, params, x, mesh=one),
       kernels.jacobian(apply_fn, params, x))
+
+
+def test_request_host_devices_refuses_once_jax_has_started():
+  """In this process JAX already runs with one CPU device: the request for
+  another number must fail with the fix, and the current number succeeds."""
+  from fastntk_jax._env import request_host_devices
+  before = os.environ.get("XLA_FLAGS")
+  try:
+    n = len(jax.devices("cpu"))
+    assert request_host_devices(n) == n
+    with pytest.raises(RuntimeError, match="before any JAX computation"):
+      request_host_devices(n + 1)
+    with pytest.raises(ValueError, match=">= 1"):
+      request_host_devices(0)
+  finally:
+    if before is None:
+      os.environ.pop("XLA_FLAGS", None)
+    else:
+      os.environ["XLA_FLAGS"] = before
