@@ -105,6 +105,62 @@ def test_jacobian_gram_and_products(resnet):
   np.testing.assert_allclose(jtu, want, atol=2e-5 * float(jnp.abs(want).max()))
 
 
+def test_gram_with_residuals_from_its_own_pass(resnet):
+  """r a function of the block's logits: one pass gives JᵀJ, Jᵀ r(f(x), y)
+  and the logits, padding included (6 samples in blocks of 4)."""
+  apply_fn, w, x1, _ = resnet
+  ref = _explicit_jacobian(apply_fn, w, x1)
+  logits = apply_fn(w, x1)
+  y = jnp.asarray([3, 1, 4, 1, 5, 9])
+
+  def res(f, t):
+    return jax.nn.softmax(f) - jax.nn.one_hot(t, 10, dtype=f.dtype)
+
+  want_b = ref.T @ res(logits, y).reshape(-1)
+  for precision in ("float32", "float64"):
+    a, b, f = kernels.gram(apply_fn, w, x1, res, y=y, block_size=4,
+                           precision=precision, return_outputs=True)
+    assert a.dtype == np.dtype(precision) and f.shape == (6, 10)
+    np.testing.assert_allclose(f, logits, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a, ref.T @ ref,
+                               atol=2e-5 * float(jnp.abs(ref.T @ ref).max()))
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(a).T)
+    np.testing.assert_allclose(b, want_b, atol=2e-5 * float(jnp.abs(want_b).max()))
+  # Without r: no gradient, and the logits still come back.
+  a0, b0, f0 = kernels.gram(apply_fn, w, x1, block_size=4, return_outputs=True)
+  assert b0 is None
+  np.testing.assert_allclose(f0, logits, rtol=1e-5, atol=1e-5)
+
+
+def test_gram_rejects_inconsistent_targets(resnet):
+  apply_fn, w, x1, _ = resnet
+  res = lambda f, t: f
+  with pytest.raises(ValueError, match="y:.*pass the per-sample targets"):
+    kernels.gram(apply_fn, w, x1, res)
+  with pytest.raises(ValueError, match="y must have one row per sample"):
+    kernels.gram(apply_fn, w, x1, res, y=jnp.zeros(5, jnp.int32))
+  with pytest.raises(ValueError, match="y is only used with a function r"):
+    kernels.gram(apply_fn, w, x1, jnp.zeros((6, 10)), y=jnp.zeros(6))
+
+
+def test_automatic_jacobian_blocks_are_small_on_cpu(resnet):
+  """On CPU, automatic Jacobian blocks stop at CPU_BLOCK_PER_DEVICE samples
+  per device (faster there); the neural-tangents pair blocks do not."""
+  apply_fn, w, _, _ = resnet
+  assert jax.devices()[0].platform == "cpu"
+  x = jnp.zeros((64, 32, 32, 3))
+  fn = kernels._jac_block_fn(apply_fn)
+  block, _, _ = kernels._resolve_block(apply_fn, w, x, None, "jac", fn,
+                                       lambda xb: (w, xb))
+  assert block == kernels.CPU_BLOCK_PER_DEVICE
+  nt = kernels._ntk_block_fn(apply_fn, 1)
+  block_nt, _, _ = kernels._resolve_block(apply_fn, w, x, None, "ntk", nt,
+                                          lambda xb: (xb, xb, w))
+  assert block_nt > kernels.CPU_BLOCK_PER_DEVICE
+  assert kernels._resolve_block(apply_fn, w, x, 48, "jac", fn,
+                                lambda xb: (w, xb))[0] == 48  # explicit wins
+
+
 def test_train_mode_batchnorm_couples_samples(resnet):
   """Why the kernels need inference-mode BatchNorm: in training mode a
   sample's logits change when another sample of the batch changes."""

@@ -42,6 +42,11 @@ _CHILD = textwrap.dedent("""
     x1 = jax.random.normal(k[3], (10, 5))  # 10 samples: not a multiple of 4
     x2 = jax.random.normal(k[4], (7, 5))
     r = jax.random.normal(k[5], (10, 3))
+    t = np.arange(10) % 3
+
+    def res_fn(logits, tb):  # residuals from the logits of the same pass
+      return logits - jax.nn.one_hot(tb, 3, dtype=logits.dtype)
+
     flat, unravel = ravel_pytree(params)
     v = jnp.linspace(-1.0, 1.0, flat.shape[0])
 
@@ -55,6 +60,9 @@ _CHILD = textwrap.dedent("""
            "jvp": (j1 @ np.asarray(v)).reshape(10, 3),
            "vjp": j1.T @ np.asarray(r).reshape(-1),
            "predict": np.asarray(apply_fn(params, x1))}
+    ref["gram_fn_a"] = ref["gram_a"]
+    ref["gram_fn_b"] = j1.T @ (ref["predict"] - np.eye(3)[t]).reshape(-1)
+    ref["gram_fn_logits"] = ref["predict"]
 
     def devices(a):
       return len(a.sharding.device_set)
@@ -68,7 +76,10 @@ _CHILD = textwrap.dedent("""
       a, b = kernels.gram(apply_fn, params, x1, r, **kw)
       a0, b0 = kernels.gram(apply_fn, params, x1, **kw)
       g = kernels.vjp(apply_fn, params, x1, r, **kw)
+      fa, fb, fl = kernels.gram(apply_fn, params, x1, res_fn, y=t,
+                                return_outputs=True, precision="float64", **kw)
       got = {
+          "gram_fn_a": fa, "gram_fn_b": fb, "gram_fn_logits": fl,
           "ntk11": kernels.ntk(apply_fn, params, x1, **kw),
           "ntk12": kernels.ntk(apply_fn, params, x1, x2, **kw),
           "ntk11_nt": kernels.ntk(apply_fn, params, x1, reuse_jacobians=False,
@@ -114,6 +125,18 @@ _CHILD = textwrap.dedent("""
             jax.device_put(params, whole))
     out["ntk_block_spec"] = spec(kb)
     out["ntk_block_devices"] = devices(kb)
+
+    # The Gram pass: per-device terms, no collective inside a block.
+    gfn = kernels._gram_block_fn(apply_fn, res_fn, mesh)
+    args = (jax.device_put(params, whole), jax.device_put(x1[:8], rows),
+            jax.device_put(t[:8], rows), jax.device_put(np.ones(8), rows))
+    _, g_a, g_b = gfn(*args)
+    hlo = gfn.lower(*args).compile().as_text()
+    out["gram_block"] = {"shape": list(g_a.shape), "spec": spec(g_a),
+                         "devices": devices(g_a),
+                         "collectives": [op for op in ("all-reduce",
+                                         "all-gather", "reduce-scatter",
+                                         "all-to-all") if op in hlo]}
 
     # unlearn() (every solver), deletion requests and the CG operator on four
     # devices against the same calls on a one-device mesh.
@@ -197,6 +220,16 @@ def test_work_is_sharded_over_four_devices(four_devices):
   assert auto["padded_devices"] == 4 and auto["padded_spec"] == ["data"]
   assert four_devices["ntk_block_devices"] == 4
   assert four_devices["ntk_block_spec"][0] == "data"
+
+
+def test_gram_pass_keeps_one_partial_sum_per_device(four_devices):
+  """Each device contracts its own rows of a block: the block's JᵀJ terms come
+  out as (devices, P, P) split along the devices, and the compiled block pass
+  holds no collective (the sums are reduced once, after the last block)."""
+  got = four_devices["gram_block"]
+  assert got["shape"] == [4, 5 * 7 + 7 + 7 * 3 + 3, 5 * 7 + 7 + 7 * 3 + 3]
+  assert got["spec"][0] == "data" and got["devices"] == 4
+  assert got["collectives"] == []
 
 
 def test_explicit_two_device_mesh(four_devices):

@@ -50,6 +50,7 @@ from fastntk_jax.unlearn import _check_finite_tree
 from fastntk_jax.unlearn import _check_split
 from fastntk_jax.unlearn import _residuals
 from fastntk_jax.unlearn import DEFAULT_DAMPING
+from fastntk_jax.unlearn import RESIDUAL_FNS
 from fastntk_jax.unlearn import UnlearningError
 
 __all__ = ["DeletionResult", "PreparedState", "forget", "prepare"]
@@ -180,13 +181,13 @@ def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
                      f"[{y.min()}, {y.max()}].")
   mesh = kernels._resolve_mesh(mesh)
   lin = params if init_params is None else init_params
-  f0 = kernels.predict(apply_fn, lin, x, mesh=mesh)
+  # One pass: the logits at the linearisation point, residuals and Grams.
+  a, g, f0 = kernels.gram(apply_fn, lin, x, RESIDUAL_FNS[loss], y=y,
+                          precision=precision, block_size=block_size,
+                          mesh=mesh, return_outputs=True)
   if not bool(jnp.all(jnp.isfinite(f0))):
     raise ValueError("apply_fn returns NaN or infinite logits at the "
                      "linearisation point.")
-  r = _residuals(f0, y, loss).reshape(-1, c)
-  a, g = kernels.gram(apply_fn, lin, x, r, precision=precision,
-                      block_size=block_size, mesh=mesh)
   with kernels.precision_scope(precision):
     chol = _cholesky(a, damping)
     ok = bool(jnp.all(jnp.isfinite(chol)))
@@ -288,10 +289,11 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
   # ---- work ∝ |D_f| --------------------------------------------------------
   mesh = kernels._resolve_mesh(mesh)
   lin = state.lin_params
-  f0 = kernels.predict(apply_fn, lin, x_f, mesh=mesh)
+  a_f, g_f, f0 = kernels.gram(apply_fn, lin, x_f, RESIDUAL_FNS[state.loss],
+                              y=y_f, precision=state.precision,
+                              block_size=block_size, mesh=mesh,
+                              return_outputs=True)
   r_f = _residuals(f0, y_f, state.loss).reshape(n_f, -1)
-  a_f, g_f = kernels.gram(apply_fn, lin, x_f, r_f, precision=state.precision,
-                          block_size=block_size, mesh=mesh)
   with kernels.precision_scope(state.precision):
     # Everything on the request's devices (the state may come from another
     # mesh, or from a checkpoint on the host).

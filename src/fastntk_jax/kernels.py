@@ -28,9 +28,15 @@ with axis ``"data"``; None means :func:`default_mesh` (all local devices when
 there are several, else none). Each block of samples is placed with
 ``NamedSharding(mesh, P("data"))`` along the sample axis and the parameters
 are replicated; the jitted block functions then run SPMD over the devices and
-XLA inserts the collectives (e.g. the all-reduce that makes :func:`gram`'s
-``JᵀJ`` replicated). Block sizes are rounded up to a multiple of the number of
-devices; padded samples never contribute. On one device nothing changes.
+XLA inserts the collectives (e.g. the all-reduce of :func:`vjp`'s ``Jᵀu``).
+:func:`gram` instead keeps one partial sum per device (``jax.shard_map``) and
+reduces them once, after the last block. Block sizes are rounded up to a
+multiple of the number of devices; padded samples never contribute. On one
+device nothing changes.
+
+Automatic block sizes fit :data:`DEFAULT_BLOCK_BYTES`; on CPU devices,
+blocks of Jacobian work also stop at :data:`CPU_BLOCK_PER_DEVICE` samples per
+device, which runs faster there.
 """
 
 from __future__ import annotations
@@ -50,6 +56,7 @@ from jax.sharding import PartitionSpec as P
 from fastntk_jax import _nt
 
 __all__ = [
+    "CPU_BLOCK_PER_DEVICE",
     "DEFAULT_BLOCK_BYTES",
     "DATA_AXIS",
     "auto_block_size",
@@ -70,6 +77,12 @@ ApplyFn = Callable[..., jax.Array]
 #: by compiling a small probe block), used to choose the block size.
 DEFAULT_BLOCK_BYTES = 2 * 2**30
 _PROBE = 8
+
+#: On CPU devices, the most samples per device that an automatic block of
+#: Jacobian work takes: larger blocks run slower there (their activations fall
+#: out of the caches; ``benchmarks/profile_jacobian.py --sweep`` measures it).
+#: Accelerators take the largest block that fits :data:`DEFAULT_BLOCK_BYTES`.
+CPU_BLOCK_PER_DEVICE = 16
 
 #: The mesh axis that blocks of samples are sharded along.
 DATA_AXIS = "data"
@@ -113,6 +126,12 @@ def _resolve_mesh(mesh) -> Mesh | None:
 
 def _n_devices(mesh: Mesh | None) -> int:
   return 1 if mesh is None else int(mesh.size)
+
+
+def _platform(mesh: Mesh | None) -> str:
+  if mesh is None:
+    return jax.local_devices()[0].platform
+  return mesh.devices.flat[0].platform
 
 
 def _shard_rows(mesh: Mesh | None, x):
@@ -237,6 +256,8 @@ def _resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
       per = _bytes_per_sample(kind, jitted, args_for, params, x, fallback,
                               mesh=mesh)
       block_size = auto_block_size(len(x), per)
+      if kind == "jac" and _platform(mesh) == "cpu":
+        block_size = min(block_size, CPU_BLOCK_PER_DEVICE * _n_devices(mesh))
   if int(block_size) < 1:
     raise ValueError(f"block_size must be >= 1, got {block_size}.")
   block = int(min(block_size, max(len(x), 1)))
@@ -395,6 +416,9 @@ def jacobian(apply_fn: ApplyFn, params, x, *, block_size: int | None = None,
              mesh: Mesh | None = None) -> jax.Array:
   """The explicit Jacobian ``J`` of shape ``(N·C, P)``, sample-major rows.
 
+  ``block_size``: samples per block; None fits a compiled probe block's
+  working memory to :data:`DEFAULT_BLOCK_BYTES`, and on CPU devices takes at
+  most :data:`CPU_BLOCK_PER_DEVICE` samples per device.
   ``mesh``: devices to shard the blocks of samples over (module docstring).
   """
   return jnp.concatenate(
@@ -402,23 +426,75 @@ def jacobian(apply_fn: ApplyFn, params, x, *, block_size: int | None = None,
                                     mesh=mesh)], axis=0)
 
 
-@functools.cache
-def _accumulate_fn(mesh: Mesh | None):
-  """Jitted ``(A, b) += (Jᵀ diag(keep) J, Jᵀ diag(keep) r)`` for one block.
+@_per_apply_fn
+def _gram_block_fn(apply_fn, residual_fn, mesh: Mesh | None):
+  """Jitted pass over one block: logits, Jacobian rows and their Gram terms.
 
-  ``keep`` (1 for real rows, 0 for padding) zeroes the padding samples
-  exactly. On a mesh, ``J`` is sharded along its rows, so the contraction
-  over them is an XLA all-reduce and ``A``, ``b`` come out replicated.
+  ``(params, x_b, t_b, keep_b) -> (f_b, J_bᵀ diag(keep) J_b,
+  J_bᵀ diag(keep) r_b)`` where ``f_b`` are the block's logits (from the same
+  forward pass as its Jacobian), ``r_b = residual_fn(f_b, t_b)`` (or ``t_b``
+  itself when ``residual_fn`` is None) and ``keep`` zeroes the padding
+  samples exactly.
+
+  The two products carry a leading axis of one term per device
+  (``(D, P, P)``, ``(D, P)``, sharded along it): each device contracts its
+  own rows and nothing is communicated (:func:`gram` adds the terms to
+  per-device sums and reduces those once, at the end). They are formed in the
+  Jacobian's dtype at full precision: their rounding is of the order that
+  the Jacobian's entries already carry.
   """
-  def accumulate(acc_a, acc_b, jb, rb, keep):
-    jb = jb.astype(acc_a.dtype)
-    jk = jb * keep[:, None].astype(acc_a.dtype)
-    return acc_a + jk.T @ jb, acc_b + jk.T @ rb.astype(acc_a.dtype)
+  hi = jax.lax.Precision.HIGHEST
+
+  def body(params, xb, tb, keep):
+    flat, unravel = ravel_pytree(params)
+
+    def one(xi):
+      out, pull = jax.vjp(lambda w: apply_fn(unravel(w), xi[None])[0], flat)
+      rows = jax.vmap(pull)(jnp.eye(out.shape[0], dtype=out.dtype))[0]
+      return out, rows
+
+    out, jac = jax.vmap(one)(xb)  # (B, C), (B, C, P)
+    r = tb if residual_fn is None else residual_fn(out, tb)
+    c = out.shape[1]
+    jac = jac.reshape(-1, flat.shape[0])
+    jk = jac * jnp.repeat(keep.astype(jac.dtype), c)[:, None]
+    g = jnp.matmul(jk.T, jac, precision=hi)
+    gb = jnp.matmul(jk.T, r.reshape(-1).astype(jac.dtype), precision=hi)
+    return out, g[None], gb[None]
 
   if mesh is None:
-    return jax.jit(accumulate)
+    return jax.jit(body)
+  rows = P(DATA_AXIS)
+  return jax.jit(jax.shard_map(body, mesh=mesh,
+                               in_specs=(P(), rows, rows, rows),
+                               out_specs=(rows, rows, rows), check_vma=False))
+
+
+@functools.cache
+def _add_terms_fn(mesh: Mesh | None):
+  """Jitted ``(A, b) += (G, g)``, per device, in the sums' dtype.
+
+  A jit of its own so that float64 sums never put the model's trace under
+  :func:`jax.enable_x64`; elementwise on the per-device axis, so local.
+  """
+  def add(acc_a, acc_b, g, gb):
+    return acc_a + g.astype(acc_a.dtype), acc_b + gb.astype(acc_b.dtype)
+  if mesh is None:
+    return jax.jit(add, donate_argnums=(0, 1))
+  rows = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(add, donate_argnums=(0, 1), out_shardings=(rows, rows))
+
+
+@functools.cache
+def _sum_partials_fn(mesh: Mesh | None):
+  """Sums the per-device partial ``(A, b)`` once; ``A`` symmetrised."""
+  def total(acc_a, acc_b):
+    a = jnp.sum(acc_a, axis=0)
+    return 0.5 * (a + a.T), jnp.sum(acc_b, axis=0)
+  if mesh is None:
+    return jax.jit(total)
   whole = NamedSharding(mesh, P())
-  return jax.jit(accumulate, out_shardings=(whole, whole))
+  return jax.jit(total, out_shardings=(whole, whole))
 
 
 def precision_scope(precision: str | None):
@@ -432,50 +508,98 @@ def precision_scope(precision: str | None):
   return contextlib.nullcontext()
 
 
-def gram(apply_fn: ApplyFn, params, x, r=None, *,
+def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
          block_size: int | None = None, mesh: Mesh | None = None,
-         precision: str | None = None) -> tuple[jax.Array, jax.Array | None]:
+         precision: str | None = None, return_outputs: bool = False):
   """Parameter-space Gram matrix and gradient, accumulated over blocks.
+
+  One pass over ``x``: each block's forward pass gives both its logits and
+  (by ``C`` backward passes) its Jacobian rows, so residuals that depend on
+  the logits at ``params`` need no separate pass (``r`` a function).
 
   Args:
     apply_fn: ``apply_fn(params, x) -> (N, C)``.
     params: the PEFT pytree (P scalars).
     x: inputs ``(N, ...)``.
-    r: optional residuals ``(N, C)``.
-    block_size: samples per block.
+    r: residuals: None; an array ``(N, C)``; or a jittable function
+      ``r(logits, y_block) -> (B, C)`` applied to each block's logits at
+      ``params`` and the matching rows of ``y`` (e.g. ``logits − onehot(y)``).
+      Pass the same function object across calls to reuse compilations.
+    y: per-sample targets ``(N, ...)`` for a function ``r``.
+    block_size: samples per block (None: automatic, see :func:`jacobian`).
     mesh: devices to shard the blocks of samples over (module docstring);
-      None means :func:`default_mesh`.
+      None means :func:`default_mesh`. Each device sums its own rows; the
+      per-device partial sums are added once, at the end.
     precision: dtype of the sums, ``"float64"`` or ``"float32"``; None: the
-      parameters' dtype. Jacobian blocks stay in the model's dtype and are
-      cast before the product (float64 sums keep full-dataset Grams, whose
-      condition number grows with N, usable).
+      parameters' dtype. Jacobian blocks and their products stay in the
+      model's dtype (at full precision) and are added to sums in
+      ``precision`` (float64 sums keep full-dataset Grams, whose condition
+      number grows with N, usable).
+    return_outputs: also return the logits ``apply_fn(params, x)``.
 
   Returns:
     ``(JᵀJ, Jᵀ r)`` of shapes ``(P, P)`` and ``(P,)`` (the second is None
-    when ``r`` is None), replicated over ``mesh``. Memory: ``P²`` plus one
-    block's Jacobian (split over the devices) per device.
+    when ``r`` is None), replicated over ``mesh``; with ``return_outputs``,
+    ``(JᵀJ, Jᵀ r, logits)``, the logits ``(N, C)`` in the model's dtype.
+    Memory, per device: a ``P²`` sum in ``precision``, a block's ``P²`` term
+    in the model's dtype, and a block's Jacobian rows.
   """
   if precision not in (None, "float32", "float64"):
     raise ValueError(f"precision must be None, 'float32' or 'float64', got "
                      f"{precision!r}.")
+  x = jnp.asarray(x)
+  n = x.shape[0]
+  residual_fn = r if callable(r) else None
+  if residual_fn is not None:
+    if y is None:
+      raise ValueError("y: r is a function of (logits, y_block); pass the "
+                       "per-sample targets y=... (N rows).")
+    y = jnp.asarray(y)
+    if y.shape[:1] != (n,):
+      raise ValueError(f"y must have one row per sample of x ({n}), got "
+                       f"shape {y.shape}.")
+  elif y is not None:
+    raise ValueError("y is only used with a function r(logits, y_block); "
+                     "pass residuals as r=array (N, C) instead.")
   mesh = _resolve_mesh(mesh)
   flat, _ = ravel_pytree(params)
   p = flat.shape[0]
-  dt = flat.dtype if precision is None else np.dtype(precision)
-  with precision_scope(precision):
-    a, b = _replicate(mesh, (jnp.zeros((p, p), dt), jnp.zeros((p,), dt)))
   c = num_outputs(apply_fn, params, x)
-  rr = None if r is None else jnp.asarray(r, flat.dtype).reshape(-1)
-  accumulate = _accumulate_fn(mesh)
-  for s, e, jb in _padded_jac_blocks(apply_fn, params, x, block_size, mesh):
-    rows = jb.shape[0]
-    keep = (jnp.arange(rows) < (e - s) * c).astype(flat.dtype)
-    rb = (jnp.zeros((rows,), flat.dtype) if rr is None
-          else _pad(rr[s * c:e * c], rows))
+  dt = flat.dtype if precision is None else np.dtype(precision)
+  if residual_fn is None:
+    t = (jnp.zeros((n, c), flat.dtype) if r is None
+         else jnp.asarray(r, flat.dtype).reshape(n, c))
+  else:
+    t = y
+  fn = _gram_block_fn(apply_fn, residual_fn, mesh)
+  add = _add_terms_fn(mesh)
+  jac_fn = _jac_block_fn(apply_fn)
+  params_r = _replicate(mesh, params)
+  block, _, _ = _resolve_block(
+      apply_fn, params, x, block_size, "jac", jac_fn,
+      lambda xb: (params_r, _shard_rows(mesh, xb)), mesh=mesh)
+  d = _n_devices(mesh)
+  with precision_scope(precision):
+    acc_a, acc_b = _shard_rows(mesh, (jnp.zeros((d, p, p), dt),
+                                      jnp.zeros((d, p), dt)))
+  outs = []
+  for s, e in _blocks(n, block):
+    keep = (jnp.arange(block) < (e - s)).astype(flat.dtype)
+    xb, tb, kb = _shard_rows(mesh, (_pad(x[s:e], block), _pad(t[s:e], block),
+                                    keep))
+    out, g, gb = fn(params_r, xb, tb, kb)
     with precision_scope(precision):
-      a, b = accumulate(a, b, jb, _shard_rows(mesh, rb),
-                        _shard_rows(mesh, keep))
-  return a, (None if r is None else b)
+      acc_a, acc_b = add(acc_a, acc_b, g, gb)
+    if return_outputs:
+      outs.append(out if e - s == block else out[: e - s])
+  with precision_scope(precision):
+    a, b = _sum_partials_fn(mesh)(acc_a, acc_b)
+  b = None if r is None else b
+  if return_outputs:
+    logits = (jnp.concatenate(outs, axis=0) if outs
+              else jnp.zeros((0, c), flat.dtype))
+    return a, b, logits
+  return a, b
 
 
 @_per_apply_fn

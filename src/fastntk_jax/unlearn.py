@@ -181,13 +181,30 @@ def choose_solver(n: int, c: int, p: int, itemsize: int = 4,
   return min(fits, key=lambda s: _flops(s, n, c, p))
 
 
+def _mse_residual(logits: jax.Array, y: jax.Array) -> jax.Array:
+  return logits - jax.nn.one_hot(y, logits.shape[1], dtype=logits.dtype)
+
+
+def _ce_residual(logits: jax.Array, y: jax.Array) -> jax.Array:
+  return jax.nn.softmax(logits, axis=-1) - jax.nn.one_hot(
+      y, logits.shape[1], dtype=logits.dtype)
+
+
+#: ``loss -> r(logits, y)``, the residual at the linearisation point
+#: (module-level functions, so that compiled passes are reused).
+RESIDUAL_FNS = {"mse": _mse_residual, "ce": _ce_residual}
+
+
 def _residuals(logits: jax.Array, y: np.ndarray, loss: str) -> jax.Array:
-  onehot = jax.nn.one_hot(jnp.asarray(y), logits.shape[1], dtype=logits.dtype)
-  if loss == "mse":
-    r = logits - onehot
-  else:
-    r = jax.nn.softmax(logits, axis=-1) - onehot
-  return r.reshape(-1)
+  return RESIDUAL_FNS[loss](logits, jnp.asarray(y)).reshape(-1)
+
+
+def _check_logits(f0, init_params) -> None:
+  if not bool(jnp.all(jnp.isfinite(f0))):
+    raise ValueError(
+        f"apply_fn returns NaN or infinite logits at the linearisation point "
+        f"({'init_params' if init_params is not None else 'params'}); check "
+        "the model and its inputs there.")
 
 
 def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
@@ -350,15 +367,12 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
 
   # ---- residuals at the linearisation point -----------------------------
   blk = {"block_size": block_size, "mesh": mesh}
-  f0_r = kernels.predict(apply_fn, lin, x_r, mesh=mesh)
-  f0_f = kernels.predict(apply_fn, lin, x_f, mesh=mesh)
-  if not (bool(jnp.all(jnp.isfinite(f0_r))) and bool(jnp.all(jnp.isfinite(f0_f)))):
-    raise ValueError(
-        f"apply_fn returns NaN or infinite logits at the linearisation point "
-        f"({'init_params' if init_params is not None else 'params'}); check "
-        "the model and its inputs there.")
-  r_r = _residuals(f0_r, y_r, loss)
-  r_f = _residuals(f0_f, y_f, loss)
+  if solver != "primal":
+    f0_r = kernels.predict(apply_fn, lin, x_r, mesh=mesh)
+    f0_f = kernels.predict(apply_fn, lin, x_f, mesh=mesh)
+    _check_logits(jnp.concatenate([f0_r, f0_f]), init_params)
+    r_r = _residuals(f0_r, y_r, loss)
+    r_f = _residuals(f0_f, y_f, loss)
 
   cg_steps = 0
   if solver == "dual":
@@ -377,19 +391,27 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
     g_f = kernels.vjp(apply_fn, lin, x_f, upd.coef_f.reshape(n_f, c), **blk)
     delta = ravel_pytree(g_r)[0] + ravel_pytree(g_f)[0]
   elif solver == "primal":
-    a_r, b_r = kernels.gram(apply_fn, lin, x_r, r_r.reshape(n_r, c),
-                            precision=precision, **blk)
-    a_f, b_f = kernels.gram(apply_fn, lin, x_f, r_f.reshape(n_f, c),
-                            precision=precision, **blk)
+    # One pass per set gives the logits at w_0, the residuals and the Grams.
+    res_fn = RESIDUAL_FNS[loss]
+    a_r, b_r, f0_r = kernels.gram(apply_fn, lin, x_r, res_fn, y=y_r,
+                                  precision=precision, return_outputs=True,
+                                  **blk)
+    a_f, b_f, f0_f = kernels.gram(apply_fn, lin, x_f, res_fn, y=y_f,
+                                  precision=precision, return_outputs=True,
+                                  **blk)
+    _check_logits(jnp.concatenate([f0_r, f0_f]), init_params)
+    r_f = _residuals(f0_f, y_f, loss)
     with kernels.precision_scope(precision):
       upd = update.parameter_space(a_r, a_f, b_r, b_f, damping, rcond)
       infos = upd.infos
       _raise_if_failed(infos, damping, solver)
       delta = upd.delta.astype(flat_w.dtype)
-      x_ret = upd.x_retrain.astype(flat_w.dtype)
-    # V = J_f x_r + r_f, reported as a diagnostic.
-    v = kernels.jvp(apply_fn, lin, x_f, unravel(x_ret),
-                    **blk).reshape(-1) + r_f
+      # ‖V‖² = ‖J_f x_r + r_f‖² = x_rᵀ A_f x_r + 2 x_r·J_fᵀ r_f + ‖r_f‖², a
+      # diagnostic, from the Grams rather than another pass over D_f.
+      x_ret = upd.x_retrain
+      rr_f = jnp.sum(jnp.asarray(r_f, a_f.dtype) ** 2)
+      v = jnp.sqrt(jnp.maximum(x_ret @ (a_f @ x_ret) + 2 * x_ret @ b_f
+                               + rr_f, 0.0))
   else:
     delta, v, infos, cg_steps = _cg_update(
         apply_fn, lin, x_r, x_f, r_r.reshape(n_r, c), r_f.reshape(n_f, c),
@@ -408,7 +430,7 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
       linearized_at="params" if init_params is None else "init_params",
       num_retain=n_r, num_forget=n_f, num_outputs=c, num_params=p,
       delta_norm=float(jnp.linalg.norm(delta)),
-      forget_residual_norm=float(jnp.linalg.norm(v)),
+      forget_residual_norm=float(np.linalg.norm(np.asarray(v))),
       relative_residual=max(float(i.relative_residual) for i in infos),
       cond=max(float(i.cond) for i in infos),
       rank=int(infos[-1].rank),
