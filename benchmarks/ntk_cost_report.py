@@ -28,7 +28,7 @@ from ntk_cost import MODELS, ratio  # noqa: E402  pylint: disable=wrong-import-p
 
 _RESULTS = Path(__file__).resolve().parent / "results"
 _COLORS = {"peft": "tab:blue", "full": "tab:orange"}
-_STYLES = ("-", "--", ":", "-.")
+_STYLES = ("-", "--", ":", "-.", (0, (6, 2, 1, 2, 1, 2)), (0, (1, 4)))
 
 
 def load(path: str | Path) -> dict:
@@ -241,7 +241,7 @@ def _plot_model(axes, model: str, results: list[dict]) -> None:
                and r["pytree"] == pytree]
         for ax, key in zip(axes, ("run_seconds_median", "memory")):
           xs, ys = _series(sel, key)
-          ax.plot(xs, ys, style, marker="o", ms=3, color=color,
+          ax.plot(xs, ys, ls=style, marker="o", ms=3, color=color,
                   label=f"{'PEFT' if pytree == 'peft' else 'full'}{tag}")
           _mark_failures(ax, sel, color)
   axes[0].set_title(model, fontsize=9)
@@ -275,7 +275,13 @@ def plot(results: list[dict], path: Path) -> None:
     g, c = divmod(i, cols)
     axs[2 * g, c].axis("off")
     axs[2 * g + 1, c].axis("off")
-  handles, labels = axs[0, 0].get_legend_handles_labels()
+  # Every file's series, from whichever panels show them (once each).
+  seen_labels = {}
+  for ax in axs.flat:
+    for h, lab in zip(*ax.get_legend_handles_labels()):
+      seen_labels.setdefault(lab, h)
+  labels = list(seen_labels)
+  handles = [seen_labels[lab] for lab in labels]
   handles += [Line2D([], [], color="k", marker="x", ls="none", mew=2),
               Line2D([], [], color="k", marker=">", ls="none")]
   labels += ["out of memory", "timeout"]
