@@ -80,7 +80,7 @@ _PROBE = 8
 
 #: On CPU devices, the most samples per device that an automatic block of
 #: Jacobian work takes: larger blocks run slower there (their activations fall
-#: out of the caches; ``benchmarks/profile_jacobian.py`` measures it over block sizes).
+#: out of the caches; ``benchmarks/profile_jacobian.py`` times block sizes).
 #: Accelerators take the largest block that fits :data:`DEFAULT_BLOCK_BYTES`.
 CPU_BLOCK_PER_DEVICE = 16
 
