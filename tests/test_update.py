@@ -101,3 +101,23 @@ def test_jittable():
     out = f(j_r.T @ j_r, j_f.T @ j_f, j_r.T @ r_r, j_f.T @ r_f)
     np.testing.assert_allclose(out, _reference(j_r, j_f, r_r, r_f, 0.2),
                                rtol=1e-8, atol=1e-10)
+
+
+def test_forget_residual_norm_from_grams_equals_explicit():
+  """‖J_f x + r_f‖ from A_f = J_fᵀJ_f, J_fᵀr_f and ‖r_f‖² alone, and the
+  clip at 0 when rounding makes ‖V‖² slightly negative."""
+  rng = np.random.default_rng(3)
+  j_f = rng.normal(size=(12, 5))
+  r_f = rng.normal(size=12)
+  x = rng.normal(size=5)
+  with jax.enable_x64(True):
+    got = update.forget_residual_norm(jnp.asarray(j_f.T @ j_f),
+                                      jnp.asarray(j_f.T @ r_f),
+                                      jnp.asarray(x), jnp.asarray(r_f @ r_f))
+    assert float(got) == pytest.approx(np.linalg.norm(j_f @ x + r_f), rel=1e-12)
+    # V = 0 exactly (r_f = -J_f x), given with a rounding error below zero.
+    r0 = -(j_f @ x)
+    zero = update.forget_residual_norm(jnp.asarray(j_f.T @ j_f),
+                                       jnp.asarray(j_f.T @ r0), jnp.asarray(x),
+                                       jnp.asarray(r0 @ r0 - 1e-9))
+    assert float(zero) == 0.0

@@ -45,6 +45,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fastntk_jax import kernels
+from fastntk_jax import update
 from fastntk_jax.unlearn import _LOSSES
 from fastntk_jax.unlearn import _check_finite_tree
 from fastntk_jax.unlearn import _check_split
@@ -218,10 +219,8 @@ def _request(a, g, chol, a_f, g_f, rr_f, damping):
       jnp.linalg.norm(g_r), jnp.finfo(a.dtype).tiny)
   res = jnp.linalg.norm(a @ delta + damping * delta - rhs) / jnp.maximum(
       jnp.linalg.norm(rhs), jnp.finfo(a.dtype).tiny)
-  # ‖V‖² = ‖J_f x_r + r_f‖² = x_rᵀA_f x_r + 2 x_r·J_fᵀr_f + ‖r_f‖²
-  v2 = x_r @ (a_f @ x_r) + 2 * x_r @ g_f + rr_f
-  return delta, a_r, g_r, chol_r, jnp.maximum(res_r, res), jnp.sqrt(
-      jnp.maximum(v2, 0.0))
+  return delta, a_r, g_r, chol_r, jnp.maximum(res_r, res), (
+      update.forget_residual_norm(a_f, g_f, x_r, rr_f))
 
 
 def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],

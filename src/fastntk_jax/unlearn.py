@@ -406,12 +406,9 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
       infos = upd.infos
       _raise_if_failed(infos, damping, solver)
       delta = upd.delta.astype(flat_w.dtype)
-      # ‖V‖² = ‖J_f x_r + r_f‖² = x_rᵀ A_f x_r + 2 x_r·J_fᵀ r_f + ‖r_f‖², a
-      # diagnostic, from the Grams rather than another pass over D_f.
-      x_ret = upd.x_retrain
-      rr_f = jnp.sum(jnp.asarray(r_f, a_f.dtype) ** 2)
-      v = jnp.sqrt(jnp.maximum(x_ret @ (a_f @ x_ret) + 2 * x_ret @ b_f
-                               + rr_f, 0.0))
+      # ‖V‖, a diagnostic, from the Grams rather than another pass over D_f.
+      v = update.forget_residual_norm(
+          a_f, b_f, upd.x_retrain, jnp.sum(jnp.asarray(r_f, a_f.dtype) ** 2))
   else:
     delta, v, infos, cg_steps = _cg_update(
         apply_fn, lin, x_r, x_f, r_r.reshape(n_r, c), r_f.reshape(n_f, c),

@@ -55,6 +55,7 @@ from fastntk_jax.solve import SolveInfo, psd_solve
 __all__ = [
     "KernelSpaceUpdate",
     "ParameterSpaceUpdate",
+    "forget_residual_norm",
     "kernel_space",
     "parameter_space",
 ]
@@ -155,3 +156,15 @@ def parameter_space(gram_r: jax.Array, gram_f: jax.Array, grad_r: jax.Array,
   rhs = gram_f @ x_r + grad_f
   delta, info = psd_solve(gram_r + gram_f, rhs, damping, rcond)
   return ParameterSpaceUpdate(delta, x_r, (info_r, info))
+
+
+def forget_residual_norm(gram_f: jax.Array, grad_f: jax.Array,
+                         x_retrain: jax.Array, rr_f: jax.Array) -> jax.Array:
+  """``‖V‖ = ‖J_f x_r + r_f‖`` from parameter-space quantities alone.
+
+  ``‖V‖² = x_rᵀ A_f x_r + 2 x_r·J_fᵀr_f + ‖r_f‖²`` with ``A_f = gram_f``,
+  ``J_fᵀr_f = grad_f`` and ``rr_f = ‖r_f‖²``: no pass over ``D_f``. Rounding
+  can make the sum slightly negative when ``V ≈ 0``; it is clipped at 0.
+  """
+  v2 = x_retrain @ (gram_f @ x_retrain) + 2 * x_retrain @ grad_f + rr_f
+  return jnp.sqrt(jnp.maximum(v2, 0.0))
