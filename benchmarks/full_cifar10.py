@@ -1,7 +1,8 @@
 """Fast-NTK on the full CIFAR-10 training set, and deletion requests at that scale.
 
 ResNet-20 (CIFAR-10 weights from ../shared) with BatchNorm scale/shift + a new
-head as PEFT parameters (P = 2,026), fine-tuned on D with the MSE recipe, then:
+head as PEFT parameters (P = 2,026), fine-tuned on D with the ``--loss`` recipe
+(MSE or cross-entropy; Fast-NTK then solves the same loss), then:
 
 1. ``unlearn`` from scratch: forget a class (5,000 images) from the 50,000;
    the solver is chosen by ``solver="auto"`` (parameter space here).
@@ -16,6 +17,8 @@ memory of the whole process. Writes JSON atomically.
 
     python benchmarks/full_cifar10.py                       # all of it
     python benchmarks/full_cifar10.py --n-train 2000 --test-n 1000   # smoke
+    python benchmarks/full_cifar10.py --n-train 10000 --loss ce \
+        --out benchmarks/results/full_cifar10_n10000_ce_cpu.json
 
 The Jacobian and kernel work is sharded over all local devices (the default
 ``jax.sharding`` mesh); on a CPU host ``--host-devices`` (default: one per
@@ -80,6 +83,12 @@ def main(argv=None):
   ap.add_argument("--request", type=int, default=100)
   ap.add_argument("--finetune-epochs", type=int, default=1)
   ap.add_argument("--damping", type=float, default=1.0)
+  ap.add_argument("--loss", choices=["mse", "ce"], default="mse",
+                  help="fine-tuning loss, and the loss Fast-NTK solves")
+  ap.add_argument("--linearize-at", choices=["w_D", "w_0"], default="w_D",
+                  help="where J is taken (default w_D)")
+  ap.add_argument("--anchor", choices=["w_0", "w_D"], default="w_0",
+                  help="the ridge term's centre (default w_0)")
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--check-request", action=argparse.BooleanOptionalAction,
                   default=True)
@@ -108,8 +117,8 @@ def main(argv=None):
          "mesh_devices": [str(d) for d in jax.local_devices()],
          "config": vars(args) | {
              "out": str(args.out), "model": "resnet20 (CIFAR-10 weights), "
-             "BatchNorm scale/shift + new head", "recipe": "mse",
-             "linearised_at": "w_0 (init_params)", "precision": "float64"},
+             "BatchNorm scale/shift + new head", "recipe": args.loss,
+             "precision": "float64"},
          "stages": {}}
   stages = out["stages"]
 
@@ -153,10 +162,12 @@ def main(argv=None):
   out["pretrained_backbone"] = bool(pretrained)
   out["n_train"], out["n_test"] = int(len(y)), int(len(y_te))
 
-  recipe = train.FinetuneConfig(loss="mse", epochs=args.finetune_epochs,
+  recipe = train.FinetuneConfig(loss=args.loss, epochs=args.finetune_epochs,
                                 batch_size=250, learning_rate=1e-2,
                                 seed=args.seed)
   w_0 = model.init_params
+  points = {"anchor": w_0 if args.anchor == "w_0" else None,
+            "linearize_at": args.linearize_at, "loss": args.loss}
   w_d = stage("finetune", lambda: train.finetune(
       model.apply_fn, w_0, x, y, config=recipe).params)
   forget = y == args.forget_class
@@ -176,12 +187,14 @@ def main(argv=None):
   # 1. Fast-NTK from scratch: the class.
   t_unlearn = time.perf_counter()
   res = stage("unlearn_class", lambda: unlearn(
-      model.apply_fn, w_d, sets["retain"], sets["forget"], init_params=w_0,
+      model.apply_fn, w_d, sets["retain"], sets["forget"], **points,
       damping=args.damping, solver="auto"))
   out["unlearn_class"] = {
       "solver": res.solver, "num_retain": res.num_retain,
       "num_forget": res.num_forget, "delta_norm": res.delta_norm,
       "relative_residual": res.relative_residual, "cond": res.cond,
+      "solves": [r._asdict() for r in res.solves],
+      "kept_jacobian": res.kept_jacobian,
       "wall_seconds_including_validation": time.perf_counter() - t_unlearn,
       **accuracy(res.params)}
   print("unlearned:", out["unlearn_class"], flush=True)
@@ -189,8 +202,8 @@ def main(argv=None):
   # 2. Prepare once, then requests.
   ids = np.arange(len(y))
   state = stage("prepare", lambda: deletion.prepare(
-      model.apply_fn, w_d, (x, y), init_params=w_0, damping=args.damping,
-      ids=ids))
+      model.apply_fn, w_d, (x, y), **points, damping=args.damping,
+      ids=ids, memory_budget=16 * 2**30))
   req = np.sort(rng.choice(len(y), args.request, replace=False))
   with timing.measure() as m:  # the first call compiles for this shape
     r = deletion.forget(state, model.apply_fn, w_d, (x[req], y[req]), ids=req)
@@ -205,7 +218,8 @@ def main(argv=None):
                     "seconds_median": float(np.median(times)),
                     "first_call_seconds": m.seconds,
                     "first_call_compile_seconds": m.compile_seconds,
-                    "relative_residual": r.relative_residual}
+                    "relative_residual": r.relative_residual,
+                    "solve": None if r.solve is None else r.solve._asdict()}
   print("request:", out["request"], flush=True)
   cls = np.flatnonzero(forget)
   rc = stage("request_class", lambda: deletion.forget(
@@ -224,7 +238,7 @@ def main(argv=None):
     keep[req] = False
     ref = stage("unlearn_request_from_scratch", lambda: unlearn(
         model.apply_fn, w_d, (x[keep], y[keep]), (x[req], y[req]),
-        init_params=w_0, damping=args.damping, solver="primal"))
+        **points, damping=args.damping, solver="primal"))
     out["request"]["relative_difference_to_unlearn"] = _rel(r.params,
                                                             ref.params)
     out["request"]["relative_update_size"] = _rel(w_d, ref.params)

@@ -40,7 +40,7 @@ def grid(**axes):
 
 # Kept small: the whole sweep should take ~10 minutes of 2 CPU cores.
 GRIDS = {
-    "fast_ntk": grid(linearize=["trained", "init"]),
+    "fast_ntk": grid(linearize_at=["w_D", "w_0"]),
     "max_loss": grid(epochs=[5, 10, 20],
                      learning_rate=[5e-4, 1e-3, 2e-3, 3e-3, 1e-2]),
     "random_label": grid(epochs=[5, 10, 20],

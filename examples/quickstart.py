@@ -38,15 +38,20 @@ def parse_args(argv=None):
   ap.add_argument("--epochs", type=int, default=30,
                   help="fine-tuning epochs (default 30)")
   ap.add_argument("--loss", choices=("mse", "ce"), default="mse",
-                  help="fine-tuning loss and Eq. (1) residual (default mse)")
+                  help="fine-tuning loss, and the loss of the linearised "
+                  "problem Fast-NTK solves (default mse)")
   ap.add_argument("--forget-class", type=int, default=0,
                   help="class to forget, 0..9 (default 0, airplane)")
   ap.add_argument("--damping", type=float, default=F.DEFAULT_DAMPING,
-                  help=f"λ of Eq. (1) (default {F.DEFAULT_DAMPING})")
-  ap.add_argument("--linearize", choices=("trained", "init"), default="trained",
-                  help="take J and f_0 at the fine-tuned parameters (trained, "
-                  "default) or at w_0 before fine-tuning (init)")
-  ap.add_argument("--solver", choices=("auto", "dual", "primal"), default="auto")
+                  help=f"λ (default {F.DEFAULT_DAMPING})")
+  ap.add_argument("--linearize-at", choices=("w_D", "w_0"), default="w_D",
+                  help="take J and f at the fine-tuned parameters (w_D, "
+                  "default) or at w_0 before fine-tuning")
+  ap.add_argument("--anchor", choices=("w_0", "w_D"), default="w_0",
+                  help="centre of the ridge term: w_0 (default) or w_D (what "
+                  "unlearn does when it is not given w_0)")
+  ap.add_argument("--solver", choices=("auto", "dual", "primal", "cg"),
+                  default="auto")
   ap.add_argument("--head-scale", type=float, default=0.1,
                   help="scale of the new head's initial kernel (default 0.1; "
                   "see fastntk_jax.setups.resnet_bn_head)")
@@ -92,12 +97,13 @@ def main(argv=None):
                            config=cfg)
   print(f"retrained on D_r: {retrain.seconds:.1f}s")
   res = F.unlearn(model.apply_fn, full.params, retain, forget,
-                  init_params=model.init_params if args.linearize == "init"
-                  else None,
-                  damping=args.damping, loss=args.loss, solver=args.solver)
+                  anchor=model.init_params if args.anchor == "w_0" else None,
+                  linearize_at=args.linearize_at, damping=args.damping,
+                  loss=args.loss, solver=args.solver)
   print(f"Fast-NTK ({res.solver} solver, λ={res.damping}, J at "
-        f"{res.linearized_at}): {res.seconds:.1f}s, ‖Δw‖={res.delta_norm:.3f}, "
-        f"cond≈{res.cond:.3g}")
+        f"{res.linearized_at}, anchored at {res.anchored_at}): "
+        f"{res.seconds:.1f}s, ‖Δw‖={res.delta_norm:.3f}, Newton steps "
+        f"{[r.iterations for r in res.solves]}")
 
   report = lambda p: metrics.class_forgetting_report(
       model.apply_fn, p, retain, forget, (xt, yte), [args.forget_class])
@@ -115,7 +121,9 @@ def main(argv=None):
   if args.json is not None:
     out = {"args": {k: str(v) for k, v in vars(args).items()},
            "rows": {k: {**r, "seconds": s} for k, (r, s) in rows.items()},
-           "unlearn": {k: v for k, v in res._asdict().items() if k != "params"}}
+           "unlearn": {**{k: v for k, v in res._asdict().items()
+                          if k not in ("params", "solves")},
+                       "solves": [r._asdict() for r in res.solves]}}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.json.with_suffix(args.json.suffix + ".tmp")
     tmp.write_text(json.dumps(out, indent=1))

@@ -85,7 +85,8 @@ def test_cg_solver_agrees_with_dense_solvers(lam):
     y = rng.integers(0, 3, 16)
     w_d = jax.tree_util.tree_map(lambda a: a + 0.1, w0)
     out = {s: F.unlearn(apply_fn, w_d, (x[4:], y[4:]), (x[:4], y[:4]),
-                        init_params=w0, damping=lam, solver=s, cg_tol=1e-12,
+                        anchor=w0, linearize_at="w_0", damping=lam, solver=s,
+                        cg_tol=1e-12,
                         block_size=5)
            for s in ("dual", "primal", "cg")}
     ref = jax.flatten_util.ravel_pytree(out["dual"].params)[0]

@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.scipy.optimize import minimize
 
 import fastntk_jax as F
-from fastntk_jax import deletion
+from fastntk_jax import deletion, newton, objective
 
 
 def _problem(seed=0, n=40, d=5, h=8, c=3):
@@ -37,7 +38,7 @@ def _rel(a, b):
 def test_requests_in_sequence_equal_unlearning_from_scratch():
   apply_fn, w0, w_d, x, y = _problem()
   ids = np.arange(len(y))
-  state = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0, ids=ids,
+  state = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, linearize_at="w_0", ids=ids,
                            damping=0.5)
   f1, f2 = np.array([3, 17, 21]), np.array([0, 5, 30, 31])
   r1 = deletion.forget(state, apply_fn, w_d, (x[f1], y[f1]), ids=f1)
@@ -45,9 +46,10 @@ def test_requests_in_sequence_equal_unlearning_from_scratch():
   gone = np.zeros(len(y), bool)
   gone[np.r_[f1, f2]] = True
   scratch = F.unlearn(apply_fn, w_d, (x[~gone], y[~gone]), (x[gone], y[gone]),
-                      init_params=w0, damping=0.5, solver="primal")
+                      anchor=w0, linearize_at="w_0", damping=0.5,
+                      solver="primal")
   dual = F.unlearn(apply_fn, w_d, (x[~gone], y[~gone]), (x[gone], y[gone]),
-                   init_params=w0, damping=0.5, solver="dual")
+                   anchor=w0, linearize_at="w_0", damping=0.5, solver="dual")
   assert _rel(w_d, scratch.params) > 1e-2  # there is something to forget
   assert _rel(r2.params, scratch.params) < 1e-5
   assert _rel(r2.params, dual.params) < 1e-4  # float32 kernel solve
@@ -55,14 +57,14 @@ def test_requests_in_sequence_equal_unlearning_from_scratch():
   keep1 = np.ones(len(y), bool)
   keep1[f1] = False
   one = F.unlearn(apply_fn, w_d, (x[keep1], y[keep1]), (x[f1], y[f1]),
-                  init_params=w0, damping=0.5, solver="primal")
+                  anchor=w0, linearize_at="w_0", damping=0.5, solver="primal")
   assert _rel(r1.params, one.params) < 1e-5
   np.testing.assert_allclose(r1.forget_residual_norm,
                              one.forget_residual_norm, rtol=1e-4)
   # The state now describes D without f1 ∪ f2.
   assert r2.state.num_samples == len(y) - 7
   np.testing.assert_array_equal(r2.state.ids, np.flatnonzero(~gone))
-  fresh = deletion.prepare(apply_fn, w_d, (x[~gone], y[~gone]), init_params=w0,
+  fresh = deletion.prepare(apply_fn, w_d, (x[~gone], y[~gone]), anchor=w0, linearize_at="w_0",
                            damping=0.5)
   # Jacobian rows agree to float32 rounding between block compositions.
   np.testing.assert_allclose(r2.state.gram, fresh.gram, rtol=0,
@@ -94,7 +96,7 @@ def test_linear_model_requests_reach_the_ridge_retrain():
       return {"w": w0["w"] + j.T @ jnp.linalg.solve(j @ j.T + lam * jnp.eye(
           j.shape[0]), e)}
 
-    state = deletion.prepare(apply_fn, ridge(x, y), (x, y), init_params=w0,
+    state = deletion.prepare(apply_fn, ridge(x, y), (x, y), anchor=w0, linearize_at="w_0",
                              damping=lam)
     res = deletion.forget(state, apply_fn, ridge(x, y), (x[:6], y[:6]))
     np.testing.assert_allclose(res.params["w"], ridge(x[6:], y[6:])["w"],
@@ -105,7 +107,7 @@ def test_float32_precision_is_close_on_a_small_problem():
   apply_fn, w0, w_d, x, y = _problem(1)
   out = {}
   for prec in ("float64", "float32"):
-    st = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0, damping=1.0,
+    st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, linearize_at="w_0", damping=1.0,
                           precision=prec)
     assert st.gram.dtype == np.dtype(prec)
     out[prec] = deletion.forget(st, apply_fn, w_d, (x[:5], y[:5])).params
@@ -115,7 +117,7 @@ def test_float32_precision_is_close_on_a_small_problem():
 def test_bad_requests_are_refused_before_work():
   apply_fn, w0, w_d, x, y = _problem(2, n=12)
   ids = np.arange(100, 112)
-  st = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0, ids=ids)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, linearize_at="w_0", ids=ids)
   r = deletion.forget(st, apply_fn, w_d, (x[:2], y[:2]), ids=ids[:2])
   with pytest.raises(ValueError, match="already forgotten"):
     deletion.forget(r.state, apply_fn, r.params, (x[:1], y[:1]), ids=ids[:1])
@@ -135,14 +137,117 @@ def test_bad_requests_are_refused_before_work():
     deletion.prepare(apply_fn, w_d, (x, y), ids=np.arange(3))
   with pytest.raises(TypeError, match="PreparedState"):
     deletion.forget({"gram": 1}, apply_fn, w_d, (x[:1], y[:1]))
-  plain = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0)
+  plain = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, linearize_at="w_0")
   with pytest.raises(ValueError, match="prepared without ids"):
     deletion.forget(plain, apply_fn, w_d, (x[:1], y[:1]), ids=[100])
 
 
 def test_samples_outside_the_prepared_set_are_detected():
   apply_fn, w0, w_d, x, y = _problem(3, n=12)
-  st = deletion.prepare(apply_fn, w_d, (x, y), init_params=w0, damping=1e-3)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, linearize_at="w_0", damping=1e-3)
   alien = (50 * np.ones((6, 5), np.float32), y[:6])
   with pytest.raises(F.UnlearningError, match="part of the prepared set"):
     deletion.forget(st, apply_fn, w_d, alien)
+
+
+# ------------------------------------------------------------ cross-entropy
+
+
+@pytest.mark.parametrize("linearize_at", ["w_D", "w_0"])
+def test_ce_requests_in_sequence_equal_unlearning_from_scratch(linearize_at):
+  apply_fn, w0, w_d, x, y = _problem(5, n=60)
+  ids = np.arange(1000, 1060)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids,
+                        linearize_at=linearize_at, damping=0.5, loss="ce")
+  assert st.loss == "ce" and st.jacobian.shape == (60 * 3, 8 * 3 + 8 + 3)
+  reqs = [np.array([3, 17, 21]), np.array([0, 5, 30, 31, 44]), np.array([59])]
+  res, params = None, w_d
+  for r in reqs:
+    res = deletion.forget(st if res is None else res.state, apply_fn, params,
+                          (x[r], y[r]), ids=ids[r])
+    params = res.params
+    assert res.solve.converged and res.solve.iterations >= 1
+    assert res.relative_residual <= 1e-9
+  gone = np.zeros(60, bool)
+  gone[np.concatenate(reqs)] = True
+  scratch = F.unlearn(apply_fn, w_d, (x[~gone], y[~gone]), (x[gone], y[gone]),
+                      anchor=w0, linearize_at=linearize_at, damping=0.5,
+                      loss="ce", solver="primal")
+  assert _rel(w_d, scratch.params) > 1e-2  # there is something to forget
+  assert _rel(params, scratch.params) < 1e-5
+  np.testing.assert_array_equal(res.state.ids, ids[~gone])
+  assert res.state.num_samples == 60 - gone.sum()
+  np.testing.assert_array_equal(res.state.active, ~gone)
+  # The downdated preconditioner is the remaining set's matrix.
+  fresh_rows = st.jacobian.reshape(60, 3, -1)[~gone].reshape(
+      -1, st.jacobian.shape[1])
+  op = newton.DenseJacobian(fresh_rows, 3)
+  with jax.enable_x64(True):
+    want = op.ggn(objective.cross_entropy.hess_factor(st.ref_logits[~gone]),
+                  jnp.float64)
+  np.testing.assert_allclose(res.state.gram, want, rtol=0,
+                             atol=1e-6 * float(np.abs(want).max()))
+
+
+def test_ce_linear_model_requests_reach_the_ce_retrain():
+  """Exact for a model linear in w trained to the minimiser on D (float64)."""
+  with jax.enable_x64(True):
+    rng = np.random.default_rng(6)
+    t = jnp.asarray(rng.normal(size=(5, 3 * 12)))
+
+    def apply_fn(params, x):
+      return jnp.einsum("ncp,p->nc", jnp.tanh(x @ t).reshape(-1, 3, 12),
+                        params["w"])
+
+    w0 = {"w": jnp.asarray(rng.normal(size=12))}
+    x = jnp.asarray(rng.normal(size=(30, 5)))
+    y = rng.integers(0, 3, 30)
+    lam = 0.3
+
+    def train(xs, ys):
+      def phi(w):
+        z = apply_fn({"w": w}, xs)
+        return (jnp.sum(jax.nn.logsumexp(z, -1) - z[jnp.arange(len(ys)), ys])
+                + 0.5 * lam * jnp.sum((w - w0["w"]) ** 2))
+      # BFGS, polished by Newton steps with JAX's Hessian (no library code).
+      w = minimize(phi, w0["w"], method="BFGS", tol=1e-14).x
+      grad, hess = jax.jit(jax.grad(phi)), jax.jit(jax.hessian(phi))
+      for _ in range(6):
+        w = w - jnp.linalg.solve(hess(w), grad(w))
+      assert float(jnp.linalg.norm(grad(w))) < 1e-10
+      return {"w": w}
+
+    ids = np.arange(30)
+    st = deletion.prepare(apply_fn, train(x, y), (x, y), anchor=w0, ids=ids,
+                          damping=lam, loss="ce")
+    r1 = deletion.forget(st, apply_fn, train(x, y), (x[:4], y[:4]),
+                         ids=ids[:4])
+    r2 = deletion.forget(r1.state, apply_fn, r1.params, (x[4:9], y[4:9]),
+                         ids=ids[4:9])
+    np.testing.assert_allclose(r2.params["w"], train(x[9:], y[9:])["w"],
+                               rtol=1e-8)
+
+
+def test_bad_ce_requests_are_refused_and_change_nothing():
+  apply_fn, w0, w_d, x, y = _problem(7, n=20)
+  ids = np.arange(20)
+  with pytest.raises(ValueError, match="ids: cross-entropy deletion"):
+    deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, loss="ce")
+  with pytest.raises(ValueError, match="memory_budget: the prepared state"):
+    deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, loss="ce", ids=ids,
+                     memory_budget=10_000)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, loss="ce", ids=ids)
+  before = (np.asarray(st.gram).copy(), np.asarray(st.solution).copy(),
+            st.active.copy())
+  with pytest.raises(ValueError, match="labels differ"):
+    deletion.forget(st, apply_fn, w_d, (x[:2], (y[:2] + 1) % 3), ids=ids[:2])
+  with pytest.raises(ValueError, match="other logits"):  # right label, wrong x
+    deletion.forget(st, apply_fn, w_d, (x[5:6] + 3.0, y[5:6]), ids=ids[5:6])
+  with pytest.raises(F.UnlearningError, match="state is unchanged"):
+    deletion.forget(st, apply_fn, w_d, (x[:3], y[:3]), ids=ids[:3],
+                    newton_max_steps=1, newton_tol=1e-15)
+  np.testing.assert_array_equal(np.asarray(st.gram), before[0])
+  np.testing.assert_array_equal(np.asarray(st.solution), before[1])
+  np.testing.assert_array_equal(st.active, before[2])
+  ok = deletion.forget(st, apply_fn, w_d, (x[:3], y[:3]), ids=ids[:3])
+  assert ok.solve.converged

@@ -119,12 +119,14 @@ def test_retrain_equals_finetune_from_w0(problem):
   assert _equal(r.params, ref)
 
 
-@pytest.mark.parametrize("linearize", ["trained", "init"])
-def test_fast_ntk_equals_unlearn(problem, linearize):
-  r = methods.run_method("fast_ntk", problem, damping=0.5, linearize=linearize)
+@pytest.mark.parametrize("linearize_at, anchor", [("w_D", "w_D"), ("w_0", "w_0"),
+                                                  ("w_D", "w_0")])
+def test_fast_ntk_equals_unlearn(problem, linearize_at, anchor):
+  r = methods.run_method("fast_ntk", problem, damping=0.5,
+                         linearize_at=linearize_at, anchor=anchor)
   ref = unlearn(mlp, problem.params, problem.retain, problem.forget,
-                init_params=None if linearize == "trained"
-                else problem.init_params, damping=0.5, loss="mse")
+                anchor=problem.init_params if anchor == "w_0" else None,
+                linearize_at=linearize_at, damping=0.5, loss="mse")
   assert _equal(r.params, ref.params)
   assert r.info["solver"] == ref.solver and r.info["damping"] == 0.5
   assert r.info["delta_norm"] == pytest.approx(ref.delta_norm)
@@ -132,11 +134,11 @@ def test_fast_ntk_equals_unlearn(problem, linearize):
 
 
 def test_fast_ntk_residual_loss_override(problem):
-  # The recipe is MSE; loss="ce" must give unlearn(..., loss="ce"), which
-  # differs from the MSE residual's update.
+  # The recipe is MSE; loss="ce" must give unlearn(..., loss="ce") (anchored
+  # at w_0, the method's default), which differs from the MSE update.
   r = methods.run_method("fast_ntk", problem, damping=0.5, loss="ce")
   ref = unlearn(mlp, problem.params, problem.retain, problem.forget,
-                damping=0.5, loss="ce")
+                anchor=problem.init_params, damping=0.5, loss="ce")
   assert _equal(r.params, ref.params)
   mse = methods.run_method("fast_ntk", problem, damping=0.5)
   assert not _equal(r.params, mse.params)

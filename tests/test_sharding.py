@@ -150,17 +150,18 @@ _CHILD = textwrap.dedent("""
       b = np.asarray(ravel_pytree(jax.device_get(b))[0], np.float64)
       return float(np.linalg.norm(a - b) / np.linalg.norm(b))
     out["unlearn_rel"], out["unlearn_moved"] = {}, {}
-    for solver in ("dual", "primal", "cg"):
-      kw = dict(init_params=params, damping=0.5, solver=solver, block_size=4,
-                cg_tol=1e-6)
-      got = F.unlearn(apply_fn, w_d, (x1[3:], y[3:]), (x1[:3], y[:3]), **kw)
-      ref1 = F.unlearn(apply_fn, w_d, (x1[3:], y[3:]), (x1[:3], y[:3]),
-                       mesh=one, **kw)
-      out["unlearn_rel"][solver] = rel(got.params, ref1.params)
-      out["unlearn_moved"][solver] = rel(w_d, ref1.params)
-    st = deletion.prepare(apply_fn, w_d, (x1, y), init_params=params,
+    for loss in ("mse", "ce"):
+      for solver in ("dual", "primal", "cg"):
+        kw = dict(anchor=params, damping=0.5, solver=solver, block_size=4,
+                  cg_tol=1e-6, loss=loss)
+        got = F.unlearn(apply_fn, w_d, (x1[3:], y[3:]), (x1[:3], y[:3]), **kw)
+        ref1 = F.unlearn(apply_fn, w_d, (x1[3:], y[3:]), (x1[:3], y[:3]),
+                         mesh=one, **kw)
+        out["unlearn_rel"][f"{loss}-{solver}"] = rel(got.params, ref1.params)
+        out["unlearn_moved"][f"{loss}-{solver}"] = rel(w_d, ref1.params)
+    st = deletion.prepare(apply_fn, w_d, (x1, y), anchor=params,
                           block_size=4)
-    st1 = deletion.prepare(apply_fn, w_d, (x1, y), init_params=params,
+    st1 = deletion.prepare(apply_fn, w_d, (x1, y), anchor=params,
                            block_size=4, mesh=one)
     d4 = deletion.forget(st, apply_fn, w_d, (x1[:3], y[:3]), block_size=4)
     d1 = deletion.forget(st1, apply_fn, w_d, (x1[:3], y[:3]), block_size=4,

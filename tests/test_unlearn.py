@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.scipy.optimize import minimize
 
 import fastntk_jax as F
 
@@ -40,7 +41,8 @@ def test_ridge_solution_is_unlearned_to_ridge_retrain(solver, lam):
     w_d = _ridge_from(apply_fn, w0, x, y, lam)
     w_r = _ridge_from(apply_fn, w0, x[~forget], y[~forget], lam)
     res = F.unlearn(apply_fn, w_d, (x[~forget], y[~forget]),
-                    (x[forget], y[forget]), init_params=w0, damping=lam,
+                    (x[forget], y[forget]), anchor=w0, linearize_at="w_0",
+                    damping=lam,
                     solver=solver)
     gap = max(float(jnp.abs(a - b).max()) for a, b in zip(
         jax.tree_util.tree_leaves(res.params), jax.tree_util.tree_leaves(w_r)))
@@ -48,7 +50,8 @@ def test_ridge_solution_is_unlearned_to_ridge_retrain(solver, lam):
         jax.tree_util.tree_leaves(w_d), jax.tree_util.tree_leaves(w_r)))
     assert moved > 1e-2  # forgetting changes the parameters
     assert gap < 1e-8
-    assert res.solver == solver and res.linearized_at == "init_params"
+    assert res.solver == solver and res.linearized_at == "w_0"
+    assert res.anchored_at == "w_0"
     assert jax.tree_util.tree_structure(res.params) == jax.tree_util.tree_structure(w_d)
     assert res.num_params == 43 and res.num_outputs == 3
     assert res.num_retain == 10 and res.num_forget == 4
@@ -80,7 +83,7 @@ def test_gradient_descent_model_is_unlearned_to_gradient_descent_retrain(damping
     assert float(jnp.abs(w_d['w'] - w_r['w']).max()) > 0.1
     for solver in ("dual", "primal"):
       res = F.unlearn(apply_fn, w_d, (x[~forget], y[~forget]),
-                      (x[forget], y[forget]), init_params=w0,
+                      (x[forget], y[forget]), anchor=w0, linearize_at="w_0",
                       damping=damping, solver=solver)
       for a, b in zip(jax.tree_util.tree_leaves(res.params),
                       jax.tree_util.tree_leaves(w_r)):
@@ -115,11 +118,11 @@ def _eq1_numpy(apply_fn, lin, w_d, x_r, y_r, x_f, y_f, lam, loss):
 
 
 @pytest.mark.parametrize("at_init", [True, False])
-@pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_linearisation_point_and_residual_on_a_nonlinear_model(at_init, loss):
-  """J and f_0 are taken at init_params (or at params when None): checked
+def test_linearisation_point_on_a_nonlinear_model(at_init):
+  """J and f_0 are taken at linearize_at (anchor = that point): checked
   against Eq. (1) with explicit Jacobians on a model whose J varies with w.
   block_size=3 also exercises padded blocks."""
+  loss = "mse"
   with jax.enable_x64(True):
     apply_fn, w0, rng = _mlp(5)
     w_d = jax.tree_util.tree_map(
@@ -134,7 +137,8 @@ def test_linearisation_point_and_residual_on_a_nonlinear_model(at_init, loss):
     assert np.abs(want - other).max() > 1e-2  # the point matters here
     for solver in ("dual", "primal"):
       res = F.unlearn(apply_fn, w_d, (x_r, y_r), (x_f, y_f),
-                      init_params=w0 if at_init else None, damping=0.3,
+                      anchor=w0 if at_init else None,
+                      linearize_at="w_0" if at_init else "w_D", damping=0.3,
                       loss=loss, solver=solver, block_size=3)
       got = jax.flatten_util.ravel_pytree(res.params)[0]
       np.testing.assert_allclose(got, want, atol=1e-9)
@@ -216,7 +220,7 @@ def _call(small, **over):
     (lambda s: {"forget": (np.zeros((3, 4), np.float32), s[3][1])}, ValueError, "per-sample shape"),
     (lambda s: {"forget": (np.full((3, 5), np.nan, np.float32), s[3][1])}, ValueError, "forget: x contains NaN"),
     (lambda s: {"params": {"w": s[1]["w"].at[0].set(jnp.inf), "b": s[1]["b"]}}, ValueError, "params: contains NaN"),
-    (lambda s: {"init_params": {"w": s[1]["w"]}}, ValueError, "init_params must have the tree structure"),
+    (lambda s: {"anchor": {"w": s[1]["w"]}}, ValueError, "anchor must have the tree structure"),
     (lambda s: {"damping": -1.0}, ValueError, "damping must be finite and ≥ 0"),
     (lambda s: {"damping": "1"}, TypeError, "damping must be a float"),
     (lambda s: {"loss": "l2"}, ValueError, "loss must be one of"),
@@ -232,8 +236,15 @@ def _call(small, **over):
     (lambda s: {"retain": (np.where(np.arange(35).reshape(7, 5) == 3, np.inf, s[2][0]).astype(np.float32), s[2][1])}, ValueError, "retain: x contains NaN or infinite"),
     (lambda s: {"retain": (s[2][0][:0], s[2][1][:0])}, ValueError, "retain set is empty"),
     (lambda s: {"retain": (s[2][0], np.full(7, 3))}, ValueError, r"retain: labels must lie in \[0, 3\)"),
-    (lambda s: {"init_params": {"w": s[1]["w"][:-1], "b": s[1]["b"]}}, ValueError, "init_params: a leaf has shape"),
-    (lambda s: {"init_params": {"w": s[1]["w"] * jnp.nan, "b": s[1]["b"]}}, ValueError, "init_params: contains NaN"),
+    (lambda s: {"anchor": {"w": s[1]["w"][:-1], "b": s[1]["b"]}}, ValueError, "anchor: a leaf has shape"),
+    (lambda s: {"anchor": {"w": s[1]["w"] * jnp.nan, "b": s[1]["b"]}}, ValueError, "anchor: contains NaN"),
+    (lambda s: {"init_params": s[1]}, TypeError, "anchor=w_0, linearize_at='w_0'"),
+    (lambda s: {"linearize_at": "w_0"}, ValueError, "needs anchor=w_0"),
+    (lambda s: {"linearize_at": "init"}, ValueError, "linearize_at must be one of"),
+    (lambda s: {"loss": "ce", "damping": 0.0}, ValueError, "must be > 0 here"),
+    (lambda s: {"loss": "ce", "newton_tol": 2.0}, ValueError, "newton_tol must be"),
+    (lambda s: {"loss": "ce", "newton_max_steps": 0}, ValueError, "newton_max_steps must be"),
+    (lambda s: {"loss": "ce", "solver": "dual", "memory_budget": 30000}, ValueError, "memory_budget.*primal"),
     (lambda s: {"forget": (s[3][0].astype(np.float64), s[3][1])}, TypeError, "dtype"),
 ])
 def test_bad_input_raises_before_work(small, over, err, match):
@@ -279,3 +290,155 @@ def test_failed_factorisation_raises_with_explanation(small, solver):
       jax.lax.stop_gradient(params), x))
   with pytest.raises(F.UnlearningError, match="factorisation .* failed"):
     F.unlearn(huge, w, retain, forget, damping=1e-3, solver=solver)
+
+
+# ------------------------------------------------------ anchor, cross-entropy
+
+
+def _minimise(phi, p):
+  """argmin of a smooth strongly convex ``phi`` on R^p: BFGS (jax.scipy),
+  polished by Newton steps with ``jax.hessian`` — independent of the
+  library's solvers."""
+  x = minimize(phi, jnp.zeros(p), method="BFGS",
+                                  tol=1e-14).x
+  grad, hess = jax.jit(jax.grad(phi)), jax.jit(jax.hessian(phi))
+  for _ in range(6):
+    x = x - jnp.linalg.solve(hess(x), grad(x))
+  assert float(jnp.linalg.norm(grad(x))) < 1e-9
+  return x
+
+
+def _ce_train(apply_fn, w0, x, y, lam):
+  """The minimiser of Σ CE(f(w, x_i), y_i) + (λ/2)‖w − w_0‖² (float64)."""
+  flat0, unravel = jax.flatten_util.ravel_pytree(w0)
+
+  def phi(d):
+    z = apply_fn(unravel(flat0 + d), x)
+    return (jnp.sum(jax.nn.logsumexp(z, -1) - z[jnp.arange(len(y)), y])
+            + 0.5 * lam * d @ d)
+
+  return unravel(flat0 + _minimise(phi, flat0.shape[0]))
+
+
+@pytest.mark.parametrize("forget_kind", ["class", "random"])
+def test_ce_trained_linear_model_is_unlearned_to_the_ce_retrain(forget_kind):
+  """The issue's acceptance test: a model linear in w trained to convergence
+  with CE + λ/2‖w − w_0‖² on D is unlearned to that objective's minimiser on
+  D_r within 1e-6 relative, for every solver and linearisation point."""
+  with jax.enable_x64(True):
+    apply_fn, w0, rng = _linear_model(7)
+    x = jnp.asarray(rng.normal(size=(40, 5)))
+    y = rng.integers(0, 3, 40)
+    forget = (y == 1) if forget_kind == "class" else (np.arange(40) % 5 == 0)
+    lam = 0.5
+    w_d = _ce_train(apply_fn, w0, x, y, lam)
+    w_r = _ce_train(apply_fn, w0, x[~forget], y[~forget], lam)
+    flat = lambda t: jax.flatten_util.ravel_pytree(t)[0]
+    scale = float(jnp.linalg.norm(flat(w_r)))
+    assert float(jnp.linalg.norm(flat(w_d) - flat(w_r))) > 1e-2 * scale
+    # P = 43: 5P²·8 = 74 kB; the Jacobian (40·3·43·8 = 41 kB) beside it does
+    # not fit 80 kB, so "primal" then streams the Gauss-Newton matrices.
+    for solver, extra in (("primal", {}), ("primal", {"memory_budget": 80_000}),
+                          ("dual", {}), ("cg", {})):
+      for lin in ("w_D", "w_0"):
+        res = F.unlearn(apply_fn, w_d, (x[~forget], y[~forget]),
+                        (x[forget], y[forget]), anchor=w0, linearize_at=lin,
+                        damping=lam, loss="ce", solver=solver, **extra)
+        gap = float(jnp.linalg.norm(flat(res.params) - flat(w_r))) / scale
+        assert gap < 1e-6, (solver, extra, lin, gap)
+        assert res.converged and len(res.solves) == 2
+        assert all(r.converged and r.iterations >= 1 for r in res.solves)
+        assert res.kept_jacobian == (solver == "primal" and not extra)
+        assert res.loss == "ce" and res.anchored_at == "w_0"
+        assert res.linearized_at == lin and res.solver == solver
+        assert (res.cg_steps > 0) == (solver == "cg")
+
+
+def test_ce_on_a_nonlinear_model_solves_the_linearised_problem():
+  """J and f at linearize_at, ridge centred at the anchor (or at w_D when no
+  anchor is given): w_r − w_D = x_{D_r} − x_D with x_S the minimiser of the
+  explicit linearised objective."""
+  with jax.enable_x64(True):
+    apply_fn, w0, rng = _mlp(8)
+    w_d = jax.tree_util.tree_map(
+        lambda a: a + 0.5 * jnp.asarray(rng.normal(size=a.shape)), w0)
+    x = jnp.asarray(rng.normal(size=(12, 4)))
+    y = rng.integers(0, 3, 12)
+    keep = np.arange(12) >= 4
+    flat = lambda t: jax.flatten_util.ravel_pytree(t)[0]
+    outs = {}
+    for lin_name, anchor in (("w_D", w0), ("w_0", w0), ("w_D", None)):
+      lin = w_d if lin_name == "w_D" else w0
+      anc = w_d if anchor is None else anchor
+      jac = F.kernels.jacobian(apply_fn, lin, x).reshape(12, 3, -1)
+      b = apply_fn(lin, x) + jnp.einsum("ncp,p->nc", jac,
+                                         flat(anc) - flat(lin))
+
+      def x_of(m):
+        def phi(d):
+          z = b[m] + jnp.einsum("ncp,p->nc", jac[m], d)
+          return (jnp.sum(jax.nn.logsumexp(z, -1) - z[jnp.arange(int(m.sum())),
+                                                       y[m]])
+                  + 0.15 * d @ d)
+        return _minimise(phi, jac.shape[-1])
+
+      want = flat(w_d) + x_of(keep) - x_of(np.ones(12, bool))
+      for solver in ("primal", "dual", "cg"):
+        res = F.unlearn(apply_fn, w_d, (x[keep], y[keep]),
+                        (x[~keep], y[~keep]), anchor=anchor,
+                        linearize_at=lin_name, damping=0.3, loss="ce",
+                        solver=solver, block_size=5)
+        np.testing.assert_allclose(flat(res.params), want, atol=1e-8)
+        assert res.anchored_at == ("w_D" if anchor is None else "w_0")
+      outs[(lin_name, anchor is None)] = want
+    # Each point matters on this model.
+    vals = list(outs.values())
+    assert min(float(jnp.abs(a - b).max()) for i, a in enumerate(vals)
+               for b in vals[i + 1:]) > 1e-3
+
+
+def test_mse_with_the_anchor_at_w0_and_j_at_wd():
+  """Eq. (1) with the linear model's residual at the anchor,
+  f(w_D) − Y + J(w_0 − w_D), for every solver."""
+  with jax.enable_x64(True):
+    apply_fn, w0, rng = _mlp(9)
+    w_d = jax.tree_util.tree_map(
+        lambda a: a + 0.5 * jnp.asarray(rng.normal(size=a.shape)), w0)
+    x = jnp.asarray(rng.normal(size=(10, 4)))
+    y = rng.integers(0, 3, 10)
+    flat, unravel = jax.flatten_util.ravel_pytree(w_d)
+    shift = jax.flatten_util.ravel_pytree(w0)[0] - flat
+    jac = F.kernels.jacobian(apply_fn, w_d, x)
+    r = (apply_fn(w_d, x) - jax.nn.one_hot(y, 3)).reshape(-1) + jac @ shift
+    lam = 0.3
+    rows = np.repeat(np.arange(10) >= 3, 3)
+    j_r, j_f, r_r, r_f = jac[rows], jac[~rows], r[rows], r[~rows]
+    x_r = -jnp.linalg.solve(j_r.T @ j_r + lam * jnp.eye(len(flat)), j_r.T @ r_r)
+    x_d = -jnp.linalg.solve(jac.T @ jac + lam * jnp.eye(len(flat)), jac.T @ r)
+    want = flat + x_r - x_d
+    anchored_at_wd = F.unlearn(apply_fn, w_d, (x[3:], y[3:]), (x[:3], y[:3]),
+                               damping=lam)
+    got_wd = jax.flatten_util.ravel_pytree(anchored_at_wd.params)[0]
+    assert float(jnp.abs(got_wd - want).max()) > 1e-3  # the anchor matters
+    for solver in ("dual", "primal", "cg"):
+      res = F.unlearn(apply_fn, w_d, (x[3:], y[3:]), (x[:3], y[:3]),
+                      anchor=w0, damping=lam, solver=solver, cg_tol=1e-12)
+      np.testing.assert_allclose(jax.flatten_util.ravel_pytree(res.params)[0],
+                                 want, atol=1e-8)
+      np.testing.assert_allclose(res.forget_residual_norm,
+                                 float(jnp.linalg.norm(j_f @ x_r + r_f)),
+                                 rtol=1e-6)
+      assert res.anchored_at == "w_0" and res.linearized_at == "w_D"
+
+
+def test_a_solve_that_does_not_converge_raises_or_reports(small):
+  apply_fn, w, retain, forget = small
+  sharp = lambda p, x: 30 * apply_fn(p, x)
+  with pytest.raises(F.UnlearningError, match="did not converge|stopped with"):
+    F.unlearn(sharp, w, retain, forget, loss="ce", newton_max_steps=1)
+  res = F.unlearn(sharp, w, retain, forget, loss="ce", newton_max_steps=1,
+                  raise_on_failure=False)
+  assert not res.converged
+  assert res.solves[0].status == "max_iterations"
+  assert res.relative_residual > 1e-5
+  assert jax.tree_util.tree_structure(res.params) == jax.tree_util.tree_structure(w)

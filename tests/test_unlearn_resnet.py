@@ -27,7 +27,8 @@ def problem():
 @pytest.mark.parametrize("init", [False, True])
 def test_dual_equals_primal_on_resnet(problem, init):
   m, w_d, retain, forget = problem
-  kw = dict(init_params=m.init_params if init else None, damping=0.5)
+  kw = dict(anchor=m.init_params if init else None,
+            linearize_at="w_0" if init else "w_D", damping=0.5)
   dual = F.unlearn(m.apply_fn, w_d, retain, forget, solver="dual", **kw)
   primal = F.unlearn(m.apply_fn, w_d, retain, forget, solver="primal", **kw)
   d = ravel_pytree(dual.params)[0] - ravel_pytree(w_d)[0]

@@ -50,8 +50,10 @@ class CGInfo(NamedTuple):
 def cg_solve(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
              damping: float = 0.0, tol: float = 1e-5,
              max_steps: int | None = None,
-             x0: jax.Array | None = None) -> tuple[jax.Array, CGInfo]:
-  """Solves ``(A + λI) x = b`` by conjugate gradients.
+             x0: jax.Array | None = None,
+             preconditioner: Callable[[jax.Array], jax.Array] | None = None
+             ) -> tuple[jax.Array, CGInfo]:
+  """Solves ``(A + λI) x = b`` by (preconditioned) conjugate gradients.
 
   Each step costs one ``matvec``; the loop runs in Python because the
   operator is usually a sum of jitted block products over a data set.
@@ -65,6 +67,9 @@ def cg_solve(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
     tol: stop when the recursive relative residual is below ``tol``.
     max_steps: iteration cap (default ``10·P``, at most 1000).
     x0: starting point (default zeros).
+    preconditioner: ``r ↦ M⁻¹ r`` for a symmetric positive definite ``M ≈
+      A + λI`` (e.g. a Cholesky solve with a nearby matrix); None: ``M = I``.
+      The stopping test stays on the unpreconditioned residual.
 
   Returns:
     ``(x, CGInfo)``.
@@ -82,11 +87,13 @@ def cg_solve(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
     return jnp.zeros_like(b), CGInfo(True, 0.0, 0, "converged")
   x = jnp.zeros_like(b) if x0 is None else jnp.asarray(x0, b.dtype)
   r = b - op(x) if x0 is not None else b
-  p = r
-  rs = jnp.vdot(r, r)
+  prec = (lambda v: v) if preconditioner is None else preconditioner
+  zr = prec(r)
+  p = zr
+  rz = jnp.vdot(r, zr)
   status, steps = "max_steps_reached", 0
   for steps in range(1, max_steps + 1):
-    if float(jnp.sqrt(rs)) <= tol * b_norm:
+    if float(jnp.linalg.norm(r)) <= tol * b_norm:
       status, steps = "converged", steps - 1
       break
     ap = op(p)
@@ -94,14 +101,15 @@ def cg_solve(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
     if not float(curv) > 0.0:
       status = "breakdown"
       break
-    alpha = rs / curv
+    alpha = rz / curv
     x = x + alpha * p
     r = r - alpha * ap
-    rs_new = jnp.vdot(r, r)
-    p = r + (rs_new / rs) * p
-    rs = rs_new
+    zr = prec(r)
+    rz_new = jnp.vdot(r, zr)
+    p = zr + (rz_new / rz) * p
+    rz = rz_new
   else:
-    if float(jnp.sqrt(rs)) <= tol * b_norm:
+    if float(jnp.linalg.norm(r)) <= tol * b_norm:
       status = "converged"
   true_res = float(jnp.linalg.norm(b - op(x))) / b_norm
   ok = status == "converged" and bool(jnp.all(jnp.isfinite(x)))
@@ -109,22 +117,29 @@ def cg_solve(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
 
 
 @kernels._per_apply_fn
-def _gn_block_fn(apply_fn):
-  def f(params, xb, v, mask):
+def _gn_block_fn(apply_fn, weighted: bool = False):
+  def f(params, xb, v, mask, *hb):
     flat, unravel = ravel_pytree(params)
     fn = lambda w: apply_fn(unravel(w), xb)
     _, lin = jax.linearize(fn, flat)
-    jv = lin(v.astype(flat.dtype)) * mask[:, None]
+    jv = lin(v.astype(flat.dtype))
+    if weighted:  # H_i (J_i v)
+      jv = jnp.einsum("bcd,bd->bc", hb[0].astype(jv.dtype), jv,
+                      precision=jax.lax.Precision.HIGHEST)
+    jv = jv * mask[:, None]
     return jax.linear_transpose(lin, flat)(jv.astype(flat.dtype))[0]
   return jax.jit(f)
 
 
 def gauss_newton_matvec(apply_fn, params, x, *, block_size: int | None = None,
-                        mesh=None) -> Callable[[jax.Array], jax.Array]:
-  """``v ↦ JᵀJ v`` over the inputs ``x``, with ``J`` at ``params``.
+                        mesh=None,
+                        hessians=None) -> Callable[[jax.Array], jax.Array]:
+  """``v ↦ JᵀJ v`` (or ``Σ_i J_iᵀ H_i J_i v``) over the inputs ``x``.
 
-  One linearised forward pass and its transpose per block of samples; no
-  Jacobian or Gram matrix is formed.
+  ``J`` is taken at ``params``. One linearised forward pass and its transpose
+  per block of samples; no Jacobian or Gram matrix is formed. ``hessians``:
+  optional per-sample symmetric ``H_i``, ``(N, C, C)`` (a generalised
+  Gauss-Newton product, e.g. the softmax curvature ``diag(p) − ppᵀ``).
 
   Args:
     apply_fn: ``apply_fn(params, x) -> (N, C)``, samples independent.
@@ -141,26 +156,35 @@ def gauss_newton_matvec(apply_fn, params, x, *, block_size: int | None = None,
   """
   mesh = kernels._resolve_mesh(mesh)
   x = jnp.asarray(x)
-  fn = _gn_block_fn(apply_fn)
+  weighted = hessians is not None
+  fn = _gn_block_fn(apply_fn, weighted)
   flat = ravel_pytree(params)[0]
   p, dtype = flat.shape[0], flat.dtype
+  c = kernels.num_outputs(apply_fn, params, x)
+  if weighted:
+    hessians = jnp.asarray(hessians)
+    if hessians.shape != (x.shape[0], c, c):
+      raise ValueError(f"hessians must have shape (N, C, C) = "
+                       f"{(x.shape[0], c, c)}, got {hessians.shape}.")
   params_r = kernels._replicate(mesh, params)
   rows = lambda a: kernels._shard_rows(mesh, a)
+  extra = lambda n: ((rows(jnp.zeros((n, c, c), dtype)),) if weighted else ())
   block, _, _ = kernels._resolve_block(
-      apply_fn, params, x, block_size, "gnvp", fn,
+      apply_fn, params, x, block_size, "gnvp-h" if weighted else "gnvp", fn,
       lambda xb: (params_r, rows(xb), kernels._replicate(
-          mesh, jnp.zeros((p,), dtype)), rows(jnp.ones((xb.shape[0],), dtype))),
-      mesh=mesh)
+          mesh, jnp.zeros((p,), dtype)), rows(jnp.ones((xb.shape[0],), dtype)))
+      + extra(xb.shape[0]), mesh=mesh)
   blocks = []
   for s, e in kernels._blocks(x.shape[0], block):
     mask = (jnp.arange(block) < (e - s)).astype(dtype)
-    blocks.append((rows(kernels._pad(x[s:e], block)), rows(mask)))
+    hb = ((rows(kernels._pad(hessians[s:e], block)),) if weighted else ())
+    blocks.append((rows(kernels._pad(x[s:e], block)), rows(mask)) + hb)
 
   def matvec(v):
     v_r = kernels._replicate(mesh, v.astype(dtype))
     out = None
-    for xb, mask in blocks:
-      g = fn(params_r, xb, v_r, mask)
+    for xb, mask, *hb in blocks:
+      g = fn(params_r, xb, v_r, mask, *hb)
       out = g if out is None else out + g
     return out.astype(v.dtype)
 

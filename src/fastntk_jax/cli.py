@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from fastntk_jax.unlearn import DEFAULT_DAMPING
 
 __all__ = ["main"]
 
@@ -427,8 +428,10 @@ def cmd_unlearn(args) -> dict:
   _log(args, f"[unlearn] {name}: forgetting {len(f_idx)} of {len(ds.y)} "
        f"samples ({args.forget}); damping {args.damping}, solver {args.solver}")
   res = F.unlearn(apply_fn, w_d, (xr, yr), (xf, yf),
-                  init_params=w_0 if args.linearize == "init" else None,
-                  damping=args.damping, loss=args.loss, solver=args.solver,
+                  anchor=w_0 if args.anchor == "w_0" else None,
+                  linearize_at=args.linearize_at, damping=args.damping,
+                  loss=args.loss or cfg.get("finetune", {}).get("loss", "mse"),
+                  solver=args.solver,
                   memory_budget=int(args.memory_budget * 2**30))
   new_params = jax.device_get(res.params)
   frozen = ckpt.trees["frozen"]
@@ -457,14 +460,17 @@ def cmd_unlearn(args) -> dict:
     print(f"{label:10s} {100 * r['retain']:6.2f}% {100 * r['forget']:6.2f}% "
           f"{100 * r['test']:6.2f}%")
   diag = {k: getattr(res, k) for k in (
-      "solver", "damping", "loss", "linearized_at", "num_retain", "num_forget",
-      "num_params", "delta_norm", "forget_residual_norm", "relative_residual",
-      "cond", "rank", "seconds")}
+      "solver", "damping", "loss", "linearized_at", "anchored_at",
+      "num_retain", "num_forget", "num_params", "delta_norm",
+      "forget_residual_norm", "relative_residual", "cond", "rank", "seconds",
+      "converged", "kept_jacobian", "cg_steps")}
+  diag["solves"] = [r._asdict() for r in res.solves]
   print(f"unlearned in {res.seconds:.1f} s ({res.solver} solver, "
         f"{res.num_params:,} PEFT parameters); BatchNorm statistics: {bn_mode}")
   uconf = {"forget": args.forget, "damping": args.damping,
-           "solver": args.solver, "loss": args.loss,
-           "linearize": args.linearize, "bn_stats": bn_mode,
+           "solver": args.solver, "loss": res.loss,
+           "linearize_at": args.linearize_at, "anchor": args.anchor,
+           "bn_stats": bn_mode,
            "source_checkpoint": str(args.checkpoint)}
   if args.out:
     checkpoint.save(args.out, {"w_0": w_0, "w_D": new_params,
@@ -643,15 +649,24 @@ def build_parser() -> argparse.ArgumentParser:
                  help="class:0 | class:0,3 | class:cat | random:0.1[:seed=S]")
   q.add_argument("--out", metavar="PATH", help="checkpoint of the unlearned "
                  "model")
-  q.add_argument("--damping", type=float, default=1.0, help="λ (default 1.0; "
+  q.add_argument("--damping", type=float, default=DEFAULT_DAMPING,
+                 help=f"λ, weighting ½‖w − w_0‖² against the sum of "
+                 f"per-sample losses (default {DEFAULT_DAMPING}; "
                  "docs/defaults.md)")
-  q.add_argument("--solver", default="auto", choices=["auto", "dual", "primal"],
-                 help="dual: kernels over samples (N·C)²; primal: JᵀJ over "
-                 "parameters P²; auto: the cheaper that fits (default)")
-  q.add_argument("--loss", default="mse", choices=["mse", "ce"],
-                 help="residual of the linearised model (default: mse)")
-  q.add_argument("--linearize", default="trained", choices=["trained", "init"],
-                 help="Jacobians at w_D (default) or w_0")
+  q.add_argument("--solver", default="auto",
+                 choices=["auto", "dual", "primal", "cg"],
+                 help="dual: kernels over samples (N·C)²; primal: P×P "
+                 "matrices over parameters; cg: matrix-free; auto: the "
+                 "cheaper dense one that fits, else cg (default)")
+  q.add_argument("--loss", choices=["mse", "ce"],
+                 help="the linearised problem's loss (default: the "
+                 "checkpoint's fine-tuning loss)")
+  q.add_argument("--linearize-at", default="w_D", choices=["w_D", "w_0"],
+                 help="where J and f are taken: the trained w_D (default) or "
+                 "w_0")
+  q.add_argument("--anchor", default="w_0", choices=["w_0", "w_D"],
+                 help="the ridge term's centre: w_0, the checkpoint's "
+                 "parameters before fine-tuning (default), or w_D")
   q.add_argument("--bn-stats", default="auto",
                  choices=["auto", "keep", "retain"],
                  help="'keep' the statistics, or re-estimate them on D_r "

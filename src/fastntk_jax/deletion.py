@@ -1,39 +1,63 @@
-"""Deletion requests: prepare once over ``D``, then forget with work ∝ ``|D_f|``.
+"""Deletion requests: prepare once over ``D``, then forget with little work.
 
-Eq. (1) in parameter space (:func:`fastntk_jax.update.parameter_space`) needs
-``A_r = J_rᵀJ_r``, ``A = JᵀJ`` and ``g_r = J_rᵀ r_r`` with ``J`` and the
-residuals ``r = f_0 − Y`` at the linearisation point. Over ``D`` they are
-sums over samples, so after one pass over ``D`` (:func:`prepare`) a request
-to forget ``D_f`` (:func:`forget`) needs only ``J_f``::
+A request to forget ``F`` from the current set ``S`` moves the parameters by
+``x_{S∖F} − x_S``, where ``x_S`` minimises the linearised model's loss on
+``S`` plus ``(λ/2)‖w − w_0‖²`` (:mod:`fastntk_jax.newton`). Requests compose:
+forgetting ``F_1`` then ``F_2`` gives ``w_D + x_{D∖(F_1∪F_2)} − x_D``, which
+is what :func:`fastntk_jax.unlearn.unlearn` gives from scratch.
 
-    A_r = A − J_fᵀJ_f,   g_r = g − J_fᵀ r_f
+**Squared error** (``loss="mse"``). Eq. (1) in parameter space needs
+``A = JᵀJ`` and ``g = Jᵀr`` over the current set, with ``r`` the linear
+model's residual at the anchor. They are sums over samples, so after one
+pass over ``D`` (:func:`prepare`) a request needs only ``J_F``::
+
+    A_r = A − J_FᵀJ_F,   g_r = g − J_Fᵀ r_F
     x_r = −(A_r + λI)⁻¹ g_r
-    w_r − w_D = (A + λI)⁻¹ (J_fᵀJ_f x_r + J_fᵀ r_f)
+    w_r − w_D = (A + λI)⁻¹ (J_FᵀJ_F x_r + J_Fᵀ r_F)
 
-The Cholesky factor of ``A_r + λI`` is the next request's ``A + λI``, so a
-request costs ``|D_f|·C`` Jacobian rows, one ``P×P`` rank-``|D_f|·C`` update
-and one ``P×P`` factorisation, whatever ``|D|``. Requests compose:
-``w_r − w_D = x_r − x_D`` with ``x_S`` the linear ridge solution from ``w_0``
-on ``S`` (expand ``(A + λI)(x_r − x_D)``), so forgetting ``F_1`` then ``F_2``
-gives exactly what forgetting ``F_1 ∪ F_2`` at once gives, and both equal
-:func:`fastntk_jax.unlearn.unlearn` from scratch.
+The Cholesky factor of ``A_r + λI`` is the next request's ``A + λI``. Cost of
+a request: ``|F|·C`` Jacobian rows, one rank-``|F|·C`` update of a ``P×P``
+matrix and one ``P×P`` factorisation (``P³/3`` flops), whatever ``|D|``.
 
-The ``P×P`` matrices and their solves run in ``precision`` (float64 by
-default, through :func:`jax.enable_x64` locally): ``A`` sums ``N·C`` outer
-products and its condition number grows with ``N``, and a request subtracts
-from it, which float32 would not survive at full-dataset scale. Jacobians
+**Cross-entropy** (``loss="ce"``). The Hessian ``JᵀH(z)J + λI`` depends on the
+iterate, so a request is not a rank update. :func:`prepare` keeps what the
+solves need: the Jacobian rows of ``D`` (``N·C × P``, the model's dtype), the
+anchor logits ``b = f(w_lin) + J(w_0 − w_lin)``, the solution ``x_D`` (Newton
+with the ``P×P`` Gauss-Newton matrix) and the factor of
+``M = Σ_i J_iᵀ H_i(z̄_i) J_i + λI`` at the prepared logits ``z̄ = b + J x_D``.
+A request then
+
+1. finds the request's rows by id (no Jacobian work) and checks, with one
+   forward pass over the request, that its inputs are those samples;
+2. downdates ``M`` by the request's rows at the *same* ``z̄`` (exact, so ``M``
+   stays positive definite and equal to its value over the remaining set)
+   and refactors it (``|F|·C·P²`` + ``P³/3`` flops);
+3. minimises ``Φ_{S∖F}`` by Newton-CG from ``x_S``, preconditioned with that
+   factor: ``x_S`` is close to ``x_{S∖F}`` and ``M`` to the true Hessian, so a
+   few Newton steps with a few CG steps each suffice. Every product is a pass
+   over the kept rows (``2·N·C·P`` flops): no model evaluation.
+
+Cost of a request: one forward pass over ``F``, the ``P×P`` downdate and
+factorisation, and ``k`` (Newton steps) × (``m`` CG steps + 2) passes over the
+kept rows; the solve's report (``result.solve``) gives ``k`` and ``m``.
+Memory: the rows (``N·C·P`` numbers) and three ``P×P`` matrices in
+``precision``; :func:`prepare` refuses before any work when that exceeds
+``memory_budget``.
+
+The ``P×P`` matrices and solves run in ``precision`` (float64 by default,
+through :func:`jax.enable_x64` locally): ``A`` sums ``N·C`` outer products, its
+condition number grows with ``N``, and a request subtracts from it. Jacobians
 stay in the model's dtype.
 
 Example::
 
-  state = prepare(apply_fn, w_D, (x, y), init_params=w_0, ids=np.arange(len(y)))
+  state = prepare(apply_fn, w_D, (x, y), anchor=w_0, ids=np.arange(len(y)))
   res = forget(state, apply_fn, w_D, (x[req], y[req]), ids=req)
   res2 = forget(res.state, apply_fn, res.params, (x[req2], y[req2]), ids=req2)
 """
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -45,16 +69,17 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fastntk_jax import kernels
+from fastntk_jax import newton
+from fastntk_jax import objective
 from fastntk_jax import update
-from fastntk_jax.unlearn import _LOSSES
-from fastntk_jax.unlearn import _check_finite_tree
-from fastntk_jax.unlearn import _check_split
-from fastntk_jax.unlearn import _residuals
+from fastntk_jax import validate
 from fastntk_jax.unlearn import DEFAULT_DAMPING
+from fastntk_jax.unlearn import DEFAULT_MEMORY_BUDGET
 from fastntk_jax.unlearn import RESIDUAL_FNS
 from fastntk_jax.unlearn import UnlearningError
 
-__all__ = ["DeletionResult", "PreparedState", "forget", "prepare"]
+__all__ = ["DeletionResult", "PreparedState", "forget", "prepare",
+           "state_bytes"]
 
 _PRECISIONS = {"float64": np.float64, "float32": np.float32}
 
@@ -63,21 +88,38 @@ class PreparedState(NamedTuple):
   """What a deletion request needs about the current training set.
 
   Attributes:
-    lin_params: the linearisation point (``w_0`` or ``w_D``), a pytree.
-    gram: ``A = JᵀJ`` over the current set, ``(P, P)`` in ``precision``.
-    grad: ``g = Jᵀ r``, ``(P,)``.
-    chol: lower Cholesky factor of ``A + λI``.
+    lin_params: the linearisation point (``w_D`` or ``w_0``), a pytree.
+    gram: ``"mse"``: ``A = JᵀJ`` over the current set; ``"ce"``: the
+      preconditioner's ``Σ_i J_iᵀ H_i(z̄_i) J_i``; ``(P, P)`` in ``precision``.
+    grad: ``"mse"``: ``g = Jᵀ r`` (``r`` the residual at the anchor), ``(P,)``;
+      None for ``"ce"``.
+    chol: lower Cholesky factor of ``gram + λI``.
     num_samples: samples in the current set.
     num_outputs: C.
     damping: λ > 0.
-    loss: ``"mse"`` or ``"ce"`` (the residual).
+    loss: ``"mse"`` or ``"ce"``.
     precision: ``"float64"`` or ``"float32"``.
     ids: the current set's sample ids (sorted int64), or None if untracked.
     input_shape: per-sample input shape; input_dtype: its dtype name.
+    shift: ``w_0 − w_lin`` flattened ``(P,)``, or None when the anchor is the
+      linearisation point.
+    anchored_at, linearized_at: ``"w_0"``/``"w_D"``, as in
+      :class:`fastntk_jax.unlearn.UnlearnResult`.
+    jacobian: ``"ce"``: the prepared set's Jacobian rows ``(N_0·C, P)``
+      (model dtype; rows of forgotten samples stay, unused).
+    offsets: ``"ce"``: ``b``, the linear model's logits at the anchor,
+      ``(N_0, C)``.
+    labels: ``"ce"``: ``(N_0,)``.
+    logits: ``"ce"``: ``f(w_lin)`` ``(N_0, C)``, to check a request's inputs.
+    active: ``"ce"``: ``(N_0,)`` bool, the samples still in the set.
+    solution: ``"ce"``: ``x_S`` ``(P,)`` in ``precision``.
+    ref_logits: ``"ce"``: ``z̄`` ``(N_0, C)``, where ``gram``'s terms were
+      formed.
+    row_ids: ``"ce"``: the id of each prepared row ``(N_0,)`` int64.
   """
   lin_params: Any
   gram: jax.Array
-  grad: jax.Array
+  grad: jax.Array | None
   chol: jax.Array
   num_samples: int
   num_outputs: int
@@ -87,6 +129,17 @@ class PreparedState(NamedTuple):
   ids: np.ndarray | None
   input_shape: tuple
   input_dtype: str
+  shift: jax.Array | None = None
+  anchored_at: str = "w_D"
+  linearized_at: str = "w_D"
+  jacobian: jax.Array | None = None
+  offsets: jax.Array | None = None
+  labels: np.ndarray | None = None
+  logits: jax.Array | None = None
+  active: np.ndarray | None = None
+  solution: jax.Array | None = None
+  ref_logits: jax.Array | None = None
+  row_ids: np.ndarray | None = None
 
 
 class DeletionResult(NamedTuple):
@@ -98,9 +151,14 @@ class DeletionResult(NamedTuple):
       request.
     num_forget: samples forgotten by this request.
     delta_norm: ``‖w_r − w_D‖₂``.
-    forget_residual_norm: ``‖V‖₂ = ‖J_f x_r + r_f‖₂``.
-    relative_residual: the larger relative residual of the two solves.
+    forget_residual_norm: ``‖V‖₂ = ‖J_F x_r + r_F‖₂`` (``"mse"``; NaN for
+      ``"ce"``).
+    relative_residual: the larger relative residual of the two solves
+      (``"mse"``) or the Newton solve's final relative gradient norm
+      (``"ce"``).
     seconds: wall time of the request.
+    solve: ``"ce"``: the :class:`fastntk_jax.newton.NewtonReport` of the
+      request's solve; None for ``"mse"``.
   """
   params: Any
   state: PreparedState
@@ -109,6 +167,7 @@ class DeletionResult(NamedTuple):
   forget_residual_norm: float
   relative_residual: float
   seconds: float
+  solve: newton.NewtonReport | None = None
 
 
 def _check_precision(precision):
@@ -126,79 +185,165 @@ def _check_ids(name, ids, n):
     raise TypeError(f"{name}: ids must be integers, got dtype {ids.dtype}.")
   if np.unique(ids).size != n:
     raise ValueError(f"{name}: ids must be unique; a sample id repeats.")
-  return np.sort(ids.astype(np.int64))
+  return ids.astype(np.int64)
+
+
+def state_bytes(loss: str, n: int, c: int, p: int, itemsize: int = 4,
+                precision: str = "float64") -> int:
+  """Memory of a :class:`PreparedState` (its dominant terms), in bytes.
+
+  ``"mse"``: ``A``, its factor and, during a request, their successors (four
+  ``P×P``). ``"ce"``: also the Jacobian rows ``N·C·P`` in the model's dtype
+  and a Gauss-Newton matrix being formed (five ``P×P``).
+  """
+  pp = p * p * np.dtype(precision).itemsize
+  if loss == "mse":
+    return 4 * pp
+  return n * c * p * itemsize + 5 * pp
 
 
 def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
-            init_params=None, damping: float = DEFAULT_DAMPING,
-            loss: str = "mse", ids=None, precision: str = "float64",
-            block_size: int | None = None, mesh=None) -> PreparedState:
+            anchor=None, linearize_at: str = "w_D",
+            damping: float = DEFAULT_DAMPING, loss: str = "mse", ids=None,
+            precision: str = "float64", block_size: int | None = None,
+            memory_budget: int = DEFAULT_MEMORY_BUDGET,
+            newton_tol: float | None = None, newton_max_steps: int = 100,
+            mesh=None, **legacy) -> PreparedState:
   """One pass over ``D`` after fine-tuning: what every later request needs.
 
   Args:
     apply_fn: ``apply_fn(params, x) -> (N, C)``, samples independent.
-    params: ``w_D`` (used as the linearisation point when ``init_params`` is
-      None, as in :func:`fastntk_jax.unlearn.unlearn`).
+    params: ``w_D``, the deployed PEFT parameters.
     data: ``(x, y)``, the whole training set ``D``.
-    init_params: ``w_0``, the linearisation point.
+    anchor: ``w_0``, the centre of the ridge term (as in
+      :func:`fastntk_jax.unlearn.unlearn`; None centres it at ``params``).
+    linearize_at: ``"w_D"`` (default) or ``"w_0"``: where ``J`` is taken.
     damping: λ > 0 (requests use Cholesky factors; for the λ → 0⁺ limit use
       :func:`fastntk_jax.unlearn.unlearn` with ``damping=0``).
-    loss: ``"mse"`` or ``"ce"``, the residual as in ``unlearn``.
-    ids: optional unique integer id per sample of ``D``; requests then name
-      their samples and are checked against what remains.
+    loss: the fine-tuning loss, ``"mse"`` or ``"ce"``.
+    ids: unique integer id per sample of ``D``; requests then name their
+      samples and are checked against what remains. Required for ``"ce"``
+      (its rows are found by id).
     precision: ``"float64"`` (default) or ``"float32"`` for the ``P×P``
-      matrices.
+      matrices and the solves.
     block_size: samples per Jacobian block.
+    memory_budget: bytes the state may take (:func:`state_bytes`); refused
+      before any work when over it.
+    newton_tol, newton_max_steps: for the ``"ce"`` solves (as in ``unlearn``);
+      a solve that does not converge raises :class:`UnlearningError`.
     mesh: devices to shard the Jacobian work over
       (:func:`fastntk_jax.kernels.default_mesh` when None).
 
   Returns:
-    :class:`PreparedState`. Memory: two ``P×P`` matrices in ``precision``.
+    :class:`PreparedState`.
   """
-  x, y = _check_split("data", data)
+  lin, anc = validate.check_points(params, anchor, linearize_at, legacy)
+  x, y = validate.check_split("data", data)
   if y.shape[0] == 0:
     raise ValueError("data: the training set is empty.")
-  if isinstance(damping, bool) or not isinstance(
-      damping, (int, float, np.floating, np.integer)):
-    raise TypeError(f"damping must be a float > 0, got {type(damping)}.")
-  damping = float(damping)
-  if not (math.isfinite(damping) and damping > 0):
-    raise ValueError(f"damping must be finite and > 0 for deletion requests, "
-                     f"got {damping}; use unlearn(damping=0) for the λ → 0⁺ "
-                     "limit.")
-  if loss not in _LOSSES:
-    raise ValueError(f"loss must be one of {_LOSSES}, got {loss!r}.")
+  damping = validate.check_damping(damping, positive=True)
+  loss = validate.check_loss(loss)
   _check_precision(precision)
-  _check_finite_tree("params", params)
-  if init_params is not None:
-    _check_finite_tree("init_params", init_params)
-    if (jax.tree_util.tree_structure(init_params)
-        != jax.tree_util.tree_structure(params)):
-      raise ValueError("init_params must have the tree structure of params.")
-  ids = None if ids is None else _check_ids("ids", ids, y.shape[0])
+  validate.check_positive_int_or_none("block_size", block_size)
+  validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
+  if ids is not None:
+    ids = _check_ids("ids", ids, y.shape[0])
+  elif loss == "ce":
+    raise ValueError("ids: cross-entropy deletion finds each request's "
+                     "Jacobian rows by sample id; pass ids=... (e.g. "
+                     "np.arange(len(y))).")
   c = kernels.num_outputs(apply_fn, params, x)
-  if y.min() < 0 or y.max() >= c:
-    raise ValueError(f"data: labels must lie in [0, {c}), got range "
-                     f"[{y.min()}, {y.max()}].")
+  validate.check_labels("data", y, c)
+  flat, _ = ravel_pytree(params)
+  n, p = int(y.shape[0]), int(flat.shape[0])
+  need = state_bytes(loss, n, c, p, flat.dtype.itemsize, precision)
+  if need > memory_budget:
+    alt = ("solve each request from scratch with unlearn(loss='ce', "
+           "solver='cg') (matrix-free), or choose a smaller PEFT set"
+           if loss == "ce" else "choose a smaller PEFT set (the state is "
+           "P×P), or unlearn(solver='cg') per request")
+    raise ValueError(
+        f"memory_budget: the prepared state needs about {need} bytes "
+        f"({need / 2**30:.3g} GiB) for N={n}, C={c}, P={p}"
+        f"{' (Jacobian rows N·C·P)' if loss == 'ce' else ''}, over "
+        f"memory_budget={memory_budget} ({memory_budget / 2**30:.3g} GiB). "
+        f"Raise memory_budget if the memory is there; otherwise {alt}.")
   mesh = kernels._resolve_mesh(mesh)
-  lin = params if init_params is None else init_params
-  # One pass: the logits at the linearisation point, residuals and Grams.
-  a, g, f0 = kernels.gram(apply_fn, lin, x, RESIDUAL_FNS[loss], y=y,
-                          precision=precision, block_size=block_size,
-                          mesh=mesh, return_outputs=True)
-  if not bool(jnp.all(jnp.isfinite(f0))):
-    raise ValueError("apply_fn returns NaN or infinite logits at the "
-                     "linearisation point.")
+  shift = None
   with kernels.precision_scope(precision):
-    chol = _cholesky(a, damping)
+    if anc is not lin:
+      shift = (ravel_pytree(anc)[0].astype(precision)
+               - ravel_pytree(lin)[0].astype(precision))
+  common = dict(lin_params=lin, num_samples=n, num_outputs=c,
+                damping=damping, loss=loss, precision=precision,
+                ids=None if ids is None else np.sort(ids),
+                input_shape=tuple(np.shape(x)[1:]),
+                input_dtype=str(jnp.result_type(x)), shift=shift,
+                anchored_at="w_D" if anchor is None else "w_0",
+                linearized_at=linearize_at)
+  blk = {"block_size": block_size, "mesh": mesh}
+  if loss == "mse":
+    return _prepare_mse(apply_fn, x, y, common, blk)
+  return _prepare_ce(apply_fn, x, y, ids, common, blk, newton_tol,
+                     newton_max_steps)
+
+
+def _prepare_mse(apply_fn, x, y, common, blk):
+  lin, precision, lam = (common["lin_params"], common["precision"],
+                         common["damping"])
+  # One pass: the logits at the linearisation point, residuals and Grams.
+  a, g, f0 = kernels.gram(apply_fn, lin, x, RESIDUAL_FNS["mse"], y=y,
+                          precision=precision, return_outputs=True, **blk)
+  _check_logits(f0)
+  with kernels.precision_scope(precision):
+    if common["shift"] is not None:
+      g = g + a @ common["shift"]
+    chol = _cholesky(a, lam)
     ok = bool(jnp.all(jnp.isfinite(chol)))
   if not ok:
     raise UnlearningError(
         f"prepare: A + λI is not numerically positive definite at damping="
-        f"{damping} in {precision}; raise damping or use precision='float64'.")
-  return PreparedState(lin, a, g, chol, int(y.shape[0]), c, damping, loss,
-                       precision, ids, tuple(np.shape(x)[1:]),
-                       str(jnp.result_type(x)))
+        f"{lam} in {precision}; raise damping or use precision='float64'.")
+  return PreparedState(gram=a, grad=g, chol=chol, **common)
+
+
+def _check_logits(f0):
+  if not bool(jnp.all(jnp.isfinite(f0))):
+    raise ValueError("apply_fn returns NaN or infinite logits at the "
+                     "linearisation point.")
+
+
+def _prepare_ce(apply_fn, x, y, ids, common, blk, tol, max_steps):
+  lin, precision, lam, c = (common["lin_params"], common["precision"],
+                            common["damping"], common["num_outputs"])
+  loss = objective.cross_entropy
+  jac = kernels.jacobian(apply_fn, lin, x, **blk)
+  f0 = kernels.predict(apply_fn, lin, x, mesh=blk["mesh"])
+  _check_logits(f0)
+  op = newton.DenseJacobian(jac, c)
+  with kernels.precision_scope(precision):
+    b = f0.astype(precision)
+    if common["shift"] is not None:
+      b = b + op.matvec(common["shift"])
+  sol, rep = newton.solve_primal(op, b, y, loss, lam, tol=tol,
+                                 max_iter=max_steps, precision=precision)
+  if not rep.converged:
+    raise UnlearningError(
+        f"prepare: the Newton solve on D stopped with status {rep.status!r} "
+        f"after {rep.iterations} steps at relative gradient norm "
+        f"{rep.grad_norm:.3g}; raise newton_max_steps or damping.")
+  with kernels.precision_scope(precision):
+    z_ref = b + op.matvec(sol)
+    gram = op.ggn(loss.hess_factor(z_ref), precision)
+    chol = _cholesky(gram, lam)
+    if not bool(jnp.all(jnp.isfinite(chol))):
+      raise UnlearningError(
+          f"prepare: the Gauss-Newton matrix + λI is not numerically positive "
+          f"definite at damping={lam} in {precision}; raise damping.")
+  return PreparedState(
+      gram=gram, grad=None, chol=chol, jacobian=jac, offsets=b, labels=y,
+      logits=f0, active=np.ones(len(y), bool), solution=sol,
+      ref_logits=z_ref, row_ids=ids, **common)
 
 
 @jax.jit
@@ -225,7 +370,8 @@ def _request(a, g, chol, a_f, g_f, rr_f, damping):
 
 def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
            params, forget_set, *, ids=None, block_size: int | None = None,
-           mesh=None) -> DeletionResult:
+           newton_tol: float | None = None, newton_max_steps: int = 50,
+           cg_max_steps: int | None = None, mesh=None) -> DeletionResult:
   """Answers one deletion request: forgets ``forget_set`` from ``params``.
 
   Args:
@@ -237,23 +383,27 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
     ids: their ids, required when ``state`` tracks ids (checked to be in the
       current set; a sample cannot be forgotten twice).
     block_size: samples per Jacobian block.
+    newton_tol, newton_max_steps, cg_max_steps: the ``"ce"`` solve's
+      tolerance and caps (a solve that does not converge raises
+      :class:`UnlearningError` and leaves ``state`` unchanged).
     mesh: as in :func:`prepare`.
 
   Returns:
-    :class:`DeletionResult`; ``result.state`` describes ``D`` without
-    ``forget_set``.
+    :class:`DeletionResult`; ``result.state`` describes the current set
+    without ``forget_set``.
 
   Raises:
-    ValueError: bad input; ids not in the current set; nothing would remain.
+    ValueError: bad input; ids not in the current set; nothing would remain;
+      (``"ce"``) the inputs are not the prepared samples with these ids.
     UnlearningError: ``A_r + λI`` is not positive definite — the samples were
       not part of the prepared set (without ids this cannot be checked
-      otherwise).
+      otherwise) — or the ``"ce"`` solve did not converge.
   """
   t0 = time.perf_counter()
   if not isinstance(state, PreparedState):
     raise TypeError("state must be the PreparedState returned by prepare() or "
                     "by the previous forget() call.")
-  x_f, y_f = _check_split("forget_set", forget_set)
+  x_f, y_f = validate.check_split("forget_set", forget_set)
   n_f = int(y_f.shape[0])
   if n_f == 0:
     raise ValueError("forget_set is empty; there is nothing to forget.")
@@ -263,14 +413,12 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
         f"forget_set: inputs are {np.shape(x_f)[1:]} {jnp.result_type(x_f)} "
         f"but the prepared set has {state.input_shape} {state.input_dtype}; "
         "prepare both the same way.")
-  if y_f.min() < 0 or y_f.max() >= state.num_outputs:
-    raise ValueError(f"forget_set: labels must lie in [0, "
-                     f"{state.num_outputs}).")
+  validate.check_labels("forget_set", y_f, state.num_outputs)
   if n_f >= state.num_samples:
     raise ValueError(f"forget_set has {n_f} samples but the prepared set has "
                      f"{state.num_samples}; at least one must remain. To "
-                     "forget everything, reset to init_params.")
-  remaining = state.ids
+                     "forget everything, reset to the anchor w_0.")
+  remaining, req = state.ids, None
   if state.ids is not None:
     if ids is None:
       raise ValueError("ids: the state tracks sample ids; pass the ids of "
@@ -285,20 +433,42 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
   elif ids is not None:
     raise ValueError("ids: the state was prepared without ids; prepare with "
                      "ids=... to track samples, or drop ids here.")
-  # ---- work ∝ |D_f| --------------------------------------------------------
+  validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
   mesh = kernels._resolve_mesh(mesh)
+  if state.loss == "ce":
+    return _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining,
+                      newton_tol, newton_max_steps, cg_max_steps, mesh, t0)
+  return _forget_mse(state, apply_fn, params, x_f, y_f, remaining,
+                     block_size, mesh, t0)
+
+
+def _apply(params, delta):
+  flat, unravel = ravel_pytree(params)
+  new = jax.tree_util.tree_map(
+      lambda w, d: (w + d).astype(jnp.result_type(w)), params,
+      unravel(delta.astype(flat.dtype)))
+  return jax.block_until_ready(new)
+
+
+def _forget_mse(state, apply_fn, params, x_f, y_f, remaining, block_size,
+                mesh, t0):
+  """Work ∝ |F|: the request's Gram pass and one P×P factorisation."""
+  n_f = int(y_f.shape[0])
   lin = state.lin_params
-  a_f, g_f, f0 = kernels.gram(apply_fn, lin, x_f, RESIDUAL_FNS[state.loss],
-                              y=y_f, precision=state.precision,
-                              block_size=block_size, mesh=mesh,
-                              return_outputs=True)
-  r_f = _residuals(f0, y_f, state.loss).reshape(n_f, -1)
+  a_f, g_f, f0 = kernels.gram(apply_fn, lin, x_f, RESIDUAL_FNS["mse"], y=y_f,
+                              precision=state.precision, block_size=block_size,
+                              mesh=mesh, return_outputs=True)
+  r_f = RESIDUAL_FNS["mse"](f0, jnp.asarray(y_f))
   with kernels.precision_scope(state.precision):
+    rr_f = jnp.sum(jnp.asarray(r_f, state.gram.dtype) ** 2)
+    if state.shift is not None:  # the residual at the anchor: r + J_F d
+      d = kernels._replicate(mesh, state.shift)
+      rr_f = rr_f + 2 * d @ g_f + d @ (a_f @ d)
+      g_f = g_f + a_f @ d
     # Everything on the request's devices (the state may come from another
     # mesh, or from a checkpoint on the host).
     a, g, chol, rr_f, lam = kernels._replicate(mesh, (
-        state.gram, state.grad, state.chol,
-        jnp.sum(jnp.asarray(r_f, state.gram.dtype) ** 2),
+        state.gram, state.grad, state.chol, rr_f,
         jnp.asarray(state.damping, state.gram.dtype)))
     delta, a_r, g_r, chol_r, res, v = _request(a, g, chol, a_f, g_f, rr_f,
                                                lam)
@@ -306,18 +476,73 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
         jnp.all(jnp.isfinite(delta)))
     delta_norm = float(jnp.linalg.norm(delta))
     res, v = float(res), float(v)
-    flat, unravel = ravel_pytree(params)
-    delta = delta.astype(flat.dtype)
+    delta = delta.astype(ravel_pytree(params)[0].dtype)
   if not ok:
     raise UnlearningError(
         "forget: A_r + λI is not positive definite after removing the "
         "request's samples. Were they part of the prepared set? Track them "
         "with prepare(..., ids=...); otherwise raise damping or use "
         "precision='float64'.")
-  new_params = jax.tree_util.tree_map(
-      lambda w, d: (w + d).astype(jnp.result_type(w)), params, unravel(delta))
-  jax.block_until_ready(new_params)
+  new_params = _apply(params, delta)
   new_state = state._replace(gram=a_r, grad=g_r, chol=chol_r,
                              num_samples=state.num_samples - n_f, ids=remaining)
   return DeletionResult(new_params, new_state, n_f, delta_norm, v, res,
                         time.perf_counter() - t0)
+
+
+def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
+               max_steps, cg_max_steps, mesh, t0):
+  """Newton-CG on the kept rows from the current solution (module docstring)."""
+  order = np.argsort(state.row_ids)
+  rows = order[np.searchsorted(state.row_ids, req, sorter=order)]
+  if not np.array_equal(state.labels[rows], y_f):
+    raise ValueError("forget_set: the labels differ from those prepared for "
+                     "these ids; pass each sample with its own id.")
+  # The request's inputs must be the prepared samples: one forward pass.
+  f_req = kernels.predict(apply_fn, state.lin_params, x_f, mesh=mesh)
+  ref = state.logits[rows]
+  scale = float(jnp.max(jnp.abs(ref))) + 1.0
+  if float(jnp.max(jnp.abs(f_req - ref))) > 1e-3 * scale:
+    raise ValueError("forget_set: the inputs give other logits at the "
+                     "linearisation point than the prepared samples with "
+                     "these ids; pass each sample with its own id, "
+                     "preprocessed as at prepare().")
+  loss = objective.cross_entropy
+  c, lam, prec = state.num_outputs, state.damping, state.precision
+  op = newton.DenseJacobian(state.jacobian, c)
+  active = state.active.copy()
+  active[rows] = False
+  with kernels.precision_scope(prec):
+    sub = newton.DenseJacobian(state.jacobian.reshape(-1, c, op.p)[rows]
+                               .reshape(-1, op.p), c)
+    gram = state.gram - sub.ggn(loss.hess_factor(state.ref_logits[rows]),
+                                prec)
+    chol = _cholesky(gram, lam)
+    if not bool(jnp.all(jnp.isfinite(chol))):
+      raise UnlearningError(
+          "forget: the preconditioner lost positive definiteness after the "
+          "downdate; raise damping or use precision='float64'.")
+    precond = jax.jit(lambda r: jsl.cho_solve((chol, True), r))
+    weights = jnp.asarray(active, prec)
+  x_new, rep = newton.solve_newton_cg(
+      op, state.offsets, state.labels, loss, lam, weights=weights,
+      x0=state.solution, tol=tol, max_iter=max_steps,
+      cg_max_steps=cg_max_steps, preconditioner=precond, precision=prec)
+  if not rep.converged:
+    raise UnlearningError(
+        f"forget: the Newton solve on the remaining set stopped with status "
+        f"{rep.status!r} after {rep.iterations} steps at relative gradient "
+        f"norm {rep.grad_norm:.3g}; the state is unchanged. Raise "
+        "newton_max_steps or cg_max_steps, or loosen newton_tol.")
+  with kernels.precision_scope(prec):
+    delta = x_new - state.solution
+    delta_norm = float(jnp.linalg.norm(delta))
+    delta = delta.astype(ravel_pytree(params)[0].dtype)
+  new_params = _apply(params, delta)
+  new_state = state._replace(gram=gram, chol=chol, active=active,
+                             solution=x_new,
+                             num_samples=state.num_samples - len(rows),
+                             ids=remaining)
+  return DeletionResult(new_params, new_state, len(rows), delta_norm,
+                        float("nan"), rep.grad_norm,
+                        time.perf_counter() - t0, rep)

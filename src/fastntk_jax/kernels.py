@@ -427,14 +427,17 @@ def jacobian(apply_fn: ApplyFn, params, x, *, block_size: int | None = None,
 
 
 @_per_apply_fn
-def _gram_block_fn(apply_fn, residual_fn, mesh: Mesh | None):
+def _gram_block_fn(apply_fn, residual_fn, mesh: Mesh | None,
+                   weighted: bool = False):
   """Jitted pass over one block: logits, Jacobian rows and their Gram terms.
 
-  ``(params, x_b, t_b, keep_b) -> (f_b, J_bᵀ diag(keep) J_b,
+  ``(params, x_b, t_b, keep_b[, l_b]) -> (f_b, J_bᵀ diag(keep) J_b,
   J_bᵀ diag(keep) r_b)`` where ``f_b`` are the block's logits (from the same
   forward pass as its Jacobian), ``r_b = residual_fn(f_b, t_b)`` (or ``t_b``
   itself when ``residual_fn`` is None) and ``keep`` zeroes the padding
-  samples exactly.
+  samples exactly. With ``weighted``, the Gram term is
+  ``Σ_i keep_i J_iᵀ L_i L_iᵀ J_i`` for per-sample ``L_i`` (``l_b``,
+  ``(B, C, C)``): a generalised Gauss-Newton matrix.
 
   The two products carry a leading axis of one term per device
   (``(D, P, P)``, ``(D, P)``, sharded along it): each device contracts its
@@ -445,7 +448,7 @@ def _gram_block_fn(apply_fn, residual_fn, mesh: Mesh | None):
   """
   hi = jax.lax.Precision.HIGHEST
 
-  def body(params, xb, tb, keep):
+  def body(params, xb, tb, keep, *lb):
     flat, unravel = ravel_pytree(params)
 
     def one(xi):
@@ -456,17 +459,24 @@ def _gram_block_fn(apply_fn, residual_fn, mesh: Mesh | None):
     out, jac = jax.vmap(one)(xb)  # (B, C), (B, C, P)
     r = tb if residual_fn is None else residual_fn(out, tb)
     c = out.shape[1]
+    rows = jac
+    if weighted:  # rows L_iᵀ J_i
+      rows = jnp.einsum("bcd,bcp->bdp", lb[0].astype(jac.dtype), jac,
+                        precision=hi)
     jac = jac.reshape(-1, flat.shape[0])
-    jk = jac * jnp.repeat(keep.astype(jac.dtype), c)[:, None]
-    g = jnp.matmul(jk.T, jac, precision=hi)
-    gb = jnp.matmul(jk.T, r.reshape(-1).astype(jac.dtype), precision=hi)
+    rows = rows.reshape(-1, flat.shape[0])
+    keep_rows = jnp.repeat(keep.astype(jac.dtype), c)[:, None]
+    g = jnp.matmul((rows * keep_rows).T, rows, precision=hi)
+    gb = jnp.matmul((jac * keep_rows).T, r.reshape(-1).astype(jac.dtype),
+                    precision=hi)
     return out, g[None], gb[None]
 
   if mesh is None:
     return jax.jit(body)
   rows = P(DATA_AXIS)
+  n_in = 5 if weighted else 4
   return jax.jit(jax.shard_map(body, mesh=mesh,
-                               in_specs=(P(), rows, rows, rows),
+                               in_specs=(P(),) + (rows,) * (n_in - 1),
                                out_specs=(rows, rows, rows), check_vma=False))
 
 
@@ -510,7 +520,8 @@ def precision_scope(precision: str | None):
 
 def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
          block_size: int | None = None, mesh: Mesh | None = None,
-         precision: str | None = None, return_outputs: bool = False):
+         precision: str | None = None, return_outputs: bool = False,
+         weights=None):
   """Parameter-space Gram matrix and gradient, accumulated over blocks.
 
   One pass over ``x``: each block's forward pass gives both its logits and
@@ -536,6 +547,10 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
       ``precision`` (float64 sums keep full-dataset Grams, whose condition
       number grows with N, usable).
     return_outputs: also return the logits ``apply_fn(params, x)``.
+    weights: optional per-sample factors ``L_i``, ``(N, C, C)``: the first
+      output is then ``Σ_i J_iᵀ L_i L_iᵀ J_i`` (a generalised Gauss-Newton
+      matrix, e.g. with :meth:`fastntk_jax.objective.Loss.hess_factor`); the
+      gradient ``Jᵀ r`` is unchanged.
 
   Returns:
     ``(JᵀJ, Jᵀ r)`` of shapes ``(P, P)`` and ``(P,)`` (the second is None
@@ -571,7 +586,12 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
          else jnp.asarray(r, flat.dtype).reshape(n, c))
   else:
     t = y
-  fn = _gram_block_fn(apply_fn, residual_fn, mesh)
+  if weights is not None:
+    weights = jnp.asarray(weights)
+    if weights.shape != (n, c, c):
+      raise ValueError(f"weights must have shape (N, C, C) = {(n, c, c)}, got "
+                       f"{weights.shape}.")
+  fn = _gram_block_fn(apply_fn, residual_fn, mesh, weights is not None)
   add = _add_terms_fn(mesh)
   jac_fn = _jac_block_fn(apply_fn)
   params_r = _replicate(mesh, params)
@@ -585,9 +605,9 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
   outs = []
   for s, e in _blocks(n, block):
     keep = (jnp.arange(block) < (e - s)).astype(flat.dtype)
-    xb, tb, kb = _shard_rows(mesh, (_pad(x[s:e], block), _pad(t[s:e], block),
-                                    keep))
-    out, g, gb = fn(params_r, xb, tb, kb)
+    args = _shard_rows(mesh, (_pad(x[s:e], block), _pad(t[s:e], block), keep)
+                       + (() if weights is None else (_pad(weights[s:e], block),)))
+    out, g, gb = fn(params_r, *args)
     with precision_scope(precision):
       acc_a, acc_b = add(acc_a, acc_b, g, gb)
     if return_outputs:

@@ -14,6 +14,14 @@ Losses:
 
 "Retrain" in the papers is this same recipe, from ``w_0``, on ``D_r`` only.
 
+Two options make the recipe match what Fast-NTK solves
+(:mod:`fastntk_jax.newton`): ``proximal=λ`` adds ``(λ/N)/2 ‖w − w_0‖²`` to the
+mean loss over the ``N`` training samples, i.e. the objective
+``(1/N)[Σ_i ℓ_i + (λ/2)‖w − w_0‖²]`` whose linearisation ``unlearn`` minimises
+with ``damping=λ``; ``tangent=True`` trains the tangent model
+``f(w_0) + J(w_0)(w − w_0)`` (:func:`fastntk_jax.tangent.tangent_model`)
+instead of the network, which ``unlearn`` then forgets exactly.
+
 :func:`pretrain` is the other recipe: all parameters of a Flax backbone, with
 BatchNorm in training mode (batch statistics, running averages updated),
 cross-entropy, random crop + flip, SGD with momentum and a cosine schedule. It
@@ -23,6 +31,7 @@ is resumable: its state after each epoch is a pytree the caller checkpoints.
 from __future__ import annotations
 
 import functools
+import math
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -31,6 +40,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from fastntk_jax.tangent import tangent_model
 
 __all__ = [
     "FinetuneConfig",
@@ -43,6 +54,7 @@ __all__ = [
     "learning_rate_schedule",
     "loss_fn",
     "pretrain",
+    "proximal_term",
     "random_crop",
 ]
 
@@ -66,6 +78,14 @@ class FinetuneConfig(NamedTuple):
     schedule: ``"constant"`` (default) or ``"cosine"`` (decay to 0 over all
       steps, after ``warmup_epochs`` of linear warm-up).
     warmup_epochs: linear warm-up length for ``"cosine"``.
+    proximal: λ ≥ 0: adds ``(λ/N)/2 ‖w − w_0‖²`` to the mean loss (``N`` the
+      number of training samples, ``w_0`` the initial parameters): the ridge
+      term of the problem :func:`fastntk_jax.unlearn.unlearn` solves with
+      ``damping=λ``. 0 (default) disables it.
+    tangent: train the tangent model ``f(w_0, x) + J(w_0, x)(w − w_0)`` (one
+      JVP per forward pass) instead of the network;
+      :attr:`FinetuneResult.apply_fn` is then that model, which is what must
+      be evaluated, deployed and unlearned.
   """
   loss: str = "mse"
   epochs: int = 30
@@ -77,14 +97,19 @@ class FinetuneConfig(NamedTuple):
   crop_padding: int = 0
   schedule: str = "constant"
   warmup_epochs: int = 0
+  proximal: float = 0.0
+  tangent: bool = False
 
 
 class FinetuneResult(NamedTuple):
-  """Attributes: ``params`` (trained), ``losses`` (mean loss per epoch),
-  ``seconds`` (wall time, compilation included)."""
+  """Attributes: ``params`` (trained), ``losses`` (mean objective per epoch,
+  the proximal term included), ``seconds`` (wall time, compilation
+  included), ``apply_fn`` (the model the parameters belong to: the given
+  ``apply_fn``, or its tangent model when ``config.tangent``)."""
   params: Any
   losses: np.ndarray
   seconds: float
+  apply_fn: Callable[[Any, Any], jax.Array] | None = None
 
 
 def loss_fn(logits: jax.Array, y: jax.Array, loss: str) -> jax.Array:
@@ -153,22 +178,40 @@ def _check(x, y, config: FinetuneConfig):
     raise ValueError("x is empty: nothing to fine-tune on.")
   if config.epochs < 0 or config.batch_size < 1:
     raise ValueError("config: epochs must be >= 0 and batch_size >= 1.")
+  prox = config.proximal
+  if isinstance(prox, bool) or not isinstance(prox, (int, float)) or not (
+      math.isfinite(prox) and prox >= 0):
+    raise ValueError(f"config.proximal must be a finite number >= 0 (λ of "
+                     f"the term (λ/N)/2‖w − w_0‖²), got {prox!r}.")
+  if not isinstance(config.tangent, bool):
+    raise ValueError(f"config.tangent must be True or False, got "
+                     f"{config.tangent!r}.")
   if config.augment and np.ndim(x) != 4:
     raise ValueError("config.augment flips images (N, H, W, C); got x of shape "
                      f"{np.shape(x)}. Set augment=False for other inputs.")
+
+
+def proximal_term(params, w_0) -> jax.Array:
+  """``½‖w − w_0‖²`` over a pytree."""
+  return 0.5 * sum(jnp.sum((a - b) ** 2) for a, b in zip(
+      jax.tree_util.tree_leaves(params), jax.tree_util.tree_leaves(w_0)))
 
 
 @functools.lru_cache(maxsize=32)
 def _step_fn(apply_fn, loss: str, tx: optax.GradientTransformation,
              augment: bool, crop_padding: int = 0):
 
-  def step(params, opt_state, key, xb, yb):
+  def step(params, opt_state, key, xb, yb, w_0, prox):
     if augment and crop_padding:
       xb = _augment(key, xb, crop_padding)
     elif augment:
       xb = hflip(key, xb)
-    value, grads = jax.value_and_grad(
-        lambda p: loss_fn(apply_fn(p, xb), yb, loss))(params)
+
+    def objective(p):
+      # prox = λ/N: (λ/N)/2 ‖w − w_0‖² beside the batch's mean loss.
+      return loss_fn(apply_fn(p, xb), yb, loss) + prox * proximal_term(p, w_0)
+
+    value, grads = jax.value_and_grad(objective)(params)
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state, value
 
@@ -208,12 +251,16 @@ def finetune(apply_fn: Callable[[Any, Any], jax.Array], params, x, y, *,
                                 config.epochs * steps_per_epoch,
                                 config.warmup_epochs * steps_per_epoch)
   tx = _optimizer(lr, float(config.weight_decay))
+  if config.tangent:
+    apply_fn = tangent_model(apply_fn, params)
   step = _step_fn(apply_fn, config.loss, tx, bool(config.augment),
                   int(config.crop_padding))
   opt_state = tx.init(params)
+  w_0 = params
   x = jnp.asarray(x)
   y = jnp.asarray(y, jnp.int32)
   n = x.shape[0]
+  prox = jnp.asarray(float(config.proximal) / n, jnp.float32)
   rng = np.random.default_rng(config.seed)
   key = jax.random.PRNGKey(config.seed)
   losses = []
@@ -223,13 +270,15 @@ def finetune(apply_fn: Callable[[Any, Any], jax.Array], params, x, y, *,
     for s in range(0, n, config.batch_size):
       idx = order[s:s + config.batch_size]
       key, sub = jax.random.split(key)
-      params, opt_state, value = step(params, opt_state, sub, x[idx], y[idx])
+      params, opt_state, value = step(params, opt_state, sub, x[idx], y[idx],
+                                      w_0, prox)
       total += float(value) * len(idx)
     losses.append(total / n)
     if progress is not None:
       progress(epoch, losses[-1])
   jax.block_until_ready(params)
-  return FinetuneResult(params, np.asarray(losses), time.perf_counter() - t0)
+  return FinetuneResult(params, np.asarray(losses), time.perf_counter() - t0,
+                        apply_fn)
 
 
 class PretrainConfig(NamedTuple):

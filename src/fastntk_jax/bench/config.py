@@ -222,6 +222,12 @@ def _check_finetune(f: dict) -> None:
   _check_type("finetune.learning_rate", lr, (int, float), "a number > 0")
   if not (math.isfinite(lr) and lr > 0):
     raise ConfigError("finetune.learning_rate must be finite and > 0.")
+  prox = f["proximal"]
+  _check_type("finetune.proximal", prox, (int, float), "a number >= 0")
+  if not (math.isfinite(prox) and prox >= 0):
+    raise ConfigError("finetune.proximal must be finite and >= 0 (λ of "
+                      "(λ/N)/2‖w − w_0‖²).")
+  _check_type("finetune.tangent", f["tangent"], bool, "true or false")
 
 
 def _check_metrics(m: dict) -> None:
@@ -263,6 +269,9 @@ def load_config(path: str | Path, overrides: Mapping | None = None) -> dict:
   return resolve(raw)
 
 
+_LATER_FINETUNE_DEFAULTS = {"proximal": 0.0, "tangent": False}
+
+
 def config_hash(cfg: Mapping) -> str:
   """A digest of everything that determines the runs' results.
 
@@ -271,5 +280,12 @@ def config_hash(cfg: Mapping) -> str:
   directory; each method's run file records its own hyperparameters.
   """
   core = {k: v for k, v in cfg.items() if k not in _RESUMABLE_KEYS}
+  # Recipe options added later are left out at their defaults, so that the
+  # digests of directories written before them stay the same.
+  ft = dict(core.get("finetune", {}))
+  for k, off in _LATER_FINETUNE_DEFAULTS.items():
+    if k in ft and ft[k] == off:
+      del ft[k]
+  core["finetune"] = ft
   text = json.dumps(core, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]

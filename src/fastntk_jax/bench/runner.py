@@ -39,6 +39,7 @@ from fastntk_jax import kernels
 from fastntk_jax import methods as methods_lib
 from fastntk_jax import splits
 from fastntk_jax import train
+from fastntk_jax.tangent import tangent_model
 from fastntk_jax import zoo
 from fastntk_jax.bench import evaluate
 from fastntk_jax.bench import report
@@ -243,6 +244,12 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
               num_classes, bar, log) -> None:
   mcfg = cfg["metrics"]
   recipe = train.FinetuneConfig(**cfg["finetune"], seed=seed)
+  if recipe.tangent:
+    # The deployed model is the tangent model at this seed's w_0: every
+    # method, metric and Retrain sees it (and trains it as it is).
+    model = model._replace(apply_fn=tangent_model(model.apply_fn,
+                                                  model.init_params))
+    recipe = recipe._replace(tangent=False)
   ft_path = sdir / "finetune.ckpt"
   w_d = None
   if ft_path.is_file():

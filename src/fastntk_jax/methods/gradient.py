@@ -106,20 +106,25 @@ def retrain(problem, *, key):
                       "losses": [float(v) for v in res.losses]}
 
 
-def fast_ntk(problem, *, key, damping, solver, linearize, loss):
-  """Eq. (1) of Fast-NTK; ``linearize="trained"``: J at ``w_D``,
-  ``"init"``: J and ``f_0`` at ``w_0``; ``loss``: the residual's loss,
-  ``"recipe"`` (the fine-tuning loss), ``"mse"`` or ``"ce"``."""
+def fast_ntk(problem, *, key, damping, solver, linearize_at, anchor, loss):
+  """Fast-NTK (:func:`fastntk_jax.unlearn.unlearn`): ``linearize_at`` —
+  ``"w_D"`` (J and f at the fine-tuned parameters) or ``"w_0"``; ``anchor``
+  — ``"w_0"`` (the ridge term centred at the parameters fine-tuning started
+  from) or ``"w_D"`` (no anchor given); ``loss`` — ``"recipe"`` (the
+  fine-tuning loss), ``"mse"`` or ``"ce"``."""
   del key
   res = ntk_unlearn(
       problem.apply_fn, problem.params, problem.retain, problem.forget,
-      init_params=None if linearize == "trained" else problem.init_params,
-      damping=float(damping),
+      anchor=problem.init_params if anchor == "w_0" else None,
+      linearize_at=linearize_at, damping=float(damping),
       loss=problem.recipe.loss if loss == "recipe" else loss, solver=solver)
   return res.params, {"solver": res.solver, "damping": res.damping,
                       "cond": res.cond, "delta_norm": res.delta_norm,
                       "linearized_at": res.linearized_at,
-                      "relative_residual": res.relative_residual}
+                      "anchored_at": res.anchored_at,
+                      "relative_residual": res.relative_residual,
+                      "newton_steps": [r.iterations for r in res.solves],
+                      "converged": res.converged}
 
 
 def _loop(problem, key, data, n, tx, objective, *, epochs, learning_rate,
@@ -210,10 +215,12 @@ METHODS = {
     "full": C.MethodSpec(full, {}, {}),
     "retrain": C.MethodSpec(retrain, {}, {}),
     "fast_ntk": C.MethodSpec(
-        fast_ntk, {"damping": 1.0, "solver": "auto", "linearize": "trained",
-                   "loss": "recipe"},
-        {"damping": C.NONNEGATIVE, "solver": C.one_of("auto", "dual", "primal"),
-         "linearize": C.one_of("trained", "init"),
+        fast_ntk, {"damping": 1.0, "solver": "auto", "linearize_at": "w_D",
+                   "anchor": "w_0", "loss": "recipe"},
+        {"damping": C.NONNEGATIVE,
+         "solver": C.one_of("auto", "dual", "primal", "cg"),
+         "linearize_at": C.one_of("w_D", "w_0"),
+         "anchor": C.one_of("w_0", "w_D"),
          "loss": C.one_of("recipe", "mse", "ce")}),
     "max_loss": C.MethodSpec(
         max_loss, {"epochs": 5, "learning_rate": 2e-3},

@@ -1,0 +1,177 @@
+"""Newton solvers of the linearised problem against an independent minimiser."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.scipy.optimize import minimize
+
+from fastntk_jax import kernels, newton, objective, update
+
+
+def _model(seed=0, n=24, d=5, h=6, c=4):
+  rng = np.random.default_rng(seed)
+
+  def apply_fn(p, x):
+    return jnp.tanh(x @ p["w"]) @ p["v"] + p["b"]
+
+  params = {"w": jnp.asarray(rng.normal(size=(d, h))),
+            "v": jnp.asarray(rng.normal(size=(h, c))),
+            "b": jnp.zeros(c)}
+  x = jnp.asarray(rng.normal(size=(n, d)))
+  y = rng.integers(0, c, n)
+  return apply_fn, params, x, y
+
+
+def _reference(jac, b, y, loss, lam):
+  """Φ written out with the explicit Jacobian, minimised by BFGS (jax.scipy)
+  and polished by Newton steps with JAX's own Hessian of Φ (jax.hessian):
+  nothing here uses the library's curvature, line search or solvers."""
+  n, c = b.shape
+
+  def phi(x):
+    z = b + (jac @ x).reshape(n, c)
+    return jnp.sum(loss.value(z, jnp.asarray(y))) + 0.5 * lam * x @ x
+
+  x = minimize(phi, jnp.zeros(jac.shape[1]), method="BFGS", tol=1e-14).x
+  grad, hess = jax.jit(jax.grad(phi)), jax.jit(jax.hessian(phi))
+  for _ in range(5):
+    x = x - jnp.linalg.solve(hess(x), grad(x))
+  assert float(jnp.linalg.norm(grad(x))) < 1e-10
+  return x
+
+
+@pytest.mark.parametrize("name", ["ce", "mse"])
+def test_every_form_reaches_the_minimiser(name):
+  with jax.enable_x64(True):
+    apply_fn, params, x, y = _model()
+    loss = objective.LOSSES[name]
+    jac = kernels.jacobian(apply_fn, params, x)
+    f = apply_fn(params, x)
+    b = f + 0.3  # any offsets
+    lam = 0.7
+    ref = _reference(jac, b, y, loss, lam)
+    dense = newton.DenseJacobian(jac, 4)
+    passes = newton.PassJacobian(apply_fn, params, x, block_size=7)
+    got = {
+        "primal-dense": newton.solve_primal(dense, b, y, loss, lam),
+        "primal-pass": newton.solve_primal(passes, b, y, loss, lam),
+        "cg-dense": newton.solve_newton_cg(dense, b, y, loss, lam),
+        "cg-pass": newton.solve_newton_cg(passes, b, y, loss, lam),
+    }
+    beta, rep = newton.solve_dual(jac @ jac.T, b, y, loss, lam)
+    got["dual"] = (jac.T @ beta, rep)
+    scale = float(jnp.linalg.norm(ref))
+    assert scale > 0.1
+    for key, (sol, rep) in got.items():
+      assert rep.converged and rep.status == "converged", (key, rep)
+      assert rep.grad_norm <= 1e-9
+      assert float(jnp.linalg.norm(sol - ref)) < 1e-7 * scale, key
+    # Squared error is quadratic: one Newton step for the direct forms.
+    if name == "mse":
+      assert got["primal-dense"][1].iterations == 1
+      assert got["dual"][1].iterations == 1
+    else:
+      assert got["primal-dense"][1].iterations > 2
+    assert got["cg-dense"][1].cg_steps > 0
+    assert got["primal-dense"][1].cg_steps == 0
+
+
+def test_squared_error_newton_step_is_the_ridge_retrain_of_eq1():
+  with jax.enable_x64(True):
+    apply_fn, params, x, y = _model(1)
+    jac = kernels.jacobian(apply_fn, params, x)
+    f = apply_fn(params, x)
+    r = (f - jax.nn.one_hot(y, 4)).reshape(-1)
+    want = update.parameter_space(jac.T @ jac, jnp.zeros((jac.shape[1],) * 2),
+                                  jac.T @ r, jnp.zeros(jac.shape[1]),
+                                  0.4).x_retrain
+    sol, _ = newton.solve_primal(newton.DenseJacobian(jac, 4), f, y,
+                                 objective.squared_error, 0.4)
+    np.testing.assert_allclose(sol, want, rtol=1e-10)
+
+
+def test_zero_weights_drop_samples_and_warm_starts_agree():
+  with jax.enable_x64(True):
+    apply_fn, params, x, y = _model(2)
+    loss = objective.cross_entropy
+    jac = kernels.jacobian(apply_fn, params, x)
+    b = apply_fn(params, x)
+    keep = np.arange(len(y)) % 3 != 0
+    sub = newton.DenseJacobian(jac.reshape(len(y), 4, -1)[keep].reshape(
+        -1, jac.shape[1]), 4)
+    want, _ = newton.solve_primal(sub, b[keep], y[keep], loss, 0.5)
+    op = newton.DenseJacobian(jac, 4)
+    x_d, _ = newton.solve_primal(op, b, y, loss, 0.5)
+    got, rep = newton.solve_primal(op, b, y, loss, 0.5, weights=keep, x0=x_d)
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    assert float(jnp.linalg.norm(x_d - want)) > 1e-2  # the start was elsewhere
+    beta, _ = newton.solve_dual(jac @ jac.T, b, y, loss, 0.5)
+    k = np.repeat(keep, 4)
+    beta_r, _ = newton.solve_dual((jac @ jac.T)[k][:, k], b[keep], y[keep],
+                                  loss, 0.5, beta0=beta[k])
+    np.testing.assert_allclose(jac[k].T @ beta_r, want, atol=1e-8)
+
+
+def test_preconditioned_newton_cg_needs_fewer_steps():
+  with jax.enable_x64(True):
+    apply_fn, params, x, y = _model(3, n=40)
+    loss = objective.cross_entropy
+    jac = kernels.jacobian(apply_fn, params, x)
+    b = apply_fn(params, x)
+    op = newton.DenseJacobian(jac, 4)
+    plain, rep0 = newton.solve_newton_cg(op, b, y, loss, 0.05)
+    ggn = op.ggn(loss.hess_factor(b), jnp.float64) + 0.05 * jnp.eye(op.p)
+    chol = jnp.linalg.cholesky(ggn)
+    prec = lambda r: jax.scipy.linalg.cho_solve((chol, True), r)
+    pre, rep1 = newton.solve_newton_cg(op, b, y, loss, 0.05,
+                                       preconditioner=prec)
+    np.testing.assert_allclose(pre, plain, atol=1e-8)
+    assert rep1.converged and rep0.converged
+    assert rep1.cg_steps < rep0.cg_steps
+
+
+def test_non_convergence_is_a_status_not_an_answer():
+  with jax.enable_x64(True):
+    apply_fn, params, x, y = _model(4)
+    op = newton.DenseJacobian(kernels.jacobian(apply_fn, params, x), 4)
+    b = 5 * apply_fn(params, x)
+    _, rep = newton.solve_primal(op, b, y, objective.cross_entropy, 0.1,
+                                 max_iter=1)
+    assert not rep.converged and rep.status == "max_iterations"
+    assert rep.iterations == 1 and rep.grad_norm > 1e-9
+    _, rep = newton.solve_dual(op.jac @ op.jac.T, b, y,
+                               objective.cross_entropy, 0.1, max_iter=1)
+    assert not rep.converged and rep.status == "max_iterations"
+
+
+def test_float32_passes_stop_at_their_own_tolerance():
+  apply_fn, params, x, y = _model(5)
+  params = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), params)
+  x = x.astype(jnp.float32)
+  op = newton.PassJacobian(apply_fn, params, x)
+  assert not op.exact and newton.default_tol(op.exact) == 1e-5
+  sol, rep = newton.solve_newton_cg(op, apply_fn(params, x), y,
+                                    objective.cross_entropy, 1.0)
+  assert rep.converged and rep.grad_norm <= 1e-5
+  assert sol.dtype == jnp.float64 or not jax.config.jax_enable_x64
+
+
+def test_bad_problems_are_refused():
+  with jax.enable_x64(True):
+    apply_fn, params, x, y = _model(6)
+    op = newton.DenseJacobian(kernels.jacobian(apply_fn, params, x), 4)
+    b = apply_fn(params, x)
+    ce = objective.cross_entropy
+    with pytest.raises(ValueError, match="b must have shape"):
+      newton.solve_primal(op, b[:3], y, ce, 1.0)
+    with pytest.raises(ValueError, match="damping must be a finite float > 0"):
+      newton.solve_primal(op, b, y, ce, 0.0)
+    with pytest.raises(ValueError, match="weights must have shape"):
+      newton.solve_primal(op, b, y, ce, 1.0, weights=np.ones(3))
+    with pytest.raises(ValueError, match="x0 must have shape"):
+      newton.solve_newton_cg(op, b, y, ce, 1.0, x0=np.ones(2))
+    with pytest.raises(ValueError, match="theta must have shape"):
+      newton.solve_dual(jnp.eye(5), b, y, ce, 1.0)
+    with pytest.raises(ValueError, match="precision"):
+      newton.solve_primal(op, b, y, ce, 1.0, precision="float16")
