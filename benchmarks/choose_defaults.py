@@ -145,8 +145,11 @@ def run_seed(seed, args, x, y, xt, yt):
                "anchor": anc, "linearize_at": lin_name, "damping": lam,
                "ok": delta is not None, "solves": reps}
         if delta is not None:
-          new = unravel(flat_d + delta.astype(flat_d.dtype))
-          row.update(rep(new), delta_norm=float(jnp.linalg.norm(delta)),
+          with jax.enable_x64(True):
+            norm = float(jnp.linalg.norm(delta))
+            delta = delta.astype(flat_d.dtype)
+          new = unravel(flat_d + delta)
+          row.update(rep(new), delta_norm=norm,
                      dist_to_retrain=float(jnp.linalg.norm(_flat(new) - flat_r)),
                      dist_full_to_retrain=float(jnp.linalg.norm(flat_d - flat_r)))
         out["rows"].append(row)

@@ -99,6 +99,36 @@ def test_train_unlearn_evaluate_round_trip(tmp_path):
   assert acc0 == pytest.approx(u["after"]["forget"])
 
 
+def test_tangent_cross_entropy_round_trip(tmp_path):
+  """train --tangent --proximal with CE; unlearn and evaluate read the
+  checkpoint as the tangent model."""
+  ck, un = tmp_path / "m.ckpt", tmp_path / "u.ckpt"
+  assert cli.main(["train", "--model", "resnet20", "--data", "embedded",
+                   "--ipc", "6", "--test-ipc", "2", "--epochs", "15",
+                   "--loss", "ce", "--tangent", "--proximal", "1", "--out",
+                   str(ck), "--quiet"]) == 0
+  c = checkpoint.load(ck, expect_kind="peft")
+  assert c.config["finetune"]["tangent"] is True
+  assert c.config["finetune"]["proximal"] == 1.0
+  assert cli.main(["unlearn", "--checkpoint", str(ck), "--forget", "class:0",
+                   "--out", str(un), "--json", str(tmp_path / "u.json"),
+                   "--quiet"]) == 0
+  u = json.loads((tmp_path / "u.json").read_text())
+  assert u["loss"] == "ce" and u["anchor"] == "w_0"
+  assert u["diagnostics"]["converged"] and len(u["diagnostics"]["solves"]) == 2
+  assert u["before"]["forget"] >= 0.5
+  assert u["after"]["forget"] <= u["before"]["forget"] - 0.25
+  ev = tmp_path / "ev.json"
+  assert cli.main(["evaluate", "--checkpoint", str(un), "--data", "embedded",
+                   "--split", "train", "--ipc", "6", "--json", str(ev),
+                   "--quiet"]) == 0
+  acc0 = json.loads(ev.read_text())["per_class_accuracy"]["airplane"]
+  assert acc0 == pytest.approx(u["after"]["forget"])
+  # Re-estimating BatchNorm statistics is refused for a tangent model.
+  assert cli.main(["unlearn", "--checkpoint", str(ck), "--forget", "class:0",
+                   "--bn-stats", "retain", "--quiet"]) == 2
+
+
 def test_bad_inputs_are_reported_before_work(tmp_path, capsys):
   cases = [
       (["evaluate", "--model", "resnet21"], "unknown model"),
@@ -110,6 +140,9 @@ def test_bad_inputs_are_reported_before_work(tmp_path, capsys):
       (["train", "--model", "resnet20", "--exclude", "klass:0", "--out",
         str(tmp_path / "x.ckpt")], "forget"),
       (["train", "--model", "resnet20", "--ipc", "0"], "--ipc"),
+      (["train", "--model", "resnet20", "--proximal", "-1"], "--proximal"),
+      (["train", "--model", "resnet20", "--tangent", "--bn-stats", "data"],
+       "--tangent"),
       (["unlearn", "--checkpoint", str(tmp_path / "none.ckpt"), "--forget",
         "class:0"], "no checkpoint"),
   ]

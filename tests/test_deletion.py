@@ -251,3 +251,26 @@ def test_bad_ce_requests_are_refused_and_change_nothing():
   np.testing.assert_array_equal(st.active, before[2])
   ok = deletion.forget(st, apply_fn, w_d, (x[:3], y[:3]), ids=ids[:3])
   assert ok.solve.converged
+
+
+def test_mse_requests_with_the_anchor_apart_from_the_linearisation_point():
+  """anchor=w_0 with J at w_D: the residual at the anchor enters the Grams'
+  gradient; requests still equal unlearn() from scratch."""
+  apply_fn, w0, w_d, x, y = _problem(8, n=30)
+  ids = np.arange(30)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids,
+                        damping=0.5)
+  assert st.shift is not None and st.anchored_at == "w_0"
+  r1 = deletion.forget(st, apply_fn, w_d, (x[:4], y[:4]), ids=ids[:4])
+  r2 = deletion.forget(r1.state, apply_fn, r1.params, (x[4:7], y[4:7]),
+                       ids=ids[4:7])
+  scratch = F.unlearn(apply_fn, w_d, (x[7:], y[7:]), (x[:7], y[:7]),
+                      anchor=w0, damping=0.5, solver="primal")
+  no_anchor = F.unlearn(apply_fn, w_d, (x[7:], y[7:]), (x[:7], y[:7]),
+                        damping=0.5, solver="primal")
+  assert _rel(scratch.params, no_anchor.params) > 1e-3  # the anchor matters
+  assert _rel(r2.params, scratch.params) < 1e-5
+  one = F.unlearn(apply_fn, w_d, (x[4:], y[4:]), (x[:4], y[:4]), anchor=w0,
+                  damping=0.5, solver="primal")
+  np.testing.assert_allclose(r1.forget_residual_norm,
+                             one.forget_residual_norm, rtol=1e-4)

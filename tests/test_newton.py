@@ -175,3 +175,29 @@ def test_bad_problems_are_refused():
       newton.solve_dual(jnp.eye(5), b, y, ce, 1.0)
     with pytest.raises(ValueError, match="precision"):
       newton.solve_primal(op, b, y, ce, 1.0, precision="float16")
+
+
+def test_frozen_hessian_iteration_converges_or_says_it_did_not():
+  with jax.enable_x64(True):
+    apply_fn, params, x, y = _model(7, n=40)
+    loss = objective.cross_entropy
+    jac = kernels.jacobian(apply_fn, params, x)
+    b = apply_fn(params, x)
+    op = newton.DenseJacobian(jac, 4)
+    keep = np.arange(40) != 3  # a request of one sample
+    x_d, _ = newton.solve_primal(op, b, y, loss, 0.5)
+    want, _ = newton.solve_primal(op, b, y, loss, 0.5, weights=keep, x0=x_d)
+    z = b + op.matvec(x_d)
+    m = (op.ggn(loss.hess_factor(z) * jnp.asarray(keep, float)[:, None, None],
+                jnp.float64) + 0.5 * jnp.eye(op.p))
+    chol = jnp.linalg.cholesky(m)
+    prec = lambda r: jax.scipy.linalg.cho_solve((chol, True), r)
+    got, rep = newton.solve_preconditioned(op, b, y, loss, 0.5, weights=keep,
+                                           x0=x_d, preconditioner=prec)
+    assert rep.converged and rep.iterations <= 20 and rep.cg_steps == 0
+    np.testing.assert_allclose(got, want, atol=1e-9)
+    # A poor M: no false success within a few steps.
+    _, bad = newton.solve_preconditioned(op, b, y, loss, 0.5, weights=keep,
+                                         x0=jnp.zeros(op.p), max_iter=3,
+                                         preconditioner=lambda r: r / 1e3)
+    assert not bad.converged and bad.status == "max_iterations"

@@ -81,8 +81,13 @@ def test_tangent_model_is_the_first_order_expansion():
     assert float(jnp.abs(far - want).max()) > 1e-2
 
 
-@pytest.mark.parametrize("loss", ["ce", "mse"])
-@pytest.mark.parametrize("kind", ["class", "random"])
+_SLOW = pytest.mark.slow  # the other two pairings; ~20 s each on 2 cores
+
+
+@pytest.mark.parametrize("loss, kind", [
+    ("ce", "class"), ("mse", "random"),
+    pytest.param("ce", "random", marks=_SLOW),
+    pytest.param("mse", "class", marks=_SLOW)])
 def test_unlearning_the_tangent_model_equals_retraining_it(loss, kind):
   """A tangent CNN trained to convergence on D is unlearned to the tangent
   model retrained on D_r, for both losses, class and random forgetting;

@@ -383,7 +383,11 @@ def test_ce_on_a_nonlinear_model_solves_the_linearised_problem():
         return _minimise(phi, jac.shape[-1])
 
       want = flat(w_d) + x_of(keep) - x_of(np.ones(12, bool))
-      for solver in ("primal", "dual", "cg"):
+      # Every solver at the default points; the primal at the others (the
+      # solvers' agreement is tested on their own in test_newton.py).
+      solvers = ("primal", "dual", "cg") if lin_name == "w_D" and anchor else (
+          "primal",)
+      for solver in solvers:
         res = F.unlearn(apply_fn, w_d, (x[keep], y[keep]),
                         (x[~keep], y[~keep]), anchor=anchor,
                         linearize_at=lin_name, damping=0.3, loss="ce",

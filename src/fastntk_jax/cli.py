@@ -139,6 +139,10 @@ def _model_from_checkpoint(path, which: str = "w_D"):
   def apply_fn(p, x):
     return module.apply(peft.merge(p, frozen), x, train=False)
 
+  if cfg.get("finetune", {}).get("tangent"):
+    # Fine-tuned in tangent mode: the model is f(w_0) + J(w_0)(w − w_0).
+    from fastntk_jax.tangent import tangent_model
+    apply_fn = tangent_model(apply_fn, ckpt.trees["w_0"])
   return name, module, apply_fn, ckpt, zoo.preprocess_fn(name)
 
 
@@ -325,7 +329,14 @@ def cmd_train(args) -> dict:
       loss=args.loss, epochs=args.epochs, batch_size=args.batch_size,
       learning_rate=args.lr, weight_decay=args.weight_decay,
       augment=not args.no_flip, seed=args.seed, crop_padding=args.crop_padding,
-      schedule=args.schedule, warmup_epochs=args.warmup_epochs)
+      schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+      proximal=args.proximal, tangent=args.tangent)
+  if args.proximal < 0:
+    raise UsageError("--proximal must be >= 0.")
+  if args.tangent and args.bn_stats == "data":
+    raise UsageError("--tangent with --bn-stats data: the tangent model is "
+                     "expanded at the backbone's statistics; keep "
+                     "--bn-stats pretrained.")
   ds = _load(args, "train", image_size=s.image_size, ipc=args.ipc,
              classes=classes)
   test = _load(args, "test", image_size=s.image_size, ipc=args.test_ipc,
@@ -361,8 +372,8 @@ def cmd_train(args) -> dict:
 
   res = train.finetune(model.apply_fn, model.init_params, xf, y_all,
                        config=cfg, progress=progress)
-  acc_train = _accuracy(model.apply_fn, res.params, x_all, y_all, prep)
-  acc_test = _accuracy(model.apply_fn, res.params, test.x, test.y, prep)
+  acc_train = _accuracy(res.apply_fn, res.params, x_all, y_all, prep)
+  acc_test = _accuracy(res.apply_fn, res.params, test.x, test.y, prep)
   print(f"{args.model} fine-tuned ({args.peft}) in {res.seconds:.1f} s: train "
         f"{100 * acc_train:.2f} %, test {100 * acc_test:.2f} %")
   config = {"model": args.model, "num_classes": num_classes,
@@ -420,6 +431,9 @@ def cmd_unlearn(args) -> dict:
     bn_mode = "retain" if cfg.get("bn_stats") == "data" else "keep"
   if bn_mode == "retain" and "batch_stats" not in ckpt.trees["frozen"]:
     raise UsageError(f"--bn-stats retain: {name} has no BatchNorm statistics.")
+  if bn_mode == "retain" and cfg.get("finetune", {}).get("tangent"):
+    raise UsageError("--bn-stats retain: this checkpoint is a tangent model, "
+                     "expanded at fixed statistics; use --bn-stats keep.")
   w_d, w_0 = ckpt.trees["w_D"], ckpt.trees["w_0"]
   to_input = jax.jit(prep)
   xr = np.asarray(to_input(jnp.asarray(ds.x[r_idx])))
@@ -618,6 +632,13 @@ def build_parser() -> argparse.ArgumentParser:
   q.add_argument("--batch-size", type=int, default=100,
                  help="samples per step (default: 100)")
   q.add_argument("--lr", type=float, default=1e-2, help="Adam step size")
+  q.add_argument("--proximal", type=float, default=0.0, metavar="L",
+                 help="add (L/N)/2‖w − w_0‖² to the mean loss: the ridge term "
+                 "Fast-NTK solves with --damping L (default 0: off)")
+  q.add_argument("--tangent", action="store_true",
+                 help="fine-tune the tangent model f(w_0) + J(w_0)(w − w_0) "
+                 "(one JVP per forward pass), which Fast-NTK unlearns "
+                 "exactly; evaluate/unlearn then use that model")
   q.add_argument("--weight-decay", type=float, default=0.0,
                  help="decoupled weight decay (AdamW); 0 = Adam (default)")
   q.add_argument("--schedule", default="constant",

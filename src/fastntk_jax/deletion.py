@@ -32,14 +32,16 @@ A request then
 2. downdates ``M`` by the request's rows at the *same* ``z̄`` (exact, so ``M``
    stays positive definite and equal to its value over the remaining set)
    and refactors it (``|F|·C·P²`` + ``P³/3`` flops);
-3. minimises ``Φ_{S∖F}`` by Newton-CG from ``x_S``, preconditioned with that
-   factor: ``x_S`` is close to ``x_{S∖F}`` and ``M`` to the true Hessian, so a
-   few Newton steps with a few CG steps each suffice. Every product is a pass
-   over the kept rows (``2·N·C·P`` flops): no model evaluation.
+3. minimises ``Φ_{S∖F}`` from ``x_S`` with steps ``−M⁻¹∇Φ`` (Newton with the
+   Hessian frozen at ``M``: ``x_S`` is close to ``x_{S∖F}`` and ``M`` to the
+   true Hessian there, so it converges in a few steps), and, if that is slow
+   (more than 20 steps), continues by Newton-CG preconditioned with ``M``.
+   Every product is a pass over the kept rows (``2·N·C·P`` flops): no model
+   evaluation.
 
 Cost of a request: one forward pass over ``F``, the ``P×P`` downdate and
-factorisation, and ``k`` (Newton steps) × (``m`` CG steps + 2) passes over the
-kept rows; the solve's report (``result.solve``) gives ``k`` and ``m``.
+factorisation, and two passes over the kept rows per step (plus two per CG
+step if Newton-CG takes over); ``result.solve`` reports the steps.
 Memory: the rows (``N·C·P`` numbers) and three ``P×P`` matrices in
 ``precision``; :func:`prepare` refuses before any work when that exceeds
 ``memory_budget``.
@@ -58,6 +60,7 @@ Example::
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -82,6 +85,9 @@ __all__ = ["DeletionResult", "PreparedState", "forget", "prepare",
            "state_bytes"]
 
 _PRECISIONS = {"float64": np.float64, "float32": np.float32}
+#: Steps of the frozen-Hessian iteration before a request switches to
+#: Newton-CG.
+_FROZEN_STEPS = 20
 
 
 class PreparedState(NamedTuple):
@@ -193,13 +199,14 @@ def state_bytes(loss: str, n: int, c: int, p: int, itemsize: int = 4,
   """Memory of a :class:`PreparedState` (its dominant terms), in bytes.
 
   ``"mse"``: ``A``, its factor and, during a request, their successors (four
-  ``P×P``). ``"ce"``: also the Jacobian rows ``N·C·P`` in the model's dtype
-  and a Gauss-Newton matrix being formed (five ``P×P``).
+  ``P×P``). ``"ce"``: also the Jacobian rows ``N·C·P``, kept in
+  ``precision`` (and in the model's dtype while they are computed), and a
+  Gauss-Newton matrix being formed (five ``P×P``).
   """
   pp = p * p * np.dtype(precision).itemsize
   if loss == "mse":
     return 4 * pp
-  return n * c * p * itemsize + 5 * pp
+  return n * c * p * (itemsize + np.dtype(precision).itemsize) + 5 * pp
 
 
 def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
@@ -320,8 +327,11 @@ def _prepare_ce(apply_fn, x, y, ids, common, blk, tol, max_steps):
   jac = kernels.jacobian(apply_fn, lin, x, **blk)
   f0 = kernels.predict(apply_fn, lin, x, mesh=blk["mesh"])
   _check_logits(f0)
-  op = newton.DenseJacobian(jac, c)
   with kernels.precision_scope(precision):
+    # Rows in the solve precision: exact, fast float64 products (newton).
+    op = newton.DenseJacobian(jac, c, dtype=precision,
+                              ggn_dtype=ravel_pytree(lin)[0].dtype)
+    del jac
     b = f0.astype(precision)
     if common["shift"] is not None:
       b = b + op.matvec(common["shift"])
@@ -341,9 +351,14 @@ def _prepare_ce(apply_fn, x, y, ids, common, blk, tol, max_steps):
           f"prepare: the Gauss-Newton matrix + λI is not numerically positive "
           f"definite at damping={lam} in {precision}; raise damping.")
   return PreparedState(
-      gram=gram, grad=None, chol=chol, jacobian=jac, offsets=b, labels=y,
+      gram=gram, grad=None, chol=chol, jacobian=op.jac, offsets=b, labels=y,
       logits=f0, active=np.ones(len(y), bool), solution=sol,
       ref_logits=z_ref, row_ids=ids, **common)
+
+
+@jax.jit
+def _cho_apply(chol, r):
+  return jsl.cho_solve((chol, True), r)
 
 
 @jax.jit
@@ -509,12 +524,14 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
                      "preprocessed as at prepare().")
   loss = objective.cross_entropy
   c, lam, prec = state.num_outputs, state.damping, state.precision
-  op = newton.DenseJacobian(state.jacobian, c)
   active = state.active.copy()
   active[rows] = False
   with kernels.precision_scope(prec):
+    # The downdate forms the request's terms as prepare() formed them.
+    g_dtype = ravel_pytree(state.lin_params)[0].dtype
+    op = newton.DenseJacobian(state.jacobian, c)
     sub = newton.DenseJacobian(state.jacobian.reshape(-1, c, op.p)[rows]
-                               .reshape(-1, op.p), c)
+                               .reshape(-1, op.p), c, ggn_dtype=g_dtype)
     gram = state.gram - sub.ggn(loss.hess_factor(state.ref_logits[rows]),
                                 prec)
     chol = _cholesky(gram, lam)
@@ -522,12 +539,21 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
       raise UnlearningError(
           "forget: the preconditioner lost positive definiteness after the "
           "downdate; raise damping or use precision='float64'.")
-    precond = jax.jit(lambda r: jsl.cho_solve((chol, True), r))
+    precond = functools.partial(_cho_apply, chol)
     weights = jnp.asarray(active, prec)
-  x_new, rep = newton.solve_newton_cg(
-      op, state.offsets, state.labels, loss, lam, weights=weights,
-      x0=state.solution, tol=tol, max_iter=max_steps,
-      cg_max_steps=cg_max_steps, preconditioner=precond, precision=prec)
+  common = dict(weights=weights, tol=tol, precision=prec,
+                preconditioner=precond)
+  # Newton with the Hessian frozen at M (two passes a step) first; where it
+  # converges slowly, Newton-CG preconditioned with M from where it stopped.
+  x_new, rep = newton.solve_preconditioned(
+      op, state.offsets, state.labels, loss, lam, x0=state.solution,
+      max_iter=min(max_steps, _FROZEN_STEPS), **common)
+  if not rep.converged and rep.status == "max_iterations":
+    first = rep
+    x_new, rep = newton.solve_newton_cg(
+        op, state.offsets, state.labels, loss, lam, x0=x_new,
+        max_iter=max_steps, cg_max_steps=cg_max_steps, **common)
+    rep = rep._replace(iterations=rep.iterations + first.iterations)
   if not rep.converged:
     raise UnlearningError(
         f"forget: the Newton solve on the remaining set stopped with status "

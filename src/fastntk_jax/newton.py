@@ -80,6 +80,7 @@ __all__ = [
     "default_tol",
     "solve_dual",
     "solve_newton_cg",
+    "solve_preconditioned",
     "solve_primal",
 ]
 
@@ -130,10 +131,10 @@ def _dense_rmatvec(j, u):
   return jnp.matmul(u.reshape(-1), j.astype(u.dtype), precision=_HI)
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _dense_ggn_block(j, l, c):
-  jb = j.reshape(-1, c, j.shape[-1])
-  rows = jnp.einsum("bcd,bcp->bdp", l.astype(j.dtype), jb,
+@functools.partial(jax.jit, static_argnums=(2, 3))
+def _dense_ggn_block(j, l, c, dtype):
+  jb = j.astype(dtype).reshape(-1, c, j.shape[-1])
+  rows = jnp.einsum("bcd,bcp->bdp", l.astype(dtype), jb,
                     precision=_HI).reshape(-1, j.shape[-1])
   return jnp.matmul(rows.T, rows, precision=_HI)
 
@@ -148,14 +149,21 @@ def _dense_hvp(j, h, v, c):
 class DenseJacobian:
   """``J`` (``N·C × P``, sample-major rows) kept in memory.
 
-  Products ``J v`` and ``Jᵀ u`` are formed in the dtype of ``v``/``u``
-  (float64 in a float64 solve), so they are exact for the stored ``J``;
-  ``JᵀHJ`` is formed from float32 blocks and summed in float64.
+  ``dtype``: the dtype the rows are stored in — the solve's (float64 in a
+  float64 solve), so that ``J v`` and ``Jᵀ u`` are exact for the given ``J``
+  and run as plain float64 products (a float32 ``J`` converted inside each
+  product runs about 15× slower on CPU). ``JᵀHJ`` is formed in the given
+  ``J``'s own dtype (float32 for a float32 model) from blocks of rows and
+  summed in the requested dtype (``ggn_dtype`` overrides): it only sets
+  Newton directions. Create it inside :func:`fastntk_jax.kernels.precision_scope` for float64.
   """
   exact = True
 
-  def __init__(self, jac: jax.Array, num_outputs: int):
-    self.jac = jnp.asarray(jac)
+  def __init__(self, jac: jax.Array, num_outputs: int, dtype=None,
+               ggn_dtype=None):
+    jac = jnp.asarray(jac)
+    self.ggn_dtype = jac.dtype if ggn_dtype is None else jnp.dtype(ggn_dtype)
+    self.jac = jac if dtype is None else jac.astype(dtype)
     self.c = int(num_outputs)
     self.n = self.jac.shape[0] // self.c
     self.p = self.jac.shape[1]
@@ -174,7 +182,8 @@ class DenseJacobian:
     for s in range(0, self.n, per):
       e = min(s + per, self.n)
       out = out + _dense_ggn_block(self.jac[s * self.c:e * self.c],
-                                   factors[s:e], self.c).astype(dtype)
+                                   factors[s:e], self.c,
+                                   self.ggn_dtype).astype(dtype)
     return 0.5 * (out + out.T)
 
   def ggn_matvec(self, hessians):
@@ -442,6 +451,40 @@ def solve_newton_cg(op, b, y, loss: Loss, damping: float, *, weights=None,
       if info.status == "breakdown" or not bool(jnp.all(jnp.isfinite(d))):
         return None, info.steps
       return d, info.steps
+
+    return _newton(op, b, y, weights, loss, damping, x0, tol, max_iter,
+                   direction, dtype)
+
+
+def solve_preconditioned(op, b, y, loss: Loss, damping: float, *,
+                         preconditioner, weights=None, x0=None,
+                         tol: float | None = None, max_iter: int = 30,
+                         precision: str = "float64"
+                         ) -> tuple[jax.Array, NewtonReport]:
+  """``x_S = argmin Φ_S`` with a fixed approximation ``M`` of the Hessian.
+
+  The step is ``d = −M⁻¹∇Φ(x)`` with backtracking: a preconditioned gradient
+  iteration, i.e. Newton's method with the Hessian frozen at a nearby
+  problem's. It converges linearly, at a rate about ``‖I − M⁻¹∇²Φ‖``, so it
+  pays when ``M`` is close to the Hessian (a deletion request's remaining set,
+  whose Gauss-Newton matrix at the prepared logits is ``M``). Cost per step:
+  one ``J v`` and one ``Jᵀ u`` (two passes) and one application of
+  ``preconditioner``.
+
+  Arguments as :func:`solve_newton_cg`; ``preconditioner`` (``r ↦ M⁻¹r``) is
+  required. A run that does not reach ``tol`` in ``max_iter`` steps reports
+  ``"max_iterations"``; :mod:`fastntk_jax.deletion` then continues with
+  :func:`solve_newton_cg` from the returned point.
+  """
+  _check_problem(op, b, y, weights, damping, x0)
+  dtype = _precision_dtype(precision)
+  tol = default_tol(op.exact) if tol is None else float(tol)
+  with kernels.precision_scope(precision):
+
+    def direction(z, g, w, rel):
+      del z, w, rel
+      d = -preconditioner(g)
+      return (d, 0) if bool(jnp.all(jnp.isfinite(d))) else (None, 0)
 
     return _newton(op, b, y, weights, loss, damping, x0, tol, max_iter,
                    direction, dtype)

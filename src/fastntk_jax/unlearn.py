@@ -140,8 +140,11 @@ def _dense_bytes(solver: str, n: int, c: int, p: int, itemsize: int,
   return 8 * p * itemsize
 
 
-def _jacobian_bytes(n: int, c: int, p: int, itemsize: int) -> int:
-  return n * c * p * itemsize
+def _jacobian_bytes(n: int, c: int, p: int, itemsize: int,
+                    precision_itemsize: int) -> int:
+  """The kept Jacobian of the cross-entropy primal: computed in the model's
+  dtype, stored in the solve precision (both exist while it is converted)."""
+  return n * c * p * (itemsize + precision_itemsize)
 
 
 def _flops(solver: str, n: int, c: int, p: int) -> float:
@@ -165,7 +168,8 @@ def choose_solver(n: int, c: int, p: int, itemsize: int = 4,
   samples, C logits, P PEFT parameters; for ``loss="ce"`` the same terms
   recur at every Newton step (the dual refactors an ``N·C`` system, the
   primal re-forms ``JᵀHJ``). Memory: :func:`_dense_bytes`, plus for the
-  cross-entropy primal the Jacobian ``N·C·P`` when it fits beside the
+  cross-entropy primal the Jacobian ``N·C·P`` (model dtype while it is
+  computed, then in the solve precision) when it fits beside the
   ``P×P`` matrices (else every Newton step recomputes it: still preferred to
   CG, whose every product is a pass over the data). Of those that fit
   ``memory_budget`` the one with fewer flops wins (ties go to the dual, the
@@ -411,7 +415,7 @@ def _validate(apply_fn, params, retain, forget, anchor, linearize_at, damping,
                   memory_budget)
   keep = loss == "ce" and solver == "primal" and (
       _dense_bytes("primal", n, c, p, itemsize, damping, p_item, loss)
-      + _jacobian_bytes(n, c, p, itemsize) <= memory_budget)
+      + _jacobian_bytes(n, c, p, itemsize, p_item) <= memory_budget)
   shift = None
   if anc is not lin:
     with kernels.precision_scope(precision):
@@ -578,7 +582,10 @@ def _ce_update(prob: _Problem, implementation, tol, max_steps, cg_max_steps):
                                         **blk))[0])
     return delta, None, [rep_d, rep_r], (), False
   if prob.keep_jacobian:
-    op = newton.DenseJacobian(kernels.jacobian(apply_fn, lin, x_all, **blk), c)
+    jac = kernels.jacobian(apply_fn, lin, x_all, **blk)
+    with kernels.precision_scope(prob.precision):
+      op = newton.DenseJacobian(jac, c, dtype=dt)
+    del jac
   else:
     op = newton.PassJacobian(apply_fn, lin, x_all, **blk)
   with kernels.precision_scope(prob.precision):
