@@ -233,6 +233,9 @@ def test_bad_ce_requests_are_refused_and_change_nothing():
   ids = np.arange(20)
   with pytest.raises(ValueError, match="ids: cross-entropy deletion"):
     deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, loss="ce")
+  with pytest.raises(ValueError, match="newton_tol must be a float in"):
+    deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, loss="ce", ids=ids,
+                     newton_tol=1.0)
   with pytest.raises(ValueError, match="memory_budget: the prepared state"):
     deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, loss="ce", ids=ids,
                      memory_budget=10_000)
@@ -243,6 +246,12 @@ def test_bad_ce_requests_are_refused_and_change_nothing():
     deletion.forget(st, apply_fn, w_d, (x[:2], (y[:2] + 1) % 3), ids=ids[:2])
   with pytest.raises(ValueError, match="other logits"):  # right label, wrong x
     deletion.forget(st, apply_fn, w_d, (x[5:6] + 3.0, y[5:6]), ids=ids[5:6])
+  with pytest.raises(ValueError, match="newton_tol must be a float in"):
+    deletion.forget(st, apply_fn, w_d, (x[:2], y[:2]), ids=ids[:2],
+                    newton_tol=2.0)
+  with pytest.raises(ValueError, match="cg_max_steps must be a positive"):
+    deletion.forget(st, apply_fn, w_d, (x[:2], y[:2]), ids=ids[:2],
+                    cg_max_steps=0)
   with pytest.raises(F.UnlearningError, match="state is unchanged"):
     deletion.forget(st, apply_fn, w_d, (x[:3], y[:3]), ids=ids[:3],
                     newton_max_steps=1, newton_tol=1e-15)

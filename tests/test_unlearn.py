@@ -192,6 +192,21 @@ def test_auto_picks_the_cheaper_solver_that_fits():
   assert F.choose_solver(n=50, c=10, p=600) == "dual"
 
 
+def test_auto_for_cross_entropy_counts_the_newton_matrices():
+  # Protocol (a): N·C = 5,000, P = 2,026: the primal (P×P per Newton step).
+  assert F.choose_solver(n=500, c=10, p=2026, loss="ce") == "primal"
+  # P ≫ N·C: the kernel-space IRLS.
+  assert F.choose_solver(n=10, c=10, p=100_000, loss="ce") == "dual"
+  # The CE dual holds Θ (4 B) and five float64 N·C×N·C matrices: 44 B each.
+  need = 44 * (10 * 10) ** 2
+  assert F.choose_solver(n=10, c=10, p=100_000, loss="ce",
+                         memory_budget=need) == "dual"
+  assert F.choose_solver(n=10, c=10, p=100_000, loss="ce",
+                         memory_budget=need - 1) == "cg"
+  # ViT-Base prompts (P = 99,850) on 5,000 images: nothing dense fits 4 GiB.
+  assert F.choose_solver(n=5000, c=10, p=99_850, loss="ce") == "cg"
+
+
 # ---------------------------------------------------------------- bad input
 
 
@@ -433,6 +448,23 @@ def test_mse_with_the_anchor_at_w0_and_j_at_wd():
                                  float(jnp.linalg.norm(j_f @ x_r + r_f)),
                                  rtol=1e-6)
       assert res.anchored_at == "w_0" and res.linearized_at == "w_D"
+
+
+@pytest.mark.parametrize("precision", ["float64", "float32"])
+def test_ce_on_a_float32_model_converges_in_either_precision(small, precision):
+  apply_fn, w, retain, forget = small
+  out = {}
+  for solver in ("primal", "dual"):
+    res = F.unlearn(apply_fn, w, retain, forget, loss="ce", solver=solver,
+                    precision=precision)
+    assert res.converged and all(r.converged for r in res.solves)
+    assert res.relative_residual <= (1e-9 if precision == "float64" else 1e-5)
+    assert res.params["w"].dtype == jnp.float32
+    out[solver] = jax.flatten_util.ravel_pytree(res.params)[0]
+  moved = float(jnp.linalg.norm(out["primal"] - jax.flatten_util.ravel_pytree(
+      w)[0]))
+  assert moved > 1e-3
+  assert float(jnp.linalg.norm(out["primal"] - out["dual"])) < 1e-3 * moved
 
 
 def test_a_solve_that_does_not_converge_raises_or_reports(small):

@@ -39,7 +39,8 @@ class CGInfo(NamedTuple):
     relative_residual: ``‖b − (A + λI)x‖ / ‖b‖`` (recomputed, not recursed).
     steps: matrix–vector products spent in iterations.
     status: ``"converged"``, ``"max_steps_reached"`` or ``"breakdown"`` (a
-      direction with ``pᵀ(A + λI)p ≤ 0``: the operator is not PSD).
+      direction with ``pᵀ(A + λI)p ≤ 0``: the operator is not PSD; or
+      ``rᵀM⁻¹r ≤ 0``: the preconditioner is not positive definite).
   """
   ok: bool
   relative_residual: float
@@ -106,6 +107,9 @@ def cg_solve(matvec: Callable[[jax.Array], jax.Array], b: jax.Array, *,
     r = r - alpha * ap
     zr = prec(r)
     rz_new = jnp.vdot(r, zr)
+    if not float(rz_new) > 0.0 and float(jnp.linalg.norm(r)) > tol * b_norm:
+      status = "breakdown"  # the preconditioner is not positive definite
+      break
     p = zr + (rz_new / rz) * p
     rz = rz_new
   else:

@@ -21,7 +21,8 @@ matrix and one ``P×P`` factorisation (``P³/3`` flops), whatever ``|D|``.
 
 **Cross-entropy** (``loss="ce"``). The Hessian ``JᵀH(z)J + λI`` depends on the
 iterate, so a request is not a rank update. :func:`prepare` keeps what the
-solves need: the Jacobian rows of ``D`` (``N·C × P``, the model's dtype), the
+solves need: the Jacobian rows of ``D`` (``N·C × P``, stored in ``precision``
+so that the products over them are fast, exact float64 ones), the
 anchor logits ``b = f(w_lin) + J(w_0 − w_lin)``, the solution ``x_D`` (Newton
 with the ``P×P`` Gauss-Newton matrix) and the factor of
 ``M = Σ_i J_iᵀ H_i(z̄_i) J_i + λI`` at the prepared logits ``z̄ = b + J x_D``.
@@ -29,9 +30,11 @@ A request then
 
 1. finds the request's rows by id (no Jacobian work) and checks, with one
    forward pass over the request, that its inputs are those samples;
-2. downdates ``M`` by the request's rows at the *same* ``z̄`` (exact, so ``M``
-   stays positive definite and equal to its value over the remaining set)
-   and refactors it (``|F|·C·P²`` + ``P³/3`` flops);
+2. downdates ``M`` by the request's rows at the *same* ``z̄`` (so ``M`` stays
+   the remaining set's matrix up to float32 rounding of the terms, about
+   ``eps₃₂·‖M‖``, and positive definite) and refactors it (``|F|·C·P²`` +
+   ``P³/3`` flops); ``M`` only preconditions: the answer is fixed by the
+   float64 gradient;
 3. minimises ``Φ_{S∖F}`` from ``x_S`` with steps ``−M⁻¹∇Φ`` (Newton with the
    Hessian frozen at ``M``: ``x_S`` is close to ``x_{S∖F}`` and ``M`` to the
    true Hessian there, so it converges in a few steps), and, if that is slow
@@ -111,8 +114,8 @@ class PreparedState(NamedTuple):
       linearisation point.
     anchored_at, linearized_at: ``"w_0"``/``"w_D"``, as in
       :class:`fastntk_jax.unlearn.UnlearnResult`.
-    jacobian: ``"ce"``: the prepared set's Jacobian rows ``(N_0·C, P)``
-      (model dtype; rows of forgotten samples stay, unused).
+    jacobian: ``"ce"``: the prepared set's Jacobian rows ``(N_0·C, P)`` in
+      ``precision`` (rows of forgotten samples stay, unused).
     offsets: ``"ce"``: ``b``, the linear model's logits at the anchor,
       ``(N_0, C)``.
     labels: ``"ce"``: ``(N_0,)``.
@@ -253,8 +256,10 @@ def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
   _check_precision(precision)
   validate.check_positive_int_or_none("block_size", block_size)
   validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
+  validate.check_tolerance("newton_tol", newton_tol, allow_none=True)
+  validate.check_memory_budget(memory_budget)
   if ids is not None:
-    ids = _check_ids("ids", ids, y.shape[0])
+    ids = _check_ids("ids", ids, y.shape[0]).copy()
   elif loss == "ce":
     raise ValueError("ids: cross-entropy deletion finds each request's "
                      "Jacobian rows by sample id; pass ids=... (e.g. "
@@ -351,7 +356,8 @@ def _prepare_ce(apply_fn, x, y, ids, common, blk, tol, max_steps):
           f"prepare: the Gauss-Newton matrix + λI is not numerically positive "
           f"definite at damping={lam} in {precision}; raise damping.")
   return PreparedState(
-      gram=gram, grad=None, chol=chol, jacobian=op.jac, offsets=b, labels=y,
+      gram=gram, grad=None, chol=chol, jacobian=op.jac, offsets=b,
+      labels=np.array(y, copy=True),
       logits=f0, active=np.ones(len(y), bool), solution=sol,
       ref_logits=z_ref, row_ids=ids, **common)
 
@@ -449,6 +455,9 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
     raise ValueError("ids: the state was prepared without ids; prepare with "
                      "ids=... to track samples, or drop ids here.")
   validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
+  validate.check_positive_int_or_none("cg_max_steps", cg_max_steps)
+  validate.check_positive_int_or_none("block_size", block_size)
+  validate.check_tolerance("newton_tol", newton_tol, allow_none=True)
   mesh = kernels._resolve_mesh(mesh)
   if state.loss == "ce":
     return _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining,
@@ -548,11 +557,12 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
   x_new, rep = newton.solve_preconditioned(
       op, state.offsets, state.labels, loss, lam, x0=state.solution,
       max_iter=min(max_steps, _FROZEN_STEPS), **common)
-  if not rep.converged and rep.status == "max_iterations":
+  left = max_steps - rep.iterations
+  if not rep.converged and rep.status != "factorisation_failed" and left > 0:
     first = rep
     x_new, rep = newton.solve_newton_cg(
-        op, state.offsets, state.labels, loss, lam, x0=x_new,
-        max_iter=max_steps, cg_max_steps=cg_max_steps, **common)
+        op, state.offsets, state.labels, loss, lam, x0=x_new, max_iter=left,
+        cg_max_steps=cg_max_steps, **common)
     rep = rep._replace(iterations=rep.iterations + first.iterations)
   if not rep.converged:
     raise UnlearningError(

@@ -41,7 +41,8 @@ iterates up to rounding:
   (iteratively reweighted least squares); ``JᵀΔβ`` is the primal Newton step.
 
 Every solve reports its iterations, the final relative gradient norm
-``‖∇Φ_S(x)‖ / ‖∇Φ_S(0)‖`` and a status (``"converged"``,
+``‖∇Φ_S(x)‖ / max(‖∇Φ_S(0)‖, λ‖x‖)`` (:class:`NewtonReport`) and a status
+(``"converged"``,
 ``"max_iterations"``, ``"line_search_failed"``, ``"factorisation_failed"``);
 it never raises on a numerical failure — the caller decides.
 
@@ -100,7 +101,12 @@ class NewtonReport(NamedTuple):
       (no decrease was found along a Newton direction: usually ``tol`` below
       the rounding floor) or ``"factorisation_failed"``.
     iterations: Newton steps taken.
-    grad_norm: ``‖∇Φ_S(x)‖ / ‖∇Φ_S(0)‖`` at the returned ``x``.
+    grad_norm: ``‖∇Φ_S(x)‖ / max(‖∇Φ_S(0)‖, λ‖x‖)`` at the returned ``x``:
+      the gradient relative to the larger of its value at the anchor and the
+      ridge term it balances (``∇Φ = Jᵀℓ' + λx`` sums two terms of about
+      ``λ‖x‖`` at the minimiser, so rounding is relative to that). Because
+      ``∇²Φ ⪰ λI``, ``‖x − x_S‖ ≤ ‖∇Φ_S(x)‖/λ ≤ grad_norm ·
+      max(‖∇Φ_S(0)‖/λ, ‖x‖)``.
     objective: ``Φ_S(x)``.
     cg_steps: conjugate-gradient steps over all Newton steps (0 for direct
       solves).
@@ -114,10 +120,16 @@ class NewtonReport(NamedTuple):
 
 
 def default_tol(exact: bool) -> float:
-  """Relative gradient tolerance: 1e-9 when products are exact in float64
-  (kept rows, kernels), 1e-5 for float32 model passes (their rounding floor
-  is about 1e-6)."""
+  """Relative gradient tolerance: 1e-9 when the solve's products are float64
+  (kept rows or kernels in a float64 solve), 1e-5 otherwise — float32 model
+  passes or a float32 solve, whose rounding floor is about 1e-6."""
   return 1e-9 if exact else 1e-5
+
+
+def _tol(op, dtype, tol):
+  if tol is not None:
+    return float(tol)
+  return default_tol(bool(op.exact) and jnp.dtype(dtype) == jnp.float64)
 
 
 # ---------------------------------------------------------------- operators
@@ -285,6 +297,11 @@ def _line_search(loss, z, jd, y, w, x, d, phi, slope, damping):
   return float(_STEPS[k]), float(vals[k])
 
 
+def _relative(g, x, g0n: float, lam: float) -> float:
+  """``‖∇Φ(x)‖ / max(‖∇Φ(0)‖, λ‖x‖)`` (see :class:`NewtonReport`)."""
+  return float(jnp.linalg.norm(g)) / max(g0n, lam * float(jnp.linalg.norm(x)))
+
+
 def _below_resolution(slope, phi, dtype) -> bool:
   """Whether ``|∇Φ·d|`` is within rounding of ``Φ`` (no Armijo test can
   then tell a decrease)."""
@@ -298,11 +315,16 @@ def _check_problem(op, b, y, weights, damping, x0):
     raise ValueError(f"b must have shape (N, C) = {(n, c)}, got {b.shape}.")
   if np.shape(y) != (n,):
     raise ValueError(f"y must have shape ({n},), got {np.shape(y)}.")
-  if weights is not None and np.shape(weights) != (n,):
-    raise ValueError(f"weights must have shape ({n},), got "
-                     f"{np.shape(weights)}.")
-  if not (isinstance(damping, (int, float)) and math.isfinite(damping)
-          and damping > 0):
+  if weights is not None:
+    if np.shape(weights) != (n,):
+      raise ValueError(f"weights must have shape ({n},), got "
+                       f"{np.shape(weights)}.")
+    wt = np.asarray(weights, np.float64)
+    if not (np.all(np.isfinite(wt)) and np.all(wt >= 0)):
+      raise ValueError("weights must be finite and >= 0 (0 drops a sample).")
+  if isinstance(damping, bool) or not isinstance(
+      damping, (int, float, np.floating, np.integer)) or not (
+          math.isfinite(float(damping)) and float(damping) > 0):
     raise ValueError(f"damping must be a finite float > 0, got {damping!r}; "
                      "the problem is only strongly convex for λ > 0.")
   if x0 is not None and np.shape(x0) != (op.p,):
@@ -317,6 +339,7 @@ def _newton(op, b, y, weights, loss: Loss, damping: float, x0, tol: float,
   w = (jnp.ones((op.n,), dtype) if weights is None
        else jnp.asarray(weights, dtype))
   lam = float(damping)
+  damping = lam
   g0 = op.rmatvec(w[:, None] * loss.grad(b, y))
   g0n = max(float(jnp.linalg.norm(g0)), float(jnp.finfo(dtype).tiny))
   if x0 is None:
@@ -328,7 +351,7 @@ def _newton(op, b, y, weights, loss: Loss, damping: float, x0, tol: float,
   phi = _phi(loss, z, y, w, jnp.vdot(x, x), lam)
   status, it, cg_steps = "max_iterations", 0, 0
   while True:
-    rel = float(jnp.linalg.norm(g)) / g0n
+    rel = _relative(g, x, g0n, lam)
     if rel <= tol:
       status = "converged"
       break
@@ -344,17 +367,20 @@ def _newton(op, b, y, weights, loss: Loss, damping: float, x0, tol: float,
       status = "line_search_failed"
       break
     jd = op.matvec(d)
-    t, phi_new = _line_search(loss, z, jd, y, w, x, d, phi, slope, lam)
-    if t is None and _below_resolution(slope, phi, dtype):
-      # The predicted decrease is below Φ's rounding: accept the full step
-      # if it reduces the gradient (Newton's local quadratic convergence).
+    if _below_resolution(slope, phi, dtype):
+      # The predicted decrease is below Φ's rounding, so no Armijo test can
+      # see it: take the full Newton step if it reduces the gradient (local
+      # quadratic convergence), else stop.
       x1, z1 = x + d, z + jd
       g1 = op.rmatvec(w[:, None] * loss.grad(z1, y)) + lam * x1
-      if float(jnp.linalg.norm(g1)) < float(jnp.linalg.norm(g)):
-        x, z, g = x1, z1, g1
-        phi = _phi(loss, z, y, w, jnp.vdot(x, x), lam)
-        it += 1
-        continue
+      if not float(jnp.linalg.norm(g1)) < float(jnp.linalg.norm(g)):
+        status = "line_search_failed"
+        break
+      x, z, g = x1, z1, g1
+      phi = _phi(loss, z, y, w, jnp.vdot(x, x), lam)
+      it += 1
+      continue
+    t, phi_new = _line_search(loss, z, jd, y, w, x, d, phi, slope, lam)
     if t is None:
       status = "line_search_failed"
       break
@@ -397,7 +423,7 @@ def solve_primal(op, b, y, loss: Loss, damping: float, *, weights=None,
   """
   _check_problem(op, b, y, weights, damping, x0)
   dtype = _precision_dtype(precision)
-  tol = default_tol(op.exact) if tol is None else float(tol)
+  tol = _tol(op, dtype, tol)
   with kernels.precision_scope(precision):
     eye = damping * jnp.eye(op.p, dtype=dtype)
 
@@ -433,7 +459,7 @@ def solve_newton_cg(op, b, y, loss: Loss, damping: float, *, weights=None,
   """
   _check_problem(op, b, y, weights, damping, x0)
   dtype = _precision_dtype(precision)
-  tol = default_tol(op.exact) if tol is None else float(tol)
+  tol = _tol(op, dtype, tol)
   with kernels.precision_scope(precision):
 
     def direction(z, g, w, rel):
@@ -478,7 +504,7 @@ def solve_preconditioned(op, b, y, loss: Loss, damping: float, *,
   """
   _check_problem(op, b, y, weights, damping, x0)
   dtype = _precision_dtype(precision)
-  tol = default_tol(op.exact) if tol is None else float(tol)
+  tol = _tol(op, dtype, tol)
   with kernels.precision_scope(precision):
 
     def direction(z, g, w, rel):
@@ -515,15 +541,17 @@ def _dual_step(loss: Loss, theta, b, y, beta, damping, c):
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _dual_grad(loss: Loss, theta, b, y, beta, c, damping):
+  """``(‖∇Φ‖, λ‖x‖, z, Θβ)`` with ``∇Φ = Jᵀv`` and ``x = Jᵀβ``."""
   n = b.shape[0] // c
   tb = theta @ beta
   z = (b + tb).reshape(n, c)
   v = loss.grad(z, y).reshape(-1) + damping * beta
-  return jnp.sqrt(jnp.maximum(v @ (theta @ v), 0.0)), z, tb
+  gn = jnp.sqrt(jnp.maximum(v @ (theta @ v), 0.0))
+  return gn, damping * jnp.sqrt(jnp.maximum(beta @ tb, 0.0)), z, tb
 
 
 def solve_dual(theta, b, y, loss: Loss, damping: float, *, beta0=None,
-               tol: float = 1e-9, max_iter: int = 100,
+               tol: float | None = None, max_iter: int = 100,
                precision: str = "float64") -> tuple[jax.Array, NewtonReport]:
   """``x_S = Jᵀβ`` with ``β`` from Newton in kernel space (IRLS).
 
@@ -534,7 +562,8 @@ def solve_dual(theta, b, y, loss: Loss, damping: float, *, beta0=None,
     loss: a :class:`fastntk_jax.objective.Loss`.
     damping: λ > 0.
     beta0: starting coefficients ``(N·C,)`` (default 0, ``x = 0``).
-    tol: relative gradient tolerance on ``‖∇Φ‖ = √(vᵀΘv)``.
+    tol: relative gradient tolerance on ``‖∇Φ‖ = √(vᵀΘv)`` (default
+      :func:`default_tol`: 1e-9 in float64, 1e-5 in float32).
     max_iter: Newton steps at most.
     precision: dtype of the solve.
 
@@ -543,11 +572,17 @@ def solve_dual(theta, b, y, loss: Loss, damping: float, *, beta0=None,
     per step: one ``N·C`` Cholesky (``(NC)³/3`` flops) and ``O(C·(NC)²)``.
   """
   dtype = _precision_dtype(precision)
+  tol = default_tol(precision == "float64") if tol is None else float(tol)
   n, c = np.shape(b)
+  if np.shape(y) != (n,):
+    raise ValueError(f"y must have shape ({n},), got {np.shape(y)}.")
+  if beta0 is not None and np.shape(beta0) != (n * c,):
+    raise ValueError(f"beta0 must have shape ({n * c},), got "
+                     f"{np.shape(beta0)}.")
   if np.shape(theta) != (n * c, n * c):
     raise ValueError(f"theta must have shape (N·C, N·C) = {(n * c, n * c)}, "
                      f"got {np.shape(theta)}.")
-  if not (math.isfinite(damping) and damping > 0):
+  if not (math.isfinite(float(damping)) and float(damping) > 0):
     raise ValueError(f"damping must be a finite float > 0, got {damping!r}.")
   with kernels.precision_scope(precision):
     th = jnp.asarray(theta, dtype)
@@ -556,14 +591,14 @@ def solve_dual(theta, b, y, loss: Loss, damping: float, *, beta0=None,
     lam = jnp.asarray(damping, dtype)
     beta = (jnp.zeros((n * c,), dtype) if beta0 is None
             else jnp.asarray(beta0, dtype))
-    g0, _, _ = _dual_grad(loss, th, bf, y, jnp.zeros_like(beta), c, lam)
+    g0, _, _, _ = _dual_grad(loss, th, bf, y, jnp.zeros_like(beta), c, lam)
     g0n = max(float(g0), float(jnp.finfo(dtype).tiny))
-    gn, z, tb = _dual_grad(loss, th, bf, y, beta, c, lam)
+    gn, lx, z, tb = _dual_grad(loss, th, bf, y, beta, c, lam)
     ones = jnp.ones((n,), dtype)
     phi = _phi(loss, z, y, ones, beta @ tb, lam)
     status, it = "max_iterations", 0
     while True:
-      rel = float(gn) / g0n
+      rel = float(gn) / max(g0n, float(lx))
       if rel <= tol:
         status = "converged"
         break
@@ -577,25 +612,27 @@ def solve_dual(theta, b, y, loss: Loss, damping: float, *, beta0=None,
       if not float(slope) < 0:
         status = "line_search_failed"
         break
+      if _below_resolution(slope, phi, dtype):  # as in _newton
+        gn1, lx1, z1, tb1 = _dual_grad(loss, th, bf, y, beta + dbeta, c, lam)
+        if not float(gn1) < float(gn):
+          status = "line_search_failed"
+          break
+        beta, gn, lx, z, tb = beta + dbeta, gn1, lx1, z1, tb1
+        phi = float(_phi(loss, z, y, ones, beta @ tb, lam))
+        it += 1
+        continue
       # Φ along Δβ: z + tΘΔβ and ‖x + tJᵀΔβ‖² = βᵀΘβ + 2tΔβᵀΘβ + t²ΔβᵀΘΔβ.
       ts = jnp.asarray(_STEPS, dtype)
       vals = np.asarray(_line_values(
           loss, z, tdb.reshape(n, c), y, ones, beta @ tb, dbeta @ tb,
           dbeta @ tdb, lam, ts))
       ok = vals <= float(phi) + _ARMIJO * _STEPS * float(slope)
-      if not ok.any() and _below_resolution(slope, phi, dtype):
-        gn1, z1, tb1 = _dual_grad(loss, th, bf, y, beta + dbeta, c, lam)
-        if float(gn1) < float(gn):  # as in _newton: full step at the floor
-          beta, gn, z, tb = beta + dbeta, gn1, z1, tb1
-          phi = float(_phi(loss, z, y, ones, beta @ tb, lam))
-          it += 1
-          continue
       if not ok.any():
         status = "line_search_failed"
         break
       k = int(np.argmax(ok))
       beta, phi = beta + float(_STEPS[k]) * dbeta, float(vals[k])
-      gn, z, tb = _dual_grad(loss, th, bf, y, beta, c, lam)
+      gn, lx, z, tb = _dual_grad(loss, th, bf, y, beta, c, lam)
       it += 1
   return beta, NewtonReport(status == "converged", status, it, rel,
                             float(phi))

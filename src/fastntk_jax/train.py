@@ -81,7 +81,9 @@ class FinetuneConfig(NamedTuple):
     proximal: λ ≥ 0: adds ``(λ/N)/2 ‖w − w_0‖²`` to the mean loss (``N`` the
       number of training samples, ``w_0`` the initial parameters): the ridge
       term of the problem :func:`fastntk_jax.unlearn.unlearn` solves with
-      ``damping=λ``. 0 (default) disables it.
+      ``damping=λ``. 0 (default) disables it. That problem has no
+      augmentation and no weight decay (which pulls towards 0, not ``w_0``):
+      with ``augment`` or ``weight_decay`` the recipe only approximates it.
     tangent: train the tangent model ``f(w_0, x) + J(w_0, x)(w − w_0)`` (one
       JVP per forward pass) instead of the network;
       :attr:`FinetuneResult.apply_fn` is then that model, which is what must

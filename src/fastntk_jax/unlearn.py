@@ -80,7 +80,7 @@ class UnlearnResult(NamedTuple):
       ``D_f`` that the update removes (``loss="mse"``; NaN for ``"ce"``).
     relative_residual: the largest relative residual of the linear solves
       (``"mse"``) or the largest final relative gradient norm
-      ``‖∇Φ_S‖/‖∇Φ_S(0)‖`` of the two Newton solves (``"ce"``).
+      ``‖∇Φ_S‖/max(‖∇Φ_S(0)‖, λ‖x‖)`` of the two Newton solves (``"ce"``).
     cond: the largest condition number (estimate) of the systems solved
       (NaN where they are never formed: ``"cg"`` and ``"ce"``).
     rank: numerical rank of the last system (its size when λ > 0; P where it
@@ -266,9 +266,11 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
       and of the solves; Jacobians stay in the model's dtype.
     cg_tol: relative residual at which ``"cg"`` stops (``"mse"``).
     cg_max_steps: iteration cap per CG solve (None: ``min(10·P, 1000)``).
-    newton_tol: relative gradient norm ``‖∇Φ_S‖/‖∇Φ_S(0)‖`` at which the
-      ``"ce"`` Newton solves stop (None: 1e-9 for dense solvers, 1e-5 for
-      ``"cg"`` on a float32 model: :func:`fastntk_jax.newton.default_tol`).
+    newton_tol: relative gradient norm ``‖∇Φ_S‖/max(‖∇Φ_S(0)‖, λ‖x‖)`` at which the
+      ``"ce"`` Newton solves stop (None: 1e-9 when the solve's products are
+      float64 — kept Jacobian or kernel, ``precision="float64"`` — else
+      1e-5, e.g. model passes of a float32 model:
+      :func:`fastntk_jax.newton.default_tol`).
     newton_max_steps: Newton steps per solve at most (``"ce"``).
     raise_on_failure: a solve that does not converge raises
       :class:`UnlearningError` (default); False returns the last iterate with
@@ -386,18 +388,11 @@ def _validate(apply_fn, params, retain, forget, anchor, linearize_at, damping,
   if precision not in _PRECISIONS:
     raise ValueError(f"precision must be one of {tuple(_PRECISIONS)}, got "
                      f"{precision!r}.")
-  if not (isinstance(cg_tol, (int, float)) and 0 < cg_tol < 1):
-    raise ValueError(f"cg_tol must be a float in (0, 1), got {cg_tol!r}.")
+  validate.check_tolerance("cg_tol", cg_tol)
   validate.check_positive_int_or_none("cg_max_steps", cg_max_steps)
-  if newton_tol is not None and not (
-      isinstance(newton_tol, (int, float)) and 0 < newton_tol < 1):
-    raise ValueError(f"newton_tol must be a float in (0, 1) or None, got "
-                     f"{newton_tol!r}.")
+  validate.check_tolerance("newton_tol", newton_tol, allow_none=True)
   validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
-  if isinstance(memory_budget, bool) or not isinstance(
-      memory_budget, (int, np.integer)) or memory_budget <= 0:
-    raise ValueError(f"memory_budget must be a positive number of bytes, got "
-                     f"{memory_budget!r}.")
+  validate.check_memory_budget(memory_budget)
   c = kernels.num_outputs(apply_fn, params, x_r)
   validate.check_labels("retain", y_r, c)
   validate.check_labels("forget", y_f, c)
@@ -547,7 +542,9 @@ def _cg_update(apply_fn, lin, x_r, x_f, r_r, r_f, damping, tol, max_steps,
 def _ce_update(prob: _Problem, implementation, tol, max_steps, cg_max_steps):
   """The linearised cross-entropy retrain: ``x_{D_r} − x_D`` by Newton.
 
-  ``D`` is ordered ``[D_r; D_f]``; the ``D_r`` solve starts from ``x_D``.
+  ``D`` is ordered ``[D_r; D_f]``; the ``D_r`` solve is warm-started from the
+  ``D`` solve (from ``x_D`` in parameter space; from ``D_r``'s rows of
+  ``β_D`` in kernel space).
   """
   apply_fn, lin, blk = prob.apply_fn, prob.lin, prob.blk
   loss = objective.cross_entropy
@@ -567,7 +564,6 @@ def _ce_update(prob: _Problem, implementation, tol, max_steps, cg_max_steps):
       _, unravel = ravel_pytree(lin)
       b = f0 + kernels.jvp(apply_fn, lin, x_all, unravel(
           prob.shift.astype(f0.dtype)), **blk)
-    opts["tol"] = newton.default_tol(True) if tol is None else tol
     beta_d, rep_d = newton.solve_dual(theta, b, y_all, loss, lam, **opts)
     k = n_r * c
     beta_r, rep_r = newton.solve_dual(theta[:k, :k], b[:n_r], prob.y_r, loss,

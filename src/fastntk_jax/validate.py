@@ -19,9 +19,11 @@ __all__ = [
     "check_finite_tree",
     "check_labels",
     "check_loss",
+    "check_memory_budget",
     "check_points",
     "check_positive_int_or_none",
     "check_split",
+    "check_tolerance",
 ]
 
 #: ``linearize_at`` choices: the trained parameters or the anchor.
@@ -75,6 +77,23 @@ def check_positive_int_or_none(name: str, value) -> None:
   if value is not None and (isinstance(value, bool) or int(value) != value
                             or value < 1):
     raise ValueError(f"{name} must be a positive int or None, got {value!r}.")
+
+
+def check_tolerance(name: str, value, *, allow_none: bool = False) -> None:
+  """A relative tolerance: a float in (0, 1) (or None when allowed)."""
+  if value is None and allow_none:
+    return
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, np.floating)) or not 0 < float(value) < 1:
+    raise ValueError(f"{name} must be a float in (0, 1)"
+                     f"{' or None' if allow_none else ''}, got {value!r}.")
+
+
+def check_memory_budget(value) -> None:
+  if isinstance(value, bool) or not isinstance(
+      value, (int, np.integer)) or value <= 0:
+    raise ValueError(f"memory_budget must be a positive number of bytes, got "
+                     f"{value!r}.")
 
 
 def check_damping(damping, *, positive: bool = False) -> float:
