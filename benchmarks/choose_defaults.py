@@ -24,8 +24,10 @@ recipe one setting is also run through ``unlearn`` itself and must agree.
     python benchmarks/choose_defaults.py --summarize \\
         --out benchmarks/results/defaults_sweep_v2.json
 
-Resumable: seeds already in --out (with the same configuration) are skipped.
-Writes JSON atomically.
+Resumable: seeds already in --out (with the same epochs, dampings, anchors
+and linearisation points) are skipped. Seeds may run different ``--recipes``;
+each seed records its own, and the summary gives the number of seeds behind
+every row. Writes JSON atomically.
 """
 
 from __future__ import annotations
@@ -181,20 +183,22 @@ def summarize(path: Path) -> str:
   ms = lambda v: f"{100 * np.mean(v):.1f} ± {100 * np.std(v):.1f}"
   cols = ("retain", "forget", "test", "test_retained")
   lines = [f"Seeds {', '.join(seeds)}; accuracy in % (mean ± std over "
-           "seeds). gap_train = (|ΔRA| + |ΔFA|)/2 against Retrain (the "
-           "selection criterion, training data only); gap_test adds |ΔTA|: "
-           "(|ΔRA| + |ΔFA| + |ΔTA|)/3.", "",
-           "| recipe | model | D_r | D_f | test | test (retained classes) |",
-           "|---|---|---|---|---|---|"]
-  recipes = res["config"]["recipes"]
+           "the n seeds of each row). gap_train = (|ΔRA| + |ΔFA|)/2 against "
+           "Retrain (the selection criterion, training data only); gap_test "
+           "adds |ΔTA|: (|ΔRA| + |ΔFA| + |ΔTA|)/3.", "",
+           "| recipe | model | n | D_r | D_f | test | test (retained classes) |",
+           "|---|---|---|---|---|---|---|"]
+  recipes = list(dict.fromkeys(
+      name for s in seeds for name in res["seeds"][s]["recipes"]))
   for name in recipes:
     for who in ("full", "retrain"):
-      rows = [res["seeds"][s]["recipes"][name][who] for s in seeds]
-      lines.append(f"| {name} | {who} | " + " | ".join(
+      rows = [res["seeds"][s]["recipes"][name][who] for s in seeds
+              if name in res["seeds"][s]["recipes"]]
+      lines.append(f"| {name} | {who} | {len(rows)} | " + " | ".join(
           ms([r[k] for r in rows]) for k in cols) + " |")
-  lines += ["", "| recipe | anchor | J at | λ | D_r | D_f | test | test "
+  lines += ["", "| recipe | anchor | J at | λ | n | D_r | D_f | test | test "
             "(retained) | D_f per seed | ‖Δw‖ | gap_train | gap_test |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   groups = {}
   for s in seeds:
     r = res["seeds"][s]
@@ -206,8 +210,8 @@ def summarize(path: Path) -> str:
   for key in sorted(groups, key=order):
     good = [(r, ret) for r, ret in groups[key] if r["ok"]]
     if not good:
-      lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | failed "
-                   f"in all {len(groups[key])} seeds ||||||||")
+      lines.append(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | "
+                   f"{len(groups[key])} | failed in every seed ||||||||")
       continue
     rows = [r for r, _ in good]
     g_tr = np.mean([_gap(r, ret, ("retain", "forget")) for r, ret in good])
@@ -217,7 +221,7 @@ def summarize(path: Path) -> str:
     note = (f" ({len(groups[key]) - len(good)} failed)"
             if len(good) < len(groups[key]) else "")
     lines.append(
-        f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | "
+        f"| {key[0]} | {key[1]} | {key[2]} | {key[3]:g} | {len(rows)} | "
         + " | ".join(ms([r[k] for r in rows]) for k in cols)
         + f" | {per} | {np.mean([r['delta_norm'] for r in rows]):.2f} | "
         f"{g_tr:.1f}{note} | {g_te:.1f} |")
@@ -262,7 +266,7 @@ def main(argv=None):
             "seeds": {}}
   if args.out.exists():
     old = json.loads(args.out.read_text())
-    same = ("epochs", "recipes", "dampings", "anchors", "linearize_at")
+    same = ("epochs", "dampings", "anchors", "linearize_at")
     if all(old.get("config", {}).get(k) == result["config"].get(k)
            for k in same):
       result["seeds"] = old.get("seeds", {})
