@@ -99,6 +99,9 @@ def test_train_unlearn_evaluate_round_trip(tmp_path):
   assert acc0 == pytest.approx(u["after"]["forget"])
 
 
+# Two ResNet fine-tunings (~60 s); the tangent model itself is tested in
+# test_tangent.py.
+@pytest.mark.slow
 def test_tangent_cross_entropy_round_trip(tmp_path):
   """train --tangent --proximal with CE; unlearn and evaluate read the
   checkpoint as the tangent model."""
@@ -175,6 +178,9 @@ def test_every_flag_has_help():
         assert a.help, f"fastntk {name} {a.option_strings} has no help text"
 
 
+# Three ResNet CLI runs (~45 s); bn_stats is tested directly in
+# test_bn_stats.py.
+@pytest.mark.slow
 def test_bn_stats_data_then_retain(tmp_path):
   """Statistics estimated on D are re-estimated on D_r after unlearning."""
   from fastntk_jax import bn_stats, data, peft, zoo

@@ -4,9 +4,14 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 _EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "quickstart.py"
 
 
+# The whole example (~70 s on 2 cores); its pieces are covered by
+# test_unlearn_resnet.py and the CLI round trip.
+@pytest.mark.slow
 def test_quickstart_reduced(tmp_path):
   spec = importlib.util.spec_from_file_location("quickstart", _EXAMPLE)
   mod = importlib.util.module_from_spec(spec)

@@ -77,6 +77,9 @@ def test_matches_reference_loop_on_separable_data(loss, lr, batch):
   assert r.seconds > 0
 
 
+# ~16 s; the reference loop itself is checked by
+# test_matches_reference_loop_on_separable_data.
+@pytest.mark.slow
 def test_matches_reference_with_image_augmentation_and_weight_decay():
   rng = np.random.default_rng(1)
   x = rng.normal(size=(10, 4, 4, 2)).astype(np.float32)

@@ -335,7 +335,8 @@ def _ce_train(apply_fn, w0, x, y, lam):
   return unravel(flat0 + _minimise(phi, flat0.shape[0]))
 
 
-@pytest.mark.parametrize("forget_kind", ["class", "random"])
+@pytest.mark.parametrize("forget_kind", [
+    "class", pytest.param("random", marks=pytest.mark.slow)])  # ~16 s each
 def test_ce_trained_linear_model_is_unlearned_to_the_ce_retrain(forget_kind):
   """The issue's acceptance test: a model linear in w trained to convergence
   with CE + λ/2‖w − w_0‖² on D is unlearned to that objective's minimiser on

@@ -27,6 +27,9 @@ def test_resnet110_counts_closed_form():
   assert total == convs + bn + head
 
 
+# ViT pretrain + prepare through checkpoints (~30 s); the prompt layout is
+# tested in test_vit.py.
+@pytest.mark.slow
 def test_vit_backbone_checkpoint_gains_new_prompts(tmp_path):
   plain = zoo.build("vit_tiny_4", num_prompts=0)
   v = zoo.init_variables(plain, 32, seed=1)

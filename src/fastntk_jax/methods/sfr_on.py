@@ -98,8 +98,11 @@ def slow_update(slow, fast, rate):
   """One fast–slow synchronisation: ``slow + rate·(fast − slow)``.
 
   Returns the new slow weights; the caller restarts the fast weights from
-  them. ``rate = 1`` keeps the fast weights (no averaging).
+  them. ``rate = 1`` keeps the fast weights exactly (no averaging; the
+  formula would round ``s + (f − s)`` away from ``f``).
   """
+  if float(rate) == 1.0:
+    return fast
   return jax.tree_util.tree_map(lambda s, f: s + rate * (f - s), slow, fast)
 
 
