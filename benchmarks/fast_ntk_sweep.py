@@ -70,6 +70,8 @@ def main(argv=None):
       (sdir / "retrain.json").read_text())["metrics"]}]
   for loss, anchor, lin, lam in itertools.product(
       args.losses, ("w_0", "w_D"), ("w_D", "w_0"), args.dampings):
+    if anchor == "w_D" and lin == "w_0":
+      continue  # J at w_0 needs w_0, which is then the anchor
     key = {"method": "fast_ntk", "loss": loss, "anchor": anchor,
            "linearize_at": lin, "damping": lam}
     try:

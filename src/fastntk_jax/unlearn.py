@@ -238,7 +238,9 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
     anchor: ``w_0``, the PEFT parameters fine-tuning started from: the centre
       of the ridge term. Give it whenever you have it. None centres the ridge
       at ``params`` (the linear model is then "trained" from ``w_D``), which
-      forgets less (docs/defaults.md measures by how much).
+      forgets less: on the defaults sweep (ResNet-20 BatchNorm + head, 5
+      seeds, λ = 1) cross-entropy models keep 59 % of ``D_f`` (0 % with the
+      anchor) and MSE models 9 % (2.4 %); docs/defaults.md.
     linearize_at: ``"w_D"`` (default: ``J`` and ``f`` at ``params``) or
       ``"w_0"`` (at ``anchor``).
     damping: λ ≥ 0, weighting ``½‖w − w_0‖²`` against the *sum* of per-sample
