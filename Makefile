@@ -10,8 +10,11 @@ $(PY):
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 
-$(STAMP): $(PY) pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test]'
+# The tested versions of every package, without resolution and without the
+# TensorFlow that neural-tangents declares but never needs (requirements.lock).
+$(STAMP): $(PY) pyproject.toml requirements.lock
+	$(PY) -m pip install --quiet --no-deps -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
 	touch $(STAMP)
 
 # The Table I protocol on the embedded CIFAR-10 subset (configs/demo.toml):

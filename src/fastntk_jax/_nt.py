@@ -201,9 +201,10 @@ def _load():
   spec = importlib.util.find_spec("neural_tangents")
   if spec is None or not spec.submodule_search_locations:
     raise NeuralTangentsUnavailable(
-        "neural-tangents is not installed. Install it with "
-        "`pip install neural-tangents==0.6.5` (on machines without TensorFlow "
-        "use `pip install --no-deps neural-tangents==0.6.5 frozendict`).")
+        "neural-tangents is not installed. Install it without the TensorFlow "
+        "it declares but never needs here: `pip install --no-deps "
+        "neural-tangents==0.6.5` (`make` does; `pip install fastntk_jax` "
+        "alone does not).")
   root = Path(list(spec.submodule_search_locations)[0])
   version = None
   init = root / "__init__.py"

@@ -554,8 +554,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "checkpoint on a split")
   q.add_argument("--model", help="registry name (see `fastntk params`)")
   q.add_argument("--weights", metavar="PATH", help="backbone weights: a "
-                 "`fastntk pretrain` checkpoint or a ResNet PyTorch .npz "
-                 "(default: the shipped/shared CIFAR-10 ResNet weights)")
+                 "`fastntk pretrain` checkpoint, a ResNet PyTorch .npz, or "
+                 "for ViTs a vision_transformer/big_vision .npz or a timm "
+                 ".safetensors (default: the shipped/shared CIFAR-10 ResNet "
+                 "weights)")
   q.add_argument("--checkpoint", metavar="PATH", help="a `fastntk train` or "
                  "`fastntk unlearn` checkpoint instead of --weights")
   q.add_argument("--params", default="w_D", choices=["w_D", "w_0",

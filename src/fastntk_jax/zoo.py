@@ -16,7 +16,9 @@ base}_{4,16}                     224 px (/16) every block) + head
 Weights: ``resnet20`` ships with the package; ``resnet32/44/56`` come from
 ``../shared/data/weights``; every model accepts a backbone checkpoint written
 by ``fastntk pretrain`` (:mod:`fastntk_jax.checkpoint`, kind ``"backbone"``),
-and ResNets a PyTorch-layout ``.npz``.
+ResNets a PyTorch-layout ``.npz``, and ViTs a google-research
+vision_transformer/big_vision ``.npz`` or a timm ``.safetensors``
+(:mod:`fastntk_jax.models.vit_checkpoints`).
 """
 
 from __future__ import annotations
@@ -192,8 +194,10 @@ def load_backbone(name: str, weights: str | Path | None = None, *,
 
   Args:
     name: registry name.
-    weights: a ``fastntk pretrain`` checkpoint, or for ResNets a PyTorch-layout
-      ``.npz``; None uses the shipped/shared CIFAR-10 weights of
+    weights: a ``fastntk pretrain`` checkpoint; for ResNets a PyTorch-layout
+      ``.npz``; for ViTs a vision_transformer/big_vision ``.npz`` or a timm
+      ``.safetensors`` of the same architecture (its position embedding is
+      resampled to the model's input size; prompts are new); None uses the shipped/shared CIFAR-10 weights of
       ResNet-20/32/44/56 and a random initialisation for the others.
     num_prompts: ViT prompt length (prompts are new: never in a backbone).
     seed: initialisation of whatever the weights do not hold.
@@ -205,7 +209,19 @@ def load_backbone(name: str, weights: str | Path | None = None, *,
   s = spec(name)
   if weights is not None and not Path(weights).is_file():
     raise FileNotFoundError(f"--weights: no file at {weights}.")
-  if weights is not None and str(weights).endswith(".npz"):
+  suffix = Path(weights).suffix if weights is not None else ""
+  if s.family == "vit" and suffix in (".npz", ".safetensors"):
+    from fastntk_jax.models import vit_checkpoints
+    from fastntk_jax.models.vit import VIT_CONFIGS, VIT_DEPTH
+    _, size, patch = name.split("_")
+    width, heads, mlp = VIT_CONFIGS[size]
+    module, variables, _ = vit_checkpoints.load_vit(
+        weights, num_prompts=num_prompts, image_size=s.image_size,
+        num_heads=heads, seed=seed,
+        expect={"width": width, "depth": VIT_DEPTH, "mlp_dim": mlp,
+                "patch_size": int(patch)})
+    return module, variables, True
+  if weights is not None and suffix == ".npz":
     if s.family != "resnet":
       raise ValueError(f"{weights}: PyTorch .npz weights exist only for CIFAR "
                        "ResNets; pass a checkpoint from `fastntk pretrain`.")

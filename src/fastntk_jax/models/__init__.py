@@ -11,12 +11,14 @@ from fastntk_jax.models.resnet import (
     resnet_variables_from_torch,
 )
 from fastntk_jax.models.vit import ViT, normalize_vit, vit_by_name
+from fastntk_jax.models.vit_checkpoints import load_vit
 
 __all__ = [
     "CifarResNet",
     "MobileNetV2",
     "ViT",
     "load_resnet_cifar10",
+    "load_vit",
     "normalize_cifar",
     "normalize_vit",
     "resnet_variables_from_torch",

@@ -130,15 +130,16 @@ class PromptAttention(nn.Module):
 
 
 class _Mlp(nn.Module):
-  """``fc2(gelu(fc1(x)))`` with exact (erf) GELU."""
+  """``fc2(gelu(fc1(x)))``; exact (erf) GELU unless ``gelu_approximate``."""
 
   hidden: int
   width: int
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x):
     x = nn.Dense(self.hidden, kernel_init=_dense, name="fc1")(x)
-    x = nn.gelu(x, approximate=False)  # exact (erf) GELU, as in the ViT paper
+    x = nn.gelu(x, approximate=self.gelu_approximate)
     return nn.Dense(self.width, kernel_init=_dense, name="fc2")(x)
 
 
@@ -149,11 +150,14 @@ class ViTBlock(nn.Module):
     num_heads: attention heads.
     mlp_dim: hidden width of the GELU MLP.
     num_prompts: prefix prompts of this block's attention.
+    gelu_approximate: tanh-approximate GELU (the Google ViT code's) instead
+      of the exact one (timm's).
   """
 
   num_heads: int
   mlp_dim: int
   num_prompts: int = 0
+  gelu_approximate: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -169,7 +173,7 @@ class ViTBlock(nn.Module):
     y = nn.LayerNorm(epsilon=_LN_EPS, name="ln1")(x)
     x = x + PromptAttention(self.num_heads, self.num_prompts, name="attn")(y)
     y = nn.LayerNorm(epsilon=_LN_EPS, name="ln2")(x)
-    y = _Mlp(self.mlp_dim, width, name="mlp")(y)
+    y = _Mlp(self.mlp_dim, width, self.gelu_approximate, name="mlp")(y)
     return x + y
 
 
@@ -190,6 +194,9 @@ class ViT(nn.Module):
     mlp_dim: hidden width of each MLP.
     num_prompts: ``L_p`` prompt keys and values per block; 0 is a plain ViT.
     image_size: side of the square input images; a multiple of ``patch_size``.
+    gelu_approximate: the MLPs use the tanh approximation of GELU, as the
+      google-research/vision_transformer and big_vision checkpoints were
+      trained with; False (exact erf GELU) matches timm and the ViT paper.
 
   Example:
     >>> model = ViT(width=32, depth=2, num_heads=2, mlp_dim=64, num_prompts=4,
@@ -206,6 +213,7 @@ class ViT(nn.Module):
   mlp_dim: int = 768
   num_prompts: int = 0
   image_size: int = 32
+  gelu_approximate: bool = False
 
   def __post_init__(self):
     for name in ("num_classes", "patch_size", "width", "depth", "num_heads",
@@ -265,7 +273,7 @@ class ViT(nn.Module):
     x = x + pos
     for i in range(self.depth):
       x = ViTBlock(self.num_heads, self.mlp_dim, self.num_prompts,
-                   name=f"block{i}")(x)
+                   self.gelu_approximate, name=f"block{i}")(x)
     x = nn.LayerNorm(epsilon=_LN_EPS, name="final_ln")(x)
     return nn.Dense(self.num_classes, name="head")(x[:, 0])
 
