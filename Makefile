@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# Test processes (pytest-xdist, whole files per process): JAX compiles on one
+# thread, so two processes keep both cores busy.
+TEST_WORKERS ?= 2
 
 .PHONY: demo test test-all bench clean
 
@@ -23,10 +26,10 @@ demo: $(STAMP)
 	$(VENV)/bin/fastntk experiment configs/demo.toml --out results/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -m '' -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(PY) benchmarks/ntk_cost.py --quick

@@ -303,25 +303,3 @@ def test_request_host_devices_refuses_once_jax_has_started():
       os.environ.pop("XLA_FLAGS", None)
     else:
       os.environ["XLA_FLAGS"] = before
-
-
-def test_several_host_devices_wait_for_slow_collectives():
-  """A fresh process asking for 2 CPU devices gets XLA's collective timeouts
-  raised (a starved device thread would otherwise abort it after 40 s); a
-  value the user set is kept."""
-  code = ("import os\n"
-          "from fastntk_jax._env import request_host_devices\n"
-          "print(request_host_devices(2))\n"
-          "print(os.environ['XLA_FLAGS'])\n")
-  env = dict(os.environ,
-             XLA_FLAGS="--xla_cpu_collective_timeout_seconds=77",
-             JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code], env=env,
-                       capture_output=True, text=True, timeout=120)
-  assert out.returncode == 0, out.stderr[-2000:]
-  count, flags = out.stdout.split("\n")[:2]
-  assert count == "2"
-  flags = flags.split()
-  assert "--xla_cpu_collective_timeout_seconds=77" in flags
-  assert "--xla_cpu_collective_timeout_seconds=3600" not in flags
-  assert "--xla_cpu_collective_call_terminate_timeout_seconds=3600" in flags

@@ -9,12 +9,6 @@ from typing import Any
 __all__ = ["environment", "request_host_devices"]
 
 _HOST_FLAG = "--xla_force_host_platform_device_count"
-# With several CPU devices, a collective whose participants arrive more than
-# 40 s apart aborts the process (XLA's default). On a loaded machine one
-# device's thread can be starved that long; wait an hour instead. The flags
-# exist from jaxlib 0.10 (unknown XLA flags are fatal, so older ones get none).
-_COLLECTIVE_FLAGS = ("--xla_cpu_collective_timeout_seconds=3600",
-                     "--xla_cpu_collective_call_terminate_timeout_seconds=3600")
 
 
 def request_host_devices(k: int) -> int:
@@ -37,11 +31,7 @@ def request_host_devices(k: int) -> int:
     raise ValueError(f"host devices must be >= 1, got {k}.")
   kept = [f for f in os.environ.get("XLA_FLAGS", "").split()
           if not f.startswith(_HOST_FLAG)]
-  extra = []
-  if int(k) > 1 and _jaxlib_at_least(0, 10):
-    extra = [f for f in _COLLECTIVE_FLAGS
-             if not any(g.startswith(f.split("=")[0] + "=") for g in kept)]
-  os.environ["XLA_FLAGS"] = " ".join(kept + [f"{_HOST_FLAG}={int(k)}"] + extra)
+  os.environ["XLA_FLAGS"] = " ".join(kept + [f"{_HOST_FLAG}={int(k)}"])
   import jax
   got = len(jax.devices("cpu"))
   if got != int(k):
@@ -50,15 +40,6 @@ def request_host_devices(k: int) -> int:
         f"call request_host_devices before any JAX computation, or set "
         f"XLA_FLAGS={_HOST_FLAG}={k} before starting Python.")
   return got
-
-
-def _jaxlib_at_least(major: int, minor: int) -> bool:
-  from importlib.metadata import PackageNotFoundError, version
-  try:
-    parts = version("jaxlib").split(".")[:2]
-    return (int(parts[0]), int(parts[1])) >= (major, minor)
-  except (PackageNotFoundError, ValueError):
-    return False
 
 
 def environment() -> dict[str, Any]:
