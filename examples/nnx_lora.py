@@ -10,7 +10,7 @@
    over the PEFT parameters), compared with Retrain (the same fine-tuning on
    D_r only), and the unlearned parameters are written back into the model.
 
-    python examples/nnx_lora.py                 # ~2 minutes on 2 CPU cores
+    python examples/nnx_lora.py                 # ~25 s on 2 CPU cores
     python examples/nnx_lora.py --ipc 20 --pretrain-epochs 2 --epochs 5
 """
 

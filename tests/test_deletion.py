@@ -153,7 +153,9 @@ def test_samples_outside_the_prepared_set_are_detected():
 # ------------------------------------------------------------ cross-entropy
 
 
-@pytest.mark.parametrize("linearize_at", ["w_D", "w_0"])
+# J at w_0 (~13 s) is slow-marked; the default point w_D runs by default.
+@pytest.mark.parametrize("linearize_at", [
+    "w_D", pytest.param("w_0", marks=pytest.mark.slow)])
 def test_ce_requests_in_sequence_equal_unlearning_from_scratch(linearize_at):
   apply_fn, w0, w_d, x, y = _problem(5, n=60)
   ids = np.arange(1000, 1060)

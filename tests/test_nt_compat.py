@@ -54,5 +54,6 @@ def test_ntk_vp_matches_dense():
 def test_missing_or_broken_neural_tangents_gives_a_clear_error(monkeypatch):
   import importlib.util
   monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
-  with pytest.raises(_nt.NeuralTangentsUnavailable, match="pip install neural-tangents"):
+  with pytest.raises(_nt.NeuralTangentsUnavailable,
+                     match="pip install --no-deps neural-tangents==0.6.5"):
     _nt._load()

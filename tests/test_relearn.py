@@ -189,6 +189,9 @@ def test_nan_loss_is_never_relearnt():
   assert r.epochs == 4 and not r.reached and r.losses.shape == (5,)
 
 
+# ~13 s; relearn time on the real PEFT ResNet is also computed by the bench
+# runner's end-to-end test (tests/test_bench.py).
+@pytest.mark.slow
 def test_smoke_on_the_pretrained_resnet():
   # The real PEFT model (BN scale/shift + head, images with flips and crops):
   # the loop traces through Flax, starts from the model's true loss on D_f and
