@@ -45,15 +45,23 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import fastntk_jax as F
-from fastntk_jax import _io, data, kernels, metrics, newton, objective
-from fastntk_jax import setups, train, update
+from fastntk_jax import data
+from fastntk_jax.io import atomic
+from fastntk_jax.core import kernels
+from fastntk_jax.evaluation import metrics
+from fastntk_jax.core import newton
+from fastntk_jax.core import objective
+from fastntk_jax.models import zoo
+from fastntk_jax.data import splits
+from fastntk_jax.training import train
+from fastntk_jax.core import update
 from fastntk_jax.models import normalize_cifar
-from fastntk_jax.unlearn import RESIDUAL_FNS
+from fastntk_jax.core.unlearn import RESIDUAL_FNS
 
 
 def atomic_json(path: Path, obj) -> None:
   text = json.dumps(obj, indent=1)
-  _io.atomic_write(path, lambda f: f.write(text.encode()))
+  atomic.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def parse_recipe(text: str) -> tuple[str, float]:
@@ -83,9 +91,9 @@ def _delta_rows(loss, lin, w_0, w_d, retain, forget, args, apply_fn):
   if loss == "mse":
     res = RESIDUAL_FNS["mse"]
     a_r, g_r = kernels.gram(apply_fn, lin, retain[0], res, y=retain[1],
-                            precision="float64")
+                            solve_dtype="float64")
     a_f, g_f = kernels.gram(apply_fn, lin, forget[0], res, y=forget[1],
-                            precision="float64")
+                            solve_dtype="float64")
     with jax.enable_x64(True):
       for anc in args.anchors:
         d = shifts[anc]
@@ -114,8 +122,8 @@ def _delta_rows(loss, lin, w_0, w_d, retain, forget, args, apply_fn):
 
 
 def run_seed(seed, args, x, y, xt, yt):
-  m = setups.resnet_bn_head(20, seed=seed)
-  retain, forget = setups.class_split(x, y, [0])
+  m = zoo.resnet_bn_head(20, seed=seed)
+  retain, forget = splits.class_split(x, y, [0])
   test = (xt, yt)
   rep = lambda p: metrics.class_forgetting_report(m.apply_fn, p, retain,
                                                   forget, test, [0])

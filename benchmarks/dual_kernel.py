@@ -33,8 +33,16 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import ntk_cost  # noqa: E402  (same model and input preparation)
 
-from fastntk_jax import _io, _nt, kernels, timing  # noqa: E402
-from fastntk_jax._env import environment  # noqa: E402
+from fastntk_jax.io import atomic  # noqa: E402
+
+from fastntk_jax.core import nt
+
+from fastntk_jax.core import blocking
+
+from fastntk_jax.core import kernels
+
+from fastntk_jax.evaluation import timing
+from fastntk_jax.io.environment import environment  # noqa: E402
 
 
 def _peak_rss_mib() -> float:
@@ -62,7 +70,7 @@ def main(argv=None) -> dict:
   x = ntk_cost._inputs(args.model, args.n, args.seed)
   c = kernels.num_outputs(m.apply_fn, m.init_params, x)
   fn = kernels._ntk_block_fn(m.apply_fn, 1)
-  block, _, p = kernels._resolve_block(
+  block, _, p = blocking.resolve_block(
       m.apply_fn, m.init_params, x, args.block_size, "ntk", fn,
       lambda xb: (xb, xb, m.init_params))
   n_blocks = math.ceil(args.n / block)
@@ -82,7 +90,7 @@ def main(argv=None) -> dict:
   rel = float(np.abs(a - b).max() / np.abs(b).max())
   result = {
       "benchmark": "dual_kernel", **environment(),
-      "neural_tangents": _nt.nt_version(),
+      "neural_tangents": nt.nt_version(),
       "config": {"model": args.model, "n": args.n, "num_outputs": c,
                  "num_params_peft": p, "block_size": block,
                  "block_size_source": ("given" if args.block_size else
@@ -101,7 +109,7 @@ def main(argv=None) -> dict:
       "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
   }
   text = json.dumps(result, indent=1)
-  _io.atomic_write(out, lambda f: f.write(text.encode()))
+  atomic.atomic_write(out, lambda f: f.write(text.encode()))
   print(f"speed-up {result['speedup_run']:.1f}x, agreement {rel:.2e}; "
         f"wrote {out}")
   return result

@@ -23,9 +23,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastntk_jax import checkpoint, methods, splits, train, zoo
-from fastntk_jax.bench import runner
-from fastntk_jax.unlearn import UnlearningError
+from fastntk_jax import methods
+
+from fastntk_jax.io import checkpoint
+
+from fastntk_jax.data import splits
+
+from fastntk_jax.training import train
+
+from fastntk_jax.models import zoo
+from fastntk_jax.experiments import runner
+from fastntk_jax.core.unlearn import UnlearningError
 
 
 def main(argv=None):
@@ -45,7 +53,7 @@ def main(argv=None):
   x_tr, y_tr, x_te, y_te, names, _ = runner._load_data(cfg)
   spec = runner._forget_spec(cfg["data"]["forget"], args.seed)
   r_idx, f_idx = splits.apply_forget(spec, y_tr, names)
-  model = zoo.prepare(m["name"], module, variables, num_classes=len(names),
+  model = zoo.peft_model(m["name"], module, variables, num_classes=len(names),
                       mode=m["peft"], head_scale=m["head_scale"],
                       seed=args.seed)
   prep = jax.jit(zoo.preprocess_fn(m["name"]))

@@ -42,7 +42,7 @@ from jax.flatten_util import ravel_pytree
 
 from fastntk_jax import (_io, data, deletion, kernels, timing, train, unlearn,
                          zoo)
-from fastntk_jax._env import environment, request_host_devices
+from fastntk_jax.io.environment import environment, request_host_devices
 
 
 def _peak_rss_gib() -> float:
@@ -118,7 +118,7 @@ def main(argv=None):
          "config": vars(args) | {
              "out": str(args.out), "model": "resnet20 (CIFAR-10 weights), "
              "BatchNorm scale/shift + new head", "recipe": args.loss,
-             "precision": "float64"},
+             "solve_dtype": "float64"},
          "stages": {}}
   stages = out["stages"]
 
@@ -144,7 +144,7 @@ def main(argv=None):
   tk = np.sort(rng.choice(len(te.y), args.test_n, replace=False)) \
       if args.test_n < len(te.y) else np.arange(len(te.y))
   module, variables, pretrained = zoo.load_backbone("resnet20")
-  model = zoo.prepare("resnet20", module, variables, num_classes=10,
+  model = zoo.peft_model("resnet20", module, variables, num_classes=10,
                       mode="peft", seed=args.seed)
   prep = jax.jit(zoo.preprocess_fn("resnet20"))
 

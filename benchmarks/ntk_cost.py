@@ -1,8 +1,8 @@
 """Full-model versus PEFT-only empirical NTK: time, peak memory, parameter counts.
 
-Same model, same data, same neural-tangents call (fastntk_jax.kernels.ntk);
+Same model, same data, same neural-tangents call (fastntk_jax.core.kernels.ntk);
 only the pytree differentiated differs: every trainable parameter ("full",
-``zoo.prepare(mode="all")``) or the paper's PEFT selection ("peft": BatchNorm
+``zoo.peft_model(mode="all")``) or the paper's PEFT selection ("peft": BatchNorm
 scale/shift + head for CNNs, prompts + head for ViTs). Weights are a random
 initialisation (cost does not depend on their values).
 
@@ -119,10 +119,10 @@ def is_oom_message(text: str) -> bool:
 # ------------------------------------------------------------------ child
 def _prepare(model: str, pytree: str, num_prompts: int, seed: int):
   """The zoo model with a random backbone, split for ``pytree``."""
-  from fastntk_jax import zoo
+  from fastntk_jax.models import zoo
   module = zoo.build(model, num_classes=NUM_CLASSES, num_prompts=num_prompts)
   variables = zoo.init_variables(module, zoo.spec(model).image_size, seed)
-  return zoo.prepare(model, module, variables, num_classes=NUM_CLASSES,
+  return zoo.peft_model(model, module, variables, num_classes=NUM_CLASSES,
                      mode=PYTREES[pytree], seed=seed)
 
 
@@ -132,7 +132,8 @@ def _inputs(model: str, n: int, seed: int):
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from fastntk_jax import data, zoo
+  from fastntk_jax import data
+  from fastntk_jax.models import zoo
   xtr, _, xte, _ = data.load_embedded_cifar10()
   pool = np.concatenate([xtr, xte])
   idx = np.random.default_rng(seed).choice(len(pool), n, replace=n > len(pool))
@@ -151,12 +152,13 @@ def _time_kernel(apply_fn, params, x, *, block: int, implementation: int,
 
   Returns:
     ``(k, first, later, peak_first_mib, peak_later_mib)``: the kernel, the
-    first call's :class:`fastntk_jax.timing.Measured`, the later calls'
+    first call's :class:`fastntk_jax.evaluation.timing.Measured`, the later calls'
     seconds, and the peak RSS (MiB) of the first call (compilation included)
     and of the later calls (the high-water mark is reset between them).
   """
   import jax
-  from fastntk_jax import kernels, timing
+  from fastntk_jax.core import kernels
+  from fastntk_jax.evaluation import timing
 
   def call():
     return jax.block_until_ready(kernels.ntk(
@@ -215,7 +217,7 @@ def measure(*, model: str, n: int, pytree: str, implementation: int,
   import jax
   m = _prepare(model, pytree, num_prompts, seed)
   x = _inputs(model, n, seed)
-  from fastntk_jax import kernels
+  from fastntk_jax.core import kernels
   c = kernels.num_outputs(m.apply_fn, m.init_params, x)
   block = n if block_size is None else min(block_size, n)
   jax.block_until_ready(m.init_params)
@@ -281,9 +283,10 @@ def probe_main(models: list[str], num_prompts: int) -> dict:
   initialises an accelerator and takes its memory)."""
   import jax
   import fastntk_jax
-  from fastntk_jax import _nt, zoo
+  from fastntk_jax.core import nt
+  from fastntk_jax.models import zoo
   dev = jax.devices()[0]
-  counts = {m: dict(zip(("total", "peft"), zoo.count_params(
+  counts = {m: dict(zip(("total", "peft"), zoo.param_counts(
       m, num_classes=NUM_CLASSES, num_prompts=num_prompts))) for m in models}
   return {"device": f"{dev.platform}: {dev.device_kind}",
           "platform_name": dev.platform, "device_kind": dev.device_kind,
@@ -291,7 +294,7 @@ def probe_main(models: list[str], num_prompts: int) -> dict:
           "versions": {"jax": jax.__version__,
                        "jaxlib": _version("jaxlib"),
                        "flax": _version("flax"),
-                       "neural_tangents": _nt.nt_version(),
+                       "neural_tangents": nt.nt_version(),
                        "fastntk_jax": fastntk_jax.__version__,
                        "python": platform.python_version()},
           "param_counts": counts}
@@ -482,9 +485,9 @@ def _config(args, env: dict) -> dict:
           "data": "embedded CIFAR-10 (1000 train + 1000 test images, drawn "
                   "without replacement up to 2000); 224 px models: the same "
                   "32 px images resized bilinearly (jax.image.resize)",
-          "pytrees": {"peft": "zoo.prepare(mode='peft'): BatchNorm scale/shift "
+          "pytrees": {"peft": "zoo.peft_model(mode='peft'): BatchNorm scale/shift "
                               "+ head (CNNs), prompts + head (ViTs)",
-                      "full": "zoo.prepare(mode='all'): every parameter "
+                      "full": "zoo.peft_model(mode='all'): every parameter "
                               "(BatchNorm statistics frozen)"},
           "memory": "host: peak RSS over the timed calls after the first "
                     "(high-water mark reset after the compiling first call) "
@@ -507,9 +510,9 @@ def _json_safe(obj):
 
 
 def _write(path: Path, result: dict) -> None:
-  from fastntk_jax import _io
+  from fastntk_jax.io import atomic
   text = json.dumps(_json_safe(result), indent=1)
-  _io.atomic_write(path, lambda f: f.write(text.encode()))
+  atomic.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _print_row(row: dict) -> None:

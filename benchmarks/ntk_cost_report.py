@@ -300,8 +300,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 
 def _save(path: Path, write) -> None:
-  from fastntk_jax import _io
-  _io.atomic_write(path, write)
+  from fastntk_jax.io import atomic
+  atomic.atomic_write(path, write)
 
 
 def main(argv=None):

@@ -6,7 +6,7 @@ times, warm (compiled on a first block of the same shape):
 
 * ``jacobian``: the Jacobian rows alone (``kernels._jac_block_fn``);
 * ``forward``: the forward pass alone;
-* ``gram_pass``: :func:`fastntk_jax.kernels.gram` as ``unlearn`` and
+* ``gram_pass``: :func:`fastntk_jax.core.kernels.gram` as ``unlearn`` and
   ``prepare`` call it: logits, MSE residuals, Jacobian rows, per-device
   ``JᵀJ`` and ``Jᵀr`` terms and their float64 sums, reduced once at the end.
 
@@ -39,18 +39,22 @@ def main(argv=None) -> dict:
       b < 1 or N % b or b % args.host_devices for b in blocks):
     ap.error(f"--host-devices >= 1 and --blocks dividing {N}, each a multiple "
              "of --host-devices")
-  from fastntk_jax._env import request_host_devices
+  from fastntk_jax.io.environment import request_host_devices
   request_host_devices(args.host_devices)
 
   import jax
   import jax.numpy as jnp
   import numpy as np
-  from fastntk_jax import _io, data, kernels, zoo
-  from fastntk_jax._env import environment
-  from fastntk_jax.unlearn import RESIDUAL_FNS
+  from fastntk_jax import data
+  from fastntk_jax.io import atomic
+  from fastntk_jax.core import blocking
+  from fastntk_jax.core import kernels
+  from fastntk_jax.models import zoo
+  from fastntk_jax.io.environment import environment
+  from fastntk_jax.core.unlearn import RESIDUAL_FNS
 
   m, v, _ = zoo.load_backbone("resnet20")
-  model = zoo.prepare("resnet20", m, v, num_classes=10, mode="peft", seed=0)
+  model = zoo.peft_model("resnet20", m, v, num_classes=10, mode="peft", seed=0)
   w = model.init_params
   x, y = data.load_embedded_cifar10()[:2]
   xn = jax.jit(zoo.preprocess_fn("resnet20"))(jnp.asarray(x[:1000]))
@@ -60,10 +64,10 @@ def main(argv=None) -> dict:
   p = int(sum(np.size(l) for l in jax.tree_util.tree_leaves(w)))
   jac_fn = kernels._jac_block_fn(model.apply_fn)
   fwd = jax.jit(model.apply_fn)
-  w_r = kernels._replicate(mesh, w)
+  w_r = blocking.replicate(mesh, w)
 
   def per_image(step, block):
-    xs = [kernels._shard_rows(mesh, xn[i:i + block])
+    xs = [blocking.shard_rows(mesh, xn[i:i + block])
           for i in range(0, N, block)]
     jax.block_until_ready(step(xs[0]))  # compiles
     t = time.perf_counter()
@@ -74,14 +78,14 @@ def main(argv=None) -> dict:
 
   def gram_pass(block):
     return kernels.gram(model.apply_fn, w, xn, RESIDUAL_FNS["mse"], y=yn,
-                        block_size=block, precision="float64",
+                        block_size=block, solve_dtype="float64",
                         return_outputs=True)
 
   rows = []
   for block in blocks:
     jax.block_until_ready(kernels.gram(
         model.apply_fn, w, xn[:block], RESIDUAL_FNS["mse"], y=yn[:block],
-        block_size=block, precision="float64"))  # compiles
+        block_size=block, solve_dtype="float64"))  # compiles
     t = time.perf_counter()
     jax.block_until_ready(gram_pass(block))
     t_gram = 1000 * (time.perf_counter() - t) / N
@@ -102,7 +106,7 @@ def main(argv=None) -> dict:
             "ms_per_image": rows}
   if args.out:
     text = json.dumps(result, indent=1)
-    _io.atomic_write(args.out, lambda f: f.write(text.encode()))
+    atomic.atomic_write(args.out, lambda f: f.write(text.encode()))
   return result
 
 

@@ -22,7 +22,12 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 import fastntk_jax as F
-from fastntk_jax import _io, data, metrics, setups, train
+from fastntk_jax import data
+from fastntk_jax.io import atomic
+from fastntk_jax.evaluation import metrics
+from fastntk_jax.models import zoo
+from fastntk_jax.data import splits
+from fastntk_jax.training import train
 from fastntk_jax.models import normalize_cifar
 
 
@@ -35,8 +40,8 @@ def main(argv=None):
   args = ap.parse_args(argv)
   xtr, ytr, xte, yte = data.load_embedded_cifar10()
   x, xt = np.asarray(normalize_cifar(xtr)), np.asarray(normalize_cifar(xte))
-  m = setups.resnet_bn_head(20, seed=args.seed)
-  retain, forget = setups.class_split(x, ytr, [0])
+  m = zoo.resnet_bn_head(20, seed=args.seed)
+  retain, forget = splits.class_split(x, ytr, [0])
   w_d = train.finetune(m.apply_fn, m.init_params, x, ytr,
                        config=train.FinetuneConfig(epochs=args.epochs, seed=args.seed)).params
   flat_d = ravel_pytree(w_d)[0]
@@ -60,7 +65,7 @@ def main(argv=None):
          "relative_difference_dual_vs_primal": rel, "runs": runs}
   print(json.dumps(out, indent=1))
   text = json.dumps(out, indent=1)
-  _io.atomic_write(args.out, lambda f: f.write(text.encode()))
+  atomic.atomic_write(args.out, lambda f: f.write(text.encode()))
 
 
 if __name__ == "__main__":

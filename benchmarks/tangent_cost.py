@@ -21,10 +21,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastntk_jax import _io, data, setups
-from fastntk_jax._env import environment
+from fastntk_jax import data
+
+from fastntk_jax.io import atomic
+
+from fastntk_jax.models import zoo
+from fastntk_jax.io.environment import environment
 from fastntk_jax.models import normalize_cifar
-from fastntk_jax.tangent import tangent_model
+from fastntk_jax.core.tangent import tangent_model
 
 
 def _median_seconds(fn, *args, repeats: int) -> float:
@@ -44,7 +48,7 @@ def main(argv=None):
   ap.add_argument("--out", type=Path,
                   default=Path("benchmarks/results/tangent_cost_cpu.json"))
   args = ap.parse_args(argv)
-  m = setups.resnet_bn_head(20, seed=0)
+  m = zoo.resnet_bn_head(20, seed=0)
   xtr, _, _, _ = data.load_embedded_cifar10()
   x_all = np.asarray(normalize_cifar(xtr))
   rng = np.random.default_rng(0)
@@ -71,7 +75,7 @@ def main(argv=None):
                     args.batches, "repeats": args.repeats},
          "rows": rows}
   text = json.dumps(out, indent=1)
-  _io.atomic_write(args.out, lambda f: f.write(text.encode()))
+  atomic.atomic_write(args.out, lambda f: f.write(text.encode()))
   print(f"wrote {args.out}")
 
 

@@ -29,7 +29,17 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from fastntk_jax import _io, data, metrics, methods, setups, train
+from fastntk_jax import data, methods
+
+from fastntk_jax.io import atomic
+
+from fastntk_jax.evaluation import metrics
+
+from fastntk_jax.models import zoo
+
+from fastntk_jax.data import splits
+
+from fastntk_jax.training import train
 from fastntk_jax.models import normalize_cifar
 
 
@@ -89,13 +99,13 @@ def sweep(args) -> None:
           for r in res["rows"]}
 
   def save():
-    _io.atomic_write(out, lambda f: f.write(json.dumps(res, indent=1).encode()))
+    atomic.atomic_write(out, lambda f: f.write(json.dumps(res, indent=1).encode()))
 
   x, y, xt, yt = load(args.per_class)
-  m = setups.resnet_bn_head(20, seed=args.seed)
+  m = zoo.resnet_bn_head(20, seed=args.seed)
   recipe = train.FinetuneConfig(loss=args.loss, epochs=30, seed=args.seed)
   w_d = train.finetune(m.apply_fn, m.init_params, x, y, config=recipe).params
-  retain, forget = setups.class_split(x, y, [0])
+  retain, forget = splits.class_split(x, y, [0])
   problem = methods.UnlearningProblem(m.apply_fn, m.init_params, w_d, retain,
                                       forget, recipe, 10)
 

@@ -26,7 +26,11 @@ import optax
 from flax import nnx
 
 import fastntk_jax as F
-from fastntk_jax import data, metrics, peft_nnx, setups, train
+from fastntk_jax import data
+from fastntk_jax.evaluation import metrics
+from fastntk_jax.peft import nnx as peft_nnx
+from fastntk_jax.data import splits
+from fastntk_jax.training import train
 from fastntk_jax.models import normalize_cifar
 
 
@@ -95,7 +99,7 @@ def main(argv=None):
         f"{sel.num_peft:,} ({100 * sel.num_peft / sel.num_total:.2f} %); "
         f"pre-trained on classes 1-9 in {time.perf_counter() - t0:.0f}s")
 
-  retain, forget = setups.class_split(x, y, [0])
+  retain, forget = splits.class_split(x, y, [0])
   cfg = train.FinetuneConfig(loss="ce", epochs=args.epochs, seed=args.seed)
   full = train.finetune(sel.apply_fn, sel.init_params, x, y, config=cfg)
   retrain = train.finetune(sel.apply_fn, sel.init_params, *retain, config=cfg)

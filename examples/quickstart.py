@@ -23,7 +23,11 @@ from pathlib import Path
 import numpy as np
 
 import fastntk_jax as F
-from fastntk_jax import data, metrics, setups, train
+from fastntk_jax import data
+from fastntk_jax.evaluation import metrics
+from fastntk_jax.models import zoo
+from fastntk_jax.data import splits
+from fastntk_jax.training import train
 from fastntk_jax.models import normalize_cifar
 
 
@@ -54,7 +58,7 @@ def parse_args(argv=None):
                   default="auto")
   ap.add_argument("--head-scale", type=float, default=0.1,
                   help="scale of the new head's initial kernel (default 0.1; "
-                  "see fastntk_jax.setups.resnet_bn_head)")
+                  "see fastntk_jax.models.zoo.resnet_bn_head)")
   ap.add_argument("--seed", type=int, default=0,
                   help="head initialisation, data order, augmentation")
   ap.add_argument("--json", type=Path, default=None,
@@ -82,8 +86,8 @@ def main(argv=None):
   xtr, ytr = first_per_class(xtr, ytr, args.ipc)
   xte, yte = first_per_class(xte, yte, args.test_ipc)
   x, xt = np.asarray(normalize_cifar(xtr)), np.asarray(normalize_cifar(xte))
-  model = setups.resnet_bn_head(20, seed=args.seed, head_scale=args.head_scale)
-  retain, forget = setups.class_split(x, ytr, [args.forget_class])
+  model = zoo.resnet_bn_head(20, seed=args.seed, head_scale=args.head_scale)
+  retain, forget = splits.class_split(x, ytr, [args.forget_class])
   print(f"ResNet-20: {model.num_total:,} parameters, PEFT (BatchNorm + head): "
         f"{model.num_peft:,} ({100 * model.num_peft / model.num_total:.2f} %)")
   print(f"D: {len(ytr)} images ({args.ipc} a class), D_f: class "

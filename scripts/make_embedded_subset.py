@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastntk_jax._io import atomic_write
+from fastntk_jax.io.atomic import atomic_write
 from fastntk_jax.data import CIFAR10_CLASSES, read_cifar10_jpeg_zip_with_names, shared_data_dir
 
 _REPO = Path(__file__).resolve().parents[1]

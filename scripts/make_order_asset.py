@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fastntk_jax._io import atomic_write
+from fastntk_jax.io.atomic import atomic_write
 from fastntk_jax.data import load_cifar10_lossless, shared_data_dir
 
 _REPO = Path(__file__).resolve().parents[1]

@@ -7,10 +7,14 @@ import jax
 import numpy as np
 import pytest
 
-from fastntk_jax import bench, checkpoint, cli, methods as methods_lib
-from fastntk_jax.bench import config as config_lib
-from fastntk_jax.bench import report
-from fastntk_jax.bench.features import head_input_fn
+from fastntk_jax import cli, methods as methods_lib
+
+from fastntk_jax import experiments
+
+from fastntk_jax.io import checkpoint
+from fastntk_jax.experiments import config as config_lib
+from fastntk_jax.experiments import report
+from fastntk_jax.experiments.features import head_input_fn
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -21,7 +25,7 @@ def test_every_shipped_config_resolves():
   assert len(files) >= 8
   names = set()
   for f in files:
-    cfg = bench.load_config(f)
+    cfg = experiments.load_config(f)
     names.add(cfg["name"])
     if cfg["finetune"]["tangent"]:
       # Tangent-mode configs check Fast-NTK's exactness against Retrain only.
@@ -32,47 +36,47 @@ def test_every_shipped_config_resolves():
 
 
 def test_defaults_are_filled_and_unknown_keys_named(tmp_path):
-  cfg = bench.resolve({"name": "x", "data": {"ipc": 3}})
+  cfg = experiments.resolve({"name": "x", "data": {"ipc": 3}})
   assert cfg["data"]["ipc"] == 3 and cfg["data"]["forget"] == "class:0"
   assert cfg["finetune"]["loss"] == "mse" and cfg["seeds"] == [0, 1, 2]
-  with pytest.raises(bench.ConfigError, match="data.ipcc"):
-    bench.resolve({"name": "x", "data": {"ipcc": 3}})
-  with pytest.raises(bench.ConfigError, match="unknown method 'foo'"):
-    bench.resolve({"name": "x", "methods": ["full", "foo"]})
-  with pytest.raises(bench.ConfigError, match="'name' is required"):
-    bench.resolve({})
-  with pytest.raises(bench.ConfigError, match="data.forget"):
-    bench.resolve({"name": "x", "data": {"forget": "klass:0"}})
-  with pytest.raises(bench.ConfigError, match="seeds"):
-    bench.resolve({"name": "x", "seeds": [0, 0]})
-  with pytest.raises(bench.ConfigError, match="model.name"):
-    bench.resolve({"name": "x", "model": {"name": "resnet19"}})
-  with pytest.raises(bench.ConfigError, match="finetune.loss"):
-    bench.resolve({"name": "x", "finetune": {"loss": "hinge"}})
-  with pytest.raises(bench.ConfigError, match="test_ipc must be >= 1"):
-    bench.resolve({"name": "x", "data": {"train_split": "test",
+  with pytest.raises(experiments.ConfigError, match="data.ipcc"):
+    experiments.resolve({"name": "x", "data": {"ipcc": 3}})
+  with pytest.raises(experiments.ConfigError, match="unknown method 'foo'"):
+    experiments.resolve({"name": "x", "methods": ["full", "foo"]})
+  with pytest.raises(experiments.ConfigError, match="'name' is required"):
+    experiments.resolve({})
+  with pytest.raises(experiments.ConfigError, match="data.forget"):
+    experiments.resolve({"name": "x", "data": {"forget": "klass:0"}})
+  with pytest.raises(experiments.ConfigError, match="seeds"):
+    experiments.resolve({"name": "x", "seeds": [0, 0]})
+  with pytest.raises(experiments.ConfigError, match="model.name"):
+    experiments.resolve({"name": "x", "model": {"name": "resnet19"}})
+  with pytest.raises(experiments.ConfigError, match="finetune.loss"):
+    experiments.resolve({"name": "x", "finetune": {"loss": "hinge"}})
+  with pytest.raises(experiments.ConfigError, match="test_ipc must be >= 1"):
+    experiments.resolve({"name": "x", "data": {"train_split": "test",
                                          "test_ipc": 0}})
-  with pytest.raises(bench.ConfigError, match=r"\[method.ga\].*'lr'"):
-    bench.resolve({"name": "x", "method": {"ga": {"lr": 1.0}}})
-  with pytest.raises(bench.ConfigError, match="no file"):
-    bench.load_config(tmp_path / "missing.toml")
+  with pytest.raises(experiments.ConfigError, match=r"\[method.ga\].*'lr'"):
+    experiments.resolve({"name": "x", "method": {"ga": {"lr": 1.0}}})
+  with pytest.raises(experiments.ConfigError, match="no file"):
+    experiments.load_config(tmp_path / "missing.toml")
   bad = tmp_path / "bad.toml"
   bad.write_text("name = ")
-  with pytest.raises(bench.ConfigError, match="cannot parse"):
-    bench.load_config(bad)
+  with pytest.raises(experiments.ConfigError, match="cannot parse"):
+    experiments.load_config(bad)
 
 
 def test_methods_are_listed_in_table_order():
-  cfg = bench.resolve({"name": "x", "methods": ["fast_ntk", "full",
+  cfg = experiments.resolve({"name": "x", "methods": ["fast_ntk", "full",
                                                 "retrain"]})
   assert cfg["methods"] == ["full", "retrain", "fast_ntk"]
 
 
 def test_config_hash_ignores_only_resumable_keys():
-  a = bench.resolve({"name": "x"})
-  b = bench.resolve({"name": "x", "seeds": [5], "methods": ["full"],
+  a = experiments.resolve({"name": "x"})
+  b = experiments.resolve({"name": "x", "seeds": [5], "methods": ["full"],
                      "method": {"ga": {"epochs": 3}}})
-  c = bench.resolve({"name": "x", "data": {"ipc": 7}})
+  c = experiments.resolve({"name": "x", "data": {"ipc": 7}})
   assert config_lib.config_hash(a) == config_lib.config_hash(b)
   assert config_lib.config_hash(a) != config_lib.config_hash(c)
 
@@ -86,7 +90,7 @@ def _fake_run(root, seed, method, m):
 
 
 def test_aggregate_mean_std_and_avg_d(tmp_path):
-  cfg = bench.resolve({"name": "agg", "seeds": [0, 1],
+  cfg = experiments.resolve({"name": "agg", "seeds": [0, 1],
                        "methods": ["retrain", "fast_ntk"]})
   base = {"acc_retain": 90.0, "acc_forget": 0.0, "acc_test": 80.0,
           "mia": 100.0, "relearn_epochs": 10}
@@ -125,8 +129,8 @@ def test_json_safe_turns_nan_into_null():
 
 # --------------------------------------------------------------- features
 def test_head_input_features_reproduce_the_logits():
-  from fastntk_jax import setups
-  model = setups.resnet_bn_head(20, seed=0)
+  from fastntk_jax.models import zoo
+  model = zoo.resnet_bn_head(20, seed=0)
   from fastntk_jax import peft
   variables = peft.merge(model.init_params, model.frozen)
   x = jax.random.normal(jax.random.PRNGKey(0), (3, 32, 32, 3))
@@ -152,7 +156,7 @@ TINY = {
 
 
 def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
-  cfg = bench.resolve(TINY)
+  cfg = experiments.resolve(TINY)
   out = tmp_path / "res"
   real = methods_lib.run_method
   calls = []
@@ -165,7 +169,7 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
 
   monkeypatch.setattr(methods_lib, "run_method", failing)
   with pytest.raises(RuntimeError, match="interrupted"):
-    bench.run_experiment(cfg, out, progress=False)
+    experiments.run_experiment(cfg, out, progress=False)
   assert calls == ["retrain", "full", "fast_ntk", "ga"]  # Retrain first
   assert (out / "runs" / "seed0" / "fast_ntk.json").is_file()
   assert not (out / "results.json").exists()
@@ -175,7 +179,7 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
                       lambda name, problem, **kw: (calls.append(name),
                                                    real(name, problem,
                                                         **kw))[1])
-  res = bench.run_experiment(cfg, out, progress=False)
+  res = experiments.run_experiment(cfg, out, progress=False)
   assert calls == ["ga"]  # only the missing run
   assert set(res["methods"]) == {"full", "retrain", "fast_ntk", "ga"}
   for m, r in res["methods"].items():
@@ -195,13 +199,13 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
 
   # A changed hyperparameter re-runs that method only.
   calls.clear()
-  cfg2 = bench.resolve({**TINY, "method": {"ga": {"epochs": 2}}})
-  bench.run_experiment(cfg2, out, progress=False)
+  cfg2 = experiments.resolve({**TINY, "method": {"ga": {"epochs": 2}}})
+  experiments.run_experiment(cfg2, out, progress=False)
   assert calls == ["ga"]
   # Another seed in the same directory extends the record instead of
   # replacing it: config, manifest and results cover seeds 0 and 1.
   calls.clear()
-  res = bench.run_experiment(bench.resolve({**TINY, "seeds": [1],
+  res = experiments.run_experiment(experiments.resolve({**TINY, "seeds": [1],
                                             "methods": ["full"]}), out,
                              progress=False)
   assert calls == ["full"]
@@ -211,15 +215,15 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
       "0", "1"}
   assert json.loads((out / "config.json").read_text())["seeds"] == [0, 1]
   # Another configuration in the same directory is refused.
-  with pytest.raises(bench.ConfigError, match="different configuration"):
-    bench.run_experiment(bench.resolve({**TINY, "data": {
+  with pytest.raises(experiments.ConfigError, match="different configuration"):
+    experiments.run_experiment(experiments.resolve({**TINY, "data": {
         "source": "embedded", "ipc": 4, "test_ipc": 3}}), out, progress=False)
 
 
 def test_runner_refuses_a_random_backbone_unless_allowed(tmp_path):
-  cfg = bench.resolve({**TINY, "model": {"name": "mobilenetv2"}})
-  with pytest.raises(bench.ConfigError, match="require_pretrained"):
-    bench.run_experiment(cfg, tmp_path / "m", progress=False)
+  cfg = experiments.resolve({**TINY, "model": {"name": "mobilenetv2"}})
+  with pytest.raises(experiments.ConfigError, match="require_pretrained"):
+    experiments.run_experiment(cfg, tmp_path / "m", progress=False)
   assert not (tmp_path / "m").exists()  # refused before any work
 
 

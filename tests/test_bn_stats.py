@@ -3,7 +3,7 @@ import jax
 import numpy as np
 import pytest
 
-from fastntk_jax import bn_stats
+from fastntk_jax.training import bn_stats
 
 
 class _OneBN(nn.Module):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 import fastntk_jax as F
-from fastntk_jax import cg
+from fastntk_jax.core import cg
 
 
 def _spd(seed, n, rank):

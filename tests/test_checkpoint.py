@@ -7,7 +7,7 @@ import numpy as np
 import optax
 import pytest
 
-from fastntk_jax import checkpoint
+from fastntk_jax.io import checkpoint
 
 
 def _trees():

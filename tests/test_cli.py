@@ -5,7 +5,11 @@ import json
 import numpy as np
 import pytest
 
-from fastntk_jax import checkpoint, cli, zoo
+from fastntk_jax import cli
+
+from fastntk_jax.io import checkpoint
+
+from fastntk_jax.models import zoo
 
 
 def run(argv, capsys=None):
@@ -31,7 +35,7 @@ def test_params_table(tmp_path, capsys):
   vt = rows[2]
   assert vt["peft_params"] == 12 * 2 * 5 * 192 + 192 * 10 + 10  # L_p = 5
   for r in rows:
-    assert (r["total"], r["peft_params"]) == zoo.count_params(r["model"], num_prompts=5)
+    assert (r["total"], r["peft_params"]) == zoo.param_counts(r["model"], num_prompts=5)
 
 
 def test_evaluate_embedded_matches_direct_port(tmp_path):
@@ -183,7 +187,9 @@ def test_every_flag_has_help():
 @pytest.mark.slow
 def test_bn_stats_data_then_retain(tmp_path):
   """Statistics estimated on D are re-estimated on D_r after unlearning."""
-  from fastntk_jax import bn_stats, data, peft, zoo
+  from fastntk_jax import data, peft
+  from fastntk_jax.training import bn_stats
+  from fastntk_jax.models import zoo
   ck, un = tmp_path / "m.ckpt", tmp_path / "u.ckpt"
   assert cli.main(["train", "--model", "resnet20", "--data", "embedded",
                    "--ipc", "4", "--test-ipc", "2", "--epochs", "1",

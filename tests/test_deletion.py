@@ -7,7 +7,9 @@ import pytest
 from jax.scipy.optimize import minimize
 
 import fastntk_jax as F
-from fastntk_jax import deletion, newton, objective
+from fastntk_jax.core import deletion
+from fastntk_jax.core import newton
+from fastntk_jax.core import objective
 
 
 def _problem(seed=0, n=40, d=5, h=8, c=3):
@@ -108,7 +110,7 @@ def test_float32_precision_is_close_on_a_small_problem():
   out = {}
   for prec in ("float64", "float32"):
     st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, linearize_at="w_0", damping=1.0,
-                          precision=prec)
+                          solve_dtype=prec)
     assert st.gram.dtype == np.dtype(prec)
     out[prec] = deletion.forget(st, apply_fn, w_d, (x[:5], y[:5])).params
   assert _rel(out["float32"], out["float64"]) < 1e-3
@@ -131,8 +133,8 @@ def test_bad_requests_are_refused_before_work():
     deletion.forget(st, apply_fn, w_d, (x[:1, :3], y[:1]), ids=ids[:1])
   with pytest.raises(ValueError, match="damping must be finite and > 0"):
     deletion.prepare(apply_fn, w_d, (x, y), damping=0.0)
-  with pytest.raises(ValueError, match="precision"):
-    deletion.prepare(apply_fn, w_d, (x, y), precision="float16")
+  with pytest.raises(ValueError, match="solve_dtype"):
+    deletion.prepare(apply_fn, w_d, (x, y), solve_dtype="float16")
   with pytest.raises(ValueError, match="ids: expected 12"):
     deletion.prepare(apply_fn, w_d, (x, y), ids=np.arange(3))
   with pytest.raises(TypeError, match="PreparedState"):

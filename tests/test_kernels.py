@@ -6,7 +6,11 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from fastntk_jax import kernels, peft
+from fastntk_jax import peft
+
+from fastntk_jax.core import blocking
+
+from fastntk_jax.core import kernels
 from fastntk_jax.models import CifarResNet
 
 
@@ -121,10 +125,10 @@ def test_gram_with_residuals_from_its_own_pass(resnet):
     return jax.nn.softmax(f) - jax.nn.one_hot(t, 10, dtype=f.dtype)
 
   want_b = ref.T @ res(logits, y).reshape(-1)
-  for precision in ("float32", "float64"):
+  for solve_dtype in ("float32", "float64"):
     a, b, f = kernels.gram(apply_fn, w, x1, res, y=y, block_size=4,
-                           precision=precision, return_outputs=True)
-    assert a.dtype == np.dtype(precision) and f.shape == (6, 10)
+                           solve_dtype=solve_dtype, return_outputs=True)
+    assert a.dtype == np.dtype(solve_dtype) and f.shape == (6, 10)
     np.testing.assert_allclose(f, logits, rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a, ref.T @ ref,
                                atol=2e-5 * float(jnp.abs(ref.T @ ref).max()))
@@ -154,14 +158,14 @@ def test_automatic_jacobian_blocks_are_small_on_cpu(resnet):
   assert jax.devices()[0].platform == "cpu"
   x = jnp.zeros((64, 32, 32, 3))
   fn = kernels._jac_block_fn(apply_fn)
-  block, _, _ = kernels._resolve_block(apply_fn, w, x, None, "jac", fn,
+  block, _, _ = blocking.resolve_block(apply_fn, w, x, None, "jac", fn,
                                        lambda xb: (w, xb))
   assert block == kernels.CPU_BLOCK_PER_DEVICE
   nt = kernels._ntk_block_fn(apply_fn, 1)
-  block_nt, _, _ = kernels._resolve_block(apply_fn, w, x, None, "ntk", nt,
+  block_nt, _, _ = blocking.resolve_block(apply_fn, w, x, None, "ntk", nt,
                                           lambda xb: (xb, xb, w))
   assert block_nt > kernels.CPU_BLOCK_PER_DEVICE
-  assert kernels._resolve_block(apply_fn, w, x, 48, "jac", fn,
+  assert blocking.resolve_block(apply_fn, w, x, 48, "jac", fn,
                                 lambda xb: (w, xb))[0] == 48  # explicit wins
 
 
@@ -190,7 +194,7 @@ def test_block_size_from_measured_working_memory(resnet):
   """The automatic block keeps the probe-measured working memory in budget."""
   apply_fn, w, x1, _ = resnet
   fn = kernels._ntk_block_fn(apply_fn, 1)
-  per = kernels._bytes_per_sample("ntk", fn, lambda xb: (xb, xb, w), w, x1,
+  per = blocking.bytes_per_sample("ntk", fn, lambda xb: (xb, xb, w), w, x1,
                                   fallback=0.0)
   assert 1e6 < per < 1e9  # ResNet-20 PEFT: ~16 MiB a sample on CPU
   block = kernels.auto_block_size(10_000, per)

@@ -9,9 +9,12 @@ import optax
 import pytest
 from jax.flatten_util import ravel_pytree
 
-from fastntk_jax import methods, train
-from fastntk_jax.methods import _common
-from fastntk_jax.unlearn import unlearn
+from fastntk_jax import methods
+
+from fastntk_jax.training import train
+from fastntk_jax.methods import base
+from fastntk_jax.methods import registry
+from fastntk_jax.core.unlearn import unlearn
 
 C = 3  # classes
 
@@ -98,7 +101,7 @@ def test_every_method_runs_and_keeps_the_tree(problem, name):
 def test_defaults_match_signatures_and_are_copies():
   import inspect
   for name in methods.METHOD_NAMES:
-    spec = _common._registry()[name]
+    spec = registry.REGISTRY[name]
     params = inspect.signature(spec.fn).parameters
     assert set(params) - {"problem", "key"} == set(methods.defaults(name))
     assert set(spec.checks) == set(spec.defaults)
@@ -222,7 +225,7 @@ def test_salun_keeps_unmasked_weights_bit_identical(problem):
   assert moved.mean() > 0.9
   # A gradient-only mask lets weight decay move the unmasked weights: the
   # check above could fail.
-  tx = _common.optimizer("sgd", 0.9, 0.1)
+  tx = base.optimizer("sgd", 0.9, 0.1)
   params, state = problem.params, tx.init(problem.params)
   grads = jax.tree_util.tree_map(lambda m: jnp.zeros(m.shape), mask)
   for _ in range(3):

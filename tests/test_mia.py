@@ -1,4 +1,4 @@
-"""Tests for fastntk_jax.mia against hand values, exact arithmetic and brute force."""
+"""Tests for fastntk_jax.evaluation.mia against hand values, exact arithmetic and brute force."""
 
 from decimal import Decimal, localcontext
 
@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from scipy import optimize
 
-from fastntk_jax import mia, train
+from fastntk_jax.evaluation import mia
+
+from fastntk_jax.training import train
 
 
 def _exact_features(z, y):

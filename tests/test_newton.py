@@ -6,7 +6,13 @@ import numpy as np
 import pytest
 from jax.scipy.optimize import minimize
 
-from fastntk_jax import kernels, newton, objective, update
+from fastntk_jax.core import kernels
+
+from fastntk_jax.core import newton
+
+from fastntk_jax.core import objective
+
+from fastntk_jax.core import update
 
 
 def _model(seed=0, n=24, d=5, h=6, c=4):
@@ -160,10 +166,10 @@ def test_float32_passes_and_float32_solves_stop_at_their_own_tolerance():
   # Kept float32 rows in a float32 solve: the 1e-5 default, reached.
   jac = kernels.jacobian(apply_fn, params, x)
   dense = newton.DenseJacobian(jac, 4)
-  s32, r32 = newton.solve_primal(dense, b, y, ce, 1.0, precision="float32")
+  s32, r32 = newton.solve_primal(dense, b, y, ce, 1.0, solve_dtype="float32")
   assert r32.converged and 1e-9 < 1e-5 and r32.grad_norm <= 1e-5
   assert s32.dtype == jnp.float32
-  beta, rd = newton.solve_dual(jac @ jac.T, b, y, ce, 1.0, precision="float32")
+  beta, rd = newton.solve_dual(jac @ jac.T, b, y, ce, 1.0, solve_dtype="float32")
   assert rd.converged
   with jax.enable_x64(True):
     s64, r64 = newton.solve_primal(newton.DenseJacobian(jac, 4, jnp.float64),
@@ -190,8 +196,8 @@ def test_bad_problems_are_refused():
       newton.solve_newton_cg(op, b, y, ce, 1.0, x0=np.ones(2))
     with pytest.raises(ValueError, match="theta must have shape"):
       newton.solve_dual(jnp.eye(5), b, y, ce, 1.0)
-    with pytest.raises(ValueError, match="precision"):
-      newton.solve_primal(op, b, y, ce, 1.0, precision="float16")
+    with pytest.raises(ValueError, match="solve_dtype"):
+      newton.solve_primal(op, b, y, ce, 1.0, solve_dtype="float16")
     with pytest.raises(ValueError, match="weights must be finite and >= 0"):
       newton.solve_primal(op, b, y, ce, 1.0, weights=-np.ones(len(y)))
     with pytest.raises(ValueError, match="beta0 must have shape"):

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastntk_jax import objective
+from fastntk_jax.core import objective
 
 
 @pytest.mark.parametrize("name", ["mse", "ce"])

@@ -8,7 +8,7 @@ from importlib.metadata import packages_distributions
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# Loaded by fastntk_jax._nt from its installed files, never declared (its
+# Loaded by fastntk_jax.core.nt from its installed files, never declared (its
 # release declares TensorFlow); make installs it with --no-deps.
 OPTIONAL = {"neural-tangents"}
 

@@ -13,7 +13,11 @@ import pytest
 from flax import nnx
 from jax.flatten_util import ravel_pytree
 
-from fastntk_jax import kernels, peft_nnx, unlearn
+from fastntk_jax import unlearn
+
+from fastntk_jax.core import kernels
+
+from fastntk_jax.peft import nnx as peft_nnx
 
 C = 3
 F64 = dict(param_dtype=jnp.float64, dtype=jnp.float64)

@@ -1,4 +1,4 @@
-"""Tests for fastntk_jax.probe: separable blobs, pure noise, a reference loop."""
+"""Tests for fastntk_jax.evaluation.probe: separable blobs, pure noise, a reference loop."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from fastntk_jax import probe
+from fastntk_jax.evaluation import probe
 
 
 def _blobs(rng, n, f, c, sep=4.0):

@@ -1,11 +1,13 @@
-"""Tests for fastntk_jax.relearn against a slow, eager reference loop."""
+"""Tests for fastntk_jax.evaluation.relearn against a slow, eager reference loop."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastntk_jax import relearn, train
+from fastntk_jax.evaluation import relearn
+
+from fastntk_jax.training import train
 
 
 def _linear(params, x):
@@ -28,7 +30,7 @@ def _reference(apply_fn, params, x, y, config, threshold, max_epochs):
   n = x.shape[0]
   batch = min(config.batch_size, n)
   steps = -(-n // batch)
-  tx = train._optimizer(config.learning_rate, config.weight_decay)
+  tx = train.finetune_optimizer(config.learning_rate, config.weight_decay)
   state = tx.init(params)
 
   def loss_on(p, xb, yb):
@@ -129,7 +131,7 @@ def test_schedule_is_ignored_and_jit_is_reused():
                              augment=False)
   a = relearn.relearn_time(_linear, _zeros(5, 2), x, y, config=cfg)
   hits = relearn._relearn_fn.cache_info().hits
-  fn = relearn._relearn_fn(_linear, "ce", train._optimizer(0.1, 0.0), False,
+  fn = relearn._relearn_fn(_linear, "ce", train.finetune_optimizer(0.1, 0.0), False,
                            0, 5, 100)
   compiled = fn._cache_size()
   # Cosine schedule and another epoch budget: same constant-rate run.
@@ -196,10 +198,13 @@ def test_smoke_on_the_pretrained_resnet():
   # The real PEFT model (BN scale/shift + head, images with flips and crops):
   # the loop traces through Flax, starts from the model's true loss on D_f and
   # learns within an epoch.
-  from fastntk_jax import data, kernels, models, setups
-  model = setups.resnet_bn_head(20, seed=0)
+  from fastntk_jax import data, models
+  from fastntk_jax.core import kernels
+  from fastntk_jax.models import zoo
+  from fastntk_jax.data import splits
+  model = zoo.resnet_bn_head(20, seed=0)
   xtr, ytr, _, _ = data.load_embedded_cifar10()
-  _, (xf, yf) = setups.class_split(models.normalize_cifar(xtr), ytr, [0])
+  _, (xf, yf) = splits.class_split(models.normalize_cifar(xtr), ytr, [0])
   xf, yf = xf[:24], yf[:24]
   cfg = train.FinetuneConfig(loss="mse", batch_size=16, crop_padding=2)
   r = relearn.relearn_time(model.apply_fn, model.init_params, xf, yf,

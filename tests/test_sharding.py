@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from fastntk_jax import kernels
+
+from fastntk_jax.core import kernels
 
 _CHILD = textwrap.dedent("""
     import json
@@ -28,7 +29,7 @@ _CHILD = textwrap.dedent("""
     from jax.flatten_util import ravel_pytree
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-    from fastntk_jax import kernels
+    from fastntk_jax.core import kernels
 
     def apply_fn(params, x):  # 2-layer MLP, 5 -> 7 -> 3
       h = jnp.tanh(x @ params["w1"] + params["b1"])
@@ -77,7 +78,7 @@ _CHILD = textwrap.dedent("""
       a0, b0 = kernels.gram(apply_fn, params, x1, **kw)
       g = kernels.vjp(apply_fn, params, x1, r, **kw)
       fa, fb, fl = kernels.gram(apply_fn, params, x1, res_fn, y=t,
-                                return_outputs=True, precision="float64", **kw)
+                                return_outputs=True, solve_dtype="float64", **kw)
       got = {
           "gram_fn_a": fa, "gram_fn_b": fb, "gram_fn_logits": fl,
           "ntk11": kernels.ntk(apply_fn, params, x1, **kw),
@@ -100,7 +101,7 @@ _CHILD = textwrap.dedent("""
                                         mesh=mesh))
       first = blocks[0][2]
       padded = next(kernels._padded_jac_blocks(
-          apply_fn, params, x1, block_size, kernels._resolve_mesh(mesh)))[2]
+          apply_fn, params, x1, block_size, blocking.resolve_mesh(mesh)))[2]
       return {
           "close": close,
           "gram_without_r": bool(b0 is None and np.allclose(
@@ -141,7 +142,8 @@ _CHILD = textwrap.dedent("""
     # unlearn() (every solver), deletion requests and the CG operator on four
     # devices against the same calls on a one-device mesh.
     import fastntk_jax as F
-    from fastntk_jax import cg, deletion
+    from fastntk_jax.core import cg
+    from fastntk_jax.core import deletion
     one = Mesh(np.array(jax.local_devices()[:1]), ("data",))
     y = np.arange(10) % 3
     w_d = jax.tree_util.tree_map(lambda a: a * 1.05 + 0.01, params)
@@ -289,7 +291,7 @@ def test_one_device_mesh_matches_no_mesh():
 def test_request_host_devices_refuses_once_jax_has_started():
   """In this process JAX already runs with one CPU device: the request for
   another number must fail with the fix, and the current number succeeds."""
-  from fastntk_jax._env import request_host_devices
+  from fastntk_jax.io.environment import request_host_devices
   before = os.environ.get("XLA_FLAGS")
   try:
     n = len(jax.devices("cpu"))

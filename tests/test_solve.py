@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fastntk_jax.solve import psd_solve
+from fastntk_jax.core.solve import psd_solve
 
 
 def test_cholesky_solve_matches_numpy():

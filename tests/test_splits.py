@@ -1,9 +1,9 @@
-"""Tests for fastntk_jax.splits."""
+"""Tests for fastntk_jax.data.splits."""
 
 import numpy as np
 import pytest
 
-from fastntk_jax.splits import (
+from fastntk_jax.data.splits import (
   ForgetSpec,
   apply_forget,
   class_subset,

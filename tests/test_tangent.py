@@ -9,8 +9,9 @@ from jax.flatten_util import ravel_pytree
 from jax.scipy.optimize import minimize
 
 import fastntk_jax as F
-from fastntk_jax import peft, train
-from fastntk_jax.tangent import tangent_model
+from fastntk_jax import peft
+from fastntk_jax.training import train
+from fastntk_jax.core.tangent import tangent_model
 
 
 class _TinyCNN(nn.Module):

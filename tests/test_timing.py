@@ -1,4 +1,4 @@
-"""Tests of fastntk_jax.timing (wall time and JAX compile time)."""
+"""Tests of fastntk_jax.evaluation.timing (wall time and JAX compile time)."""
 
 import threading
 import time
@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 from jax._src import monitoring as _monitoring
 
-from fastntk_jax import timing
+from fastntk_jax.evaluation import timing
 
 
 def _fresh_fn():

@@ -3,7 +3,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastntk_jax import train
+from fastntk_jax.training import train
 
 
 def _problem():
@@ -131,7 +131,7 @@ def test_pretrain_learns_and_updates_statistics():
 
 
 def test_pretrain_resume_equals_uninterrupted(tmp_path):
-  from fastntk_jax import checkpoint
+  from fastntk_jax.io import checkpoint
   m, v, x, y = _tiny_cnn()
   prep = lambda b: b.astype(jnp.float32) / 255.0
   cfg = train.PretrainConfig(epochs=3, batch_size=10, learning_rate=0.05,

@@ -7,6 +7,7 @@ import pytest
 from jax.scipy.optimize import minimize
 
 import fastntk_jax as F
+from fastntk_jax.core.solvers import ProblemShape, choose_solver
 
 
 def _linear_model(seed, d=5, c=3, p=40):
@@ -170,41 +171,41 @@ def test_ce_residual_differs_from_mse():
 
 def test_auto_picks_the_cheaper_solver_that_fits():
   # P = 43 << N·C: primal; P huge vs N·C: dual.
-  assert F.choose_solver(n=100, c=10, p=43) == "primal"
-  assert F.choose_solver(n=10, c=10, p=100_000) == "dual"
+  assert choose_solver(n=100, c=10, p=43) == "primal"
+  assert choose_solver(n=10, c=10, p=100_000) == "dual"
   # N·C = 20,000, P = 4,000: primal 3.6e11 flops and 5·P²·8 B = 640 MB
   # (float64 Grams); dual 4.3e12 flops and 4·(N·C)²·4 B = 6.4 GB. Neither
   # fits 600 MB: matrix-free CG; with 700 MB the primal fits; with float32
   # Grams (4 B) 320 MB suffices.
-  assert F.choose_solver(n=2000, c=10, p=4000, memory_budget=600 * 10**6) == "cg"
-  assert F.choose_solver(n=2000, c=10, p=4000, memory_budget=700 * 10**6) == "primal"
-  assert F.choose_solver(n=2000, c=10, p=4000, memory_budget=330 * 10**6,
+  assert choose_solver(n=2000, c=10, p=4000, memory_budget=600 * 10**6) == "cg"
+  assert choose_solver(n=2000, c=10, p=4000, memory_budget=700 * 10**6) == "primal"
+  assert choose_solver(n=2000, c=10, p=4000, memory_budget=330 * 10**6,
                          precision_itemsize=4) == "primal"
   # The budget decides at the dual's exact need.
   need_dual = 4 * (10 * 10) ** 2 * 4
-  assert F.choose_solver(n=10, c=10, p=100_000, memory_budget=need_dual) == "dual"
-  assert F.choose_solver(n=10, c=10, p=100_000,
+  assert choose_solver(n=10, c=10, p=100_000, memory_budget=need_dual) == "dual"
+  assert choose_solver(n=10, c=10, p=100_000,
                          memory_budget=need_dual - 1) == "cg"
   # Both fit: fewer flops wins, whichever is larger in memory.
   # N·C = 600, P = 500: primal 2.33e8 flops (10 MB) vs dual 2.52e8 (5.8 MB).
-  assert F.choose_solver(n=60, c=10, p=500) == "primal"
+  assert choose_solver(n=60, c=10, p=500) == "primal"
   # N·C = 500, P = 600: dual 1.9e8 vs primal 3.2e8.
-  assert F.choose_solver(n=50, c=10, p=600) == "dual"
+  assert choose_solver(n=50, c=10, p=600) == "dual"
 
 
 def test_auto_for_cross_entropy_counts_the_newton_matrices():
   # Protocol (a): N·C = 5,000, P = 2,026: the primal (P×P per Newton step).
-  assert F.choose_solver(n=500, c=10, p=2026, loss="ce") == "primal"
+  assert choose_solver(n=500, c=10, p=2026, loss="ce") == "primal"
   # P ≫ N·C: the kernel-space IRLS.
-  assert F.choose_solver(n=10, c=10, p=100_000, loss="ce") == "dual"
+  assert choose_solver(n=10, c=10, p=100_000, loss="ce") == "dual"
   # The CE dual holds Θ (4 B) and five float64 N·C×N·C matrices: 44 B each.
   need = 44 * (10 * 10) ** 2
-  assert F.choose_solver(n=10, c=10, p=100_000, loss="ce",
+  assert choose_solver(n=10, c=10, p=100_000, loss="ce",
                          memory_budget=need) == "dual"
-  assert F.choose_solver(n=10, c=10, p=100_000, loss="ce",
+  assert choose_solver(n=10, c=10, p=100_000, loss="ce",
                          memory_budget=need - 1) == "cg"
   # ViT-Base prompts (P = 99,850) on 5,000 images: nothing dense fits 4 GiB.
-  assert F.choose_solver(n=5000, c=10, p=99_850, loss="ce") == "cg"
+  assert choose_solver(n=5000, c=10, p=99_850, loss="ce") == "cg"
 
 
 # ---------------------------------------------------------------- bad input
@@ -243,9 +244,12 @@ def _call(small, **over):
     (lambda s: {"retain": (s[2][0], s[2][1].astype(float))}, TypeError, "integer class labels"),
     (lambda s: {"retain": s[2][0]}, TypeError, r"retain: expected a pair \(x, y\)"),
     (lambda s: {"solver": "dual", "memory_budget": 1000}, ValueError, "memory_budget.*primal"),
-    (lambda s: {"implementation": 3}, ValueError, "implementation must be 1 or 2"),
-    (lambda s: {"implementation": 1.5}, ValueError, "implementation must be 1 or 2"),
-    (lambda s: {"rcond": -1.0}, ValueError, "rcond must be"),
+    (lambda s: {"solver": F.KernelSpace(implementation=3)}, ValueError, "implementation must be 1 or 2"),
+    (lambda s: {"solver": F.KernelSpace(implementation=1.5)}, ValueError, "implementation must be 1 or 2"),
+    (lambda s: {"solver": F.ParameterSpace(rcond=-1.0)}, ValueError, "rcond must be"),
+    (lambda s: {"solver": F.MatrixFree(cg_tol=0.0)}, ValueError, "cg_tol must be"),
+    (lambda s: {"solver": F.Auto(solve_dtype="float16")}, ValueError, "solve_dtype must be one of"),
+    (lambda s: {"solver": object()}, TypeError, "solver must be a name or a solver object"),
     (lambda s: {"block_size": 0}, ValueError, "block_size must be a positive int"),
     (lambda s: {"memory_budget": -5}, ValueError, "memory_budget must be a positive"),
     (lambda s: {"retain": (np.where(np.arange(35).reshape(7, 5) == 3, np.inf, s[2][0]).astype(np.float32), s[2][1])}, ValueError, "retain: x contains NaN or infinite"),
@@ -257,8 +261,9 @@ def _call(small, **over):
     (lambda s: {"linearize_at": "w_0"}, ValueError, "needs anchor=w_0"),
     (lambda s: {"linearize_at": "init"}, ValueError, "linearize_at must be one of"),
     (lambda s: {"loss": "ce", "damping": 0.0}, ValueError, "must be > 0 here"),
-    (lambda s: {"loss": "ce", "newton_tol": 2.0}, ValueError, "newton_tol must be"),
-    (lambda s: {"loss": "ce", "newton_max_steps": 0}, ValueError, "newton_max_steps must be"),
+    (lambda s: {"loss": "ce", "solver": F.ParameterSpace(tol=2.0)}, ValueError, "tol must be"),
+    (lambda s: {"loss": "ce", "solver": F.KernelSpace(max_steps=0)}, ValueError, "max_steps must be"),
+    (lambda s: {"rcond": -1.0}, ValueError, "rcond must be"),
     (lambda s: {"loss": "ce", "solver": "dual", "memory_budget": 30000}, ValueError, "memory_budget.*primal"),
     (lambda s: {"forget": (s[3][0].astype(np.float64), s[3][1])}, TypeError, "dtype"),
 ])
@@ -451,17 +456,17 @@ def test_mse_with_the_anchor_at_w0_and_j_at_wd():
       assert res.anchored_at == "w_0" and res.linearized_at == "w_D"
 
 
-@pytest.mark.parametrize("precision", ["float64", "float32"])
-def test_ce_on_a_float32_model_converges_in_either_precision(small, precision):
+@pytest.mark.parametrize("solve_dtype", ["float64", "float32"])
+def test_ce_on_a_float32_model_converges_in_either_precision(small, solve_dtype):
   apply_fn, w, retain, forget = small
   out = {}
-  for solver in ("primal", "dual"):
-    res = F.unlearn(apply_fn, w, retain, forget, loss="ce", solver=solver,
-                    precision=precision)
+  for cls in (F.ParameterSpace, F.KernelSpace):
+    solver = cls(solve_dtype=solve_dtype)
+    res = F.unlearn(apply_fn, w, retain, forget, loss="ce", solver=solver)
     assert res.converged and all(r.converged for r in res.solves)
-    assert res.relative_residual <= (1e-9 if precision == "float64" else 1e-5)
+    assert res.relative_residual <= (1e-9 if solve_dtype == "float64" else 1e-5)
     assert res.params["w"].dtype == jnp.float32
-    out[solver] = jax.flatten_util.ravel_pytree(res.params)[0]
+    out[solver.name] = jax.flatten_util.ravel_pytree(res.params)[0]
   moved = float(jnp.linalg.norm(out["primal"] - jax.flatten_util.ravel_pytree(
       w)[0]))
   assert moved > 1e-3
@@ -479,3 +484,55 @@ def test_a_solve_that_does_not_converge_raises_or_reports(small):
   assert res.solves[0].status == "max_iterations"
   assert res.relative_residual > 1e-5
   assert jax.tree_util.tree_structure(res.params) == jax.tree_util.tree_structure(w)
+
+
+def test_auto_choice_is_inspectable_and_kept_in_the_result(small):
+  apply_fn, w0, retain, forget = small
+  choice = F.Auto().select(ProblemShape(n=100, c=10, p=43))
+  assert isinstance(choice.solver, F.ParameterSpace)
+  assert [e.solver for e in choice.estimates] == ["dual", "primal"]
+  dual, primal = choice.estimates
+  # The cost model: dual 4·(N·C)²·4 B, primal 5·P²·8 B; flops as documented.
+  assert dual.bytes == 4 * 1000 ** 2 * 4 and primal.bytes == 5 * 43 ** 2 * 8
+  assert primal.flops == 1000 * 43 ** 2 + 2 * 43 ** 3 / 3 < dual.flops
+  assert "primal" in choice.reason
+  tight = F.Auto(memory_budget=1000).select(ProblemShape(n=100, c=10, p=43))
+  assert isinstance(tight.solver, F.MatrixFree)
+  assert not any(e.fits for e in tight.estimates)
+  res = F.unlearn(apply_fn, w0, retain, forget, anchor=w0)
+  assert res.choice is not None and res.solver == res.choice.solver.name
+  assert res.status == "converged" and res.iterations == 2
+  explicit = F.unlearn(apply_fn, w0, retain, forget, anchor=w0,
+                       solver=F.KernelSpace(solve_dtype="float32"))
+  assert explicit.choice is None and explicit.solver == "dual"
+  assert explicit.solver_options == F.KernelSpace(solve_dtype="float32")
+  np.testing.assert_allclose(explicit.params["w"], res.params["w"],
+                             rtol=1e-4, atol=1e-5)
+
+
+def test_version_01_keywords_warn_and_move_onto_the_solver(small):
+  apply_fn, w0, retain, forget = small
+  with pytest.warns(DeprecationWarning, match="options of the solver"):
+    old = F.unlearn(apply_fn, w0, retain, forget, anchor=w0, solver="cg",
+                    cg_tol=1e-12, cg_max_steps=500)
+  assert old.solver_options == F.MatrixFree(cg_tol=1e-12, cg_max_steps=500)
+  new = F.unlearn(apply_fn, w0, retain, forget, anchor=w0,
+                  solver=F.MatrixFree(cg_tol=1e-12, cg_max_steps=500))
+  np.testing.assert_array_equal(old.params["w"], new.params["w"])
+  with pytest.warns(DeprecationWarning):
+    auto = F.unlearn(apply_fn, w0, retain, forget, anchor=w0,
+                     precision="float32")
+  assert auto.solver_options.solve_dtype == "float32"
+
+
+def test_a_failed_solve_is_a_status_when_asked(small):
+  apply_fn, w0, retain, forget = small
+  with pytest.raises(F.UnlearningError, match="max_steps"):
+    F.unlearn(apply_fn, w0, retain, forget, anchor=w0, solver="cg",
+              loss="mse", raise_on_failure=True,
+              **{"cg_tol": 1e-14, "cg_max_steps": 1})
+  res = F.unlearn(apply_fn, w0, retain, forget, anchor=w0,
+                  solver=F.MatrixFree(cg_tol=1e-14, cg_max_steps=1),
+                  raise_on_failure=False)
+  assert res.status == "failed" and not res.converged
+  assert res.iterations == 2 and res.cg_steps == 2

@@ -7,17 +7,19 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import fastntk_jax as F
-from fastntk_jax import data, setups
+from fastntk_jax import data
+from fastntk_jax.models import zoo
+from fastntk_jax.data import splits
 from fastntk_jax.models import normalize_cifar
 
 
 @pytest.fixture(scope="module")
 def problem():
-  m = setups.resnet_bn_head(20, seed=0)
+  m = zoo.resnet_bn_head(20, seed=0)
   xtr, ytr, _, _ = data.load_embedded_cifar10()
   idx = np.concatenate([np.flatnonzero(ytr == c)[:2] for c in range(10)])
   x, y = np.asarray(normalize_cifar(xtr[idx])), ytr[idx]
-  retain, forget = setups.class_split(x, y, [0])
+  retain, forget = splits.class_split(x, y, [0])
   # A perturbed w_D so that the update is not trivial.
   flat, unravel = ravel_pytree(m.init_params)
   w_d = unravel(flat + 0.05 * jax.random.normal(jax.random.PRNGKey(0), flat.shape))

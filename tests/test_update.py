@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from fastntk_jax import update
+from fastntk_jax.core import update
 
 
 def _problem(seed, n_r, n_f, c, p):

@@ -15,7 +15,7 @@ import pytest
 import safetensors.numpy as st
 from scipy.special import erf
 
-from fastntk_jax import zoo
+from fastntk_jax.models import zoo
 from fastntk_jax.models import vit_checkpoints as vc
 
 D, H, M, P, G, DEPTH, C = 32, 2, 64, 4, 4, 2, 5  # width, heads, mlp, patch, grid
@@ -354,7 +354,7 @@ def test_zoo_loads_a_full_size_checkpoint_and_refuses_another_model(tmp_path):
   assert pretrained and module.num_heads == 3 and module.num_prompts == 2
   q = variables["params"]["block11"]["attn"]["value"]["kernel"]
   np.testing.assert_array_equal(q, a["blocks.11.attn.qkv.weight"][2 * d:].T)
-  prepared = zoo.prepare("vit_tiny_4", module, variables, num_classes=4)
+  prepared = zoo.peft_model("vit_tiny_4", module, variables, num_classes=4)
   assert prepared.apply_fn(prepared.init_params,
                            np.zeros((2, 32, 32, 3), np.float32)).shape == (2, 4)
   with pytest.raises(vc.CheckpointError, match=r"width=192.*width=384"):

@@ -2,7 +2,9 @@ import jax
 import numpy as np
 import pytest
 
-from fastntk_jax import checkpoint, zoo
+from fastntk_jax.io import checkpoint
+
+from fastntk_jax.models import zoo
 
 
 def test_registry_names_and_errors():
@@ -17,7 +19,7 @@ def test_registry_names_and_errors():
 
 
 def test_resnet110_counts_closed_form():
-  total, num_peft = zoo.count_params("resnet110")
+  total, num_peft = zoo.param_counts("resnet110")
   n = 18  # blocks per stage
   bn = 2 * (16 + 2 * n * (16 + 32 + 64))
   head = 64 * 10 + 10
@@ -44,7 +46,7 @@ def test_vit_backbone_checkpoint_gains_new_prompts(tmp_path):
   np.testing.assert_array_equal(loaded["params"]["block0"]["attn"]["query"]["kernel"],
                                 v["params"]["block0"]["attn"]["query"]["kernel"])
   assert loaded["params"]["block11"]["attn"]["prompt_k"].shape == (5, 192)
-  prep = zoo.prepare("vit_tiny_4", module, loaded, num_classes=3, seed=0)
+  prep = zoo.peft_model("vit_tiny_4", module, loaded, num_classes=3, seed=0)
   sel = jax.tree_util.tree_flatten_with_path(prep.init_params)[0]
   names = ["/".join(k.key for k in p) for p, _ in sel]
   assert len(names) == 2 * 12 + 2 and all("prompt" in n or "head" in n for n in names)
@@ -59,10 +61,10 @@ def test_vit_backbone_checkpoint_gains_new_prompts(tmp_path):
 def test_prepare_new_head_and_all_mode():
   module, v, pretrained = zoo.load_backbone("resnet20")
   assert pretrained
-  p = zoo.prepare("resnet20", module, v, num_classes=4, seed=0)
+  p = zoo.peft_model("resnet20", module, v, num_classes=4, seed=0)
   w = p.init_params["params"]["head"]
   assert w["kernel"].shape == (64, 4) and not np.any(w["bias"])
   assert p.num_peft == 2 * (16 + 6 * 16 + 6 * 32 + 6 * 64) + 64 * 4 + 4
-  a = zoo.prepare("resnet20", module, v, num_classes=4, mode="all")
+  a = zoo.peft_model("resnet20", module, v, num_classes=4, mode="all")
   assert a.num_peft == a.num_total
   assert "batch_stats" in a.frozen and "params" not in a.frozen

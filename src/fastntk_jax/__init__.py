@@ -4,36 +4,53 @@ Fast-NTK (Li et al. 2023, https://arxiv.org/abs/2312.14923) applies the one-shot
 NTK unlearning update of Golatkar et al. (ECCV 2020) to parameter-efficient
 fine-tuning parameters only: BatchNorm scale/shift plus a head in CNNs, prompts
 plus a head in ViTs.
+
+The package is in layers:
+
+* :mod:`fastntk_jax.core` — the numerics, over pytrees and
+  ``apply_fn(params, x) -> logits`` only: kernels, solves, Eq. (1),
+  :func:`unlearn`, deletion requests;
+* :mod:`fastntk_jax.peft` — PEFT parameters as their own pytree, for Flax
+  NNX and Linen models;
+* the edge: :mod:`~fastntk_jax.models` (architectures, weights, the zoo),
+  :mod:`~fastntk_jax.data`, :mod:`~fastntk_jax.training`,
+  :mod:`~fastntk_jax.evaluation`, :mod:`~fastntk_jax.methods` (the baselines),
+  :mod:`~fastntk_jax.experiments` (the bench), :mod:`~fastntk_jax.cli`,
+  :mod:`~fastntk_jax.io`.
 """
 
-from fastntk_jax import kernels
 from fastntk_jax import peft
-from fastntk_jax import solve
-from fastntk_jax import update
-from fastntk_jax._nt import NeuralTangentsUnavailable
-from fastntk_jax.peft import make_apply_fn
-from fastntk_jax.peft import merge
-from fastntk_jax.peft import split
-from fastntk_jax.unlearn import DEFAULT_DAMPING
-from fastntk_jax.unlearn import UnlearnResult
-from fastntk_jax.unlearn import UnlearningError
-from fastntk_jax.unlearn import choose_solver
-from fastntk_jax.unlearn import unlearn
+from fastntk_jax.core import kernels
+from fastntk_jax.core import solvers
+from fastntk_jax.core.nt import NeuralTangentsUnavailable
+from fastntk_jax.core.solvers import Auto
+from fastntk_jax.core.solvers import KernelSpace
+from fastntk_jax.core.solvers import MatrixFree
+from fastntk_jax.core.solvers import ParameterSpace
+from fastntk_jax.core.unlearn import DEFAULT_DAMPING
+from fastntk_jax.core.unlearn import UnlearnResult
+from fastntk_jax.core.unlearn import UnlearningError
+from fastntk_jax.core.unlearn import unlearn
+from fastntk_jax.peft.linen import make_apply_fn
+from fastntk_jax.peft.linen import merge
+from fastntk_jax.peft.linen import split
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
-    "DEFAULT_DAMPING",
-    "NeuralTangentsUnavailable",
-    "UnlearnResult",
-    "UnlearningError",
-    "choose_solver",
-    "kernels",
-    "make_apply_fn",
-    "merge",
-    "peft",
-    "solve",
-    "split",
-    "unlearn",
-    "update",
+  "Auto",
+  "DEFAULT_DAMPING",
+  "KernelSpace",
+  "MatrixFree",
+  "NeuralTangentsUnavailable",
+  "ParameterSpace",
+  "UnlearnResult",
+  "UnlearningError",
+  "kernels",
+  "make_apply_fn",
+  "merge",
+  "peft",
+  "solvers",
+  "unlearn",
+  "split",
 ]

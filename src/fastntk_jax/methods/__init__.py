@@ -13,11 +13,9 @@ docs/methods.md describes each method, its references and the deviations the
 PEFT setting forces.
 """
 
-from fastntk_jax.methods._common import METHOD_NAMES
-from fastntk_jax.methods._common import MethodResult
-from fastntk_jax.methods._common import UnlearningProblem
-from fastntk_jax.methods._common import defaults
-from fastntk_jax.methods._common import run_method
+from fastntk_jax.methods.base import METHOD_NAMES
+from fastntk_jax.methods.base import MethodResult
+from fastntk_jax.methods.base import UnlearningProblem
 from fastntk_jax.methods.distill import kl_divergence
 from fastntk_jax.methods.gradient import random_wrong_labels
 from fastntk_jax.methods.gradient import saliency_mask
@@ -25,6 +23,8 @@ from fastntk_jax.methods.sfr_on import adaptive_weights
 from fastntk_jax.methods.sfr_on import fisher_diagonal
 from fastntk_jax.methods.sfr_on import fisher_mask
 from fastntk_jax.methods.sfr_on import slow_update
+from fastntk_jax.methods.registry import defaults
+from fastntk_jax.methods.registry import run_method
 
 __all__ = [
     "METHOD_NAMES",

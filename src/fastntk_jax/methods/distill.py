@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastntk_jax.methods import _common as C
+from fastntk_jax.methods import base
 
 __all__ = ["METHODS", "kl_divergence"]
 
@@ -70,9 +70,9 @@ def bad_teacher(problem, *, key, epochs, learning_rate, temperature,
                 weight_decay):
   """Bad-Teacher distillation; the incompetent teacher is ``w_0`` (the
   backbone with the new, untrained head) or the uniform distribution."""
-  rng = C.host_rng(key)
-  x_f = C.as_float32(problem.forget[0])
-  x_r = C.as_float32(problem.retain[0])
+  rng = base.host_rng(key)
+  x_f = base.as_float32(problem.forget[0])
+  x_r = base.as_float32(problem.retain[0])
   n_r = len(x_r)
   k = min(n_r, max(1, int(round(retain_fraction * n_r))))
   pick = np.sort(rng.choice(n_r, size=k, replace=False))
@@ -83,10 +83,10 @@ def bad_teacher(problem, *, key, epochs, learning_rate, temperature,
   consts = {"competent": problem.params, "temperature": np.float32(temperature),
             "incompetent": (problem.init_params if incompetent == "init"
                             else None)}
-  tx = C.optimizer(optimizer, float(momentum), float(weight_decay))
-  step = C.make_step(problem, _bad_teacher_objective, tx)
-  bs = C.batch_size(problem, len(y_all))
-  params, _, _, losses = C.train_epochs(
+  tx = base.optimizer(optimizer, float(momentum), float(weight_decay))
+  step = base.make_step(problem, _bad_teacher_objective, tx)
+  bs = base.batch_size(problem, len(y_all))
+  params, _, _, losses = base.train_epochs(
       step, problem.params, tx.init(problem.params), key=key, rng=rng,
       data=data, epochs=epochs, batch=bs, learning_rate=learning_rate,
       consts=consts)
@@ -117,53 +117,53 @@ def scrub(problem, *, key, epochs, max_steps, learning_rate, alpha, gamma,
           temperature, optimizer, momentum, weight_decay):
   """SCRUB: per epoch, a max pass over ``D_f`` (while ``epoch < max_steps``),
   then a min pass over ``D_r``; one optimiser state for both."""
-  rng = C.host_rng(key)
-  forget = {"x": C.as_float32(problem.forget[0]),
+  rng = base.host_rng(key)
+  forget = {"x": base.as_float32(problem.forget[0]),
             "y": np.asarray(problem.forget[1], np.int32)}
-  retain = {"x": C.as_float32(problem.retain[0]),
+  retain = {"x": base.as_float32(problem.retain[0]),
             "y": np.asarray(problem.retain[1], np.int32)}
   consts = {"teacher": problem.params, "temperature": np.float32(temperature),
             "alpha": np.float32(alpha), "gamma": np.float32(gamma)}
-  tx = C.optimizer(optimizer, float(momentum), float(weight_decay))
-  step_max = C.make_step(problem, _scrub_max, tx)
-  step_min = C.make_step(problem, _scrub_min, tx)
+  tx = base.optimizer(optimizer, float(momentum), float(weight_decay))
+  step_max = base.make_step(problem, _scrub_max, tx)
+  step_min = base.make_step(problem, _scrub_min, tx)
   params, state = problem.params, tx.init(problem.params)
   max_losses, min_losses = [], []
   for epoch in range(epochs):
     if epoch < max_steps:
-      params, state, key, lm = C.train_epochs(
+      params, state, key, lm = base.train_epochs(
           step_max, params, state, key=key, rng=rng, data=forget, epochs=1,
-          batch=C.batch_size(problem, len(forget["y"])),
+          batch=base.batch_size(problem, len(forget["y"])),
           learning_rate=learning_rate, consts=consts)
       max_losses += lm
-    params, state, key, ln = C.train_epochs(
+    params, state, key, ln = base.train_epochs(
         step_min, params, state, key=key, rng=rng, data=retain, epochs=1,
-        batch=C.batch_size(problem, len(retain["y"])),
+        batch=base.batch_size(problem, len(retain["y"])),
         learning_rate=learning_rate, consts=consts)
     min_losses += ln
   return params, {"max_objective": max_losses, "min_objective": min_losses,
                   "max_passes": int(min(epochs, max_steps))}
 
 
-_OPT = {"optimizer": C.OPTIMIZER, "momentum": C.MOMENTUM,
-        "weight_decay": C.NONNEGATIVE}
+_OPT = {"optimizer": base.OPTIMIZER, "momentum": base.MOMENTUM,
+        "weight_decay": base.NONNEGATIVE}
 
 METHODS = {
-    "bad_teacher": C.MethodSpec(
+    "bad_teacher": base.MethodSpec(
         bad_teacher,
         {"epochs": 10, "learning_rate": 1e-2, "temperature": 1.0,
          "retain_fraction": 0.3, "incompetent": "init", "optimizer": "adam",
          "momentum": 0.9, "weight_decay": 0.0},
-        {"epochs": C.int_at_least(0), "learning_rate": C.POSITIVE,
-         "temperature": C.POSITIVE,
-         "retain_fraction": C.float_in(0.0, 1.0, lo_open=True),
-         "incompetent": C.one_of("init", "uniform"), **_OPT}),
-    "scrub": C.MethodSpec(
+        {"epochs": base.int_at_least(0), "learning_rate": base.POSITIVE,
+         "temperature": base.POSITIVE,
+         "retain_fraction": base.float_in(0.0, 1.0, lo_open=True),
+         "incompetent": base.one_of("init", "uniform"), **_OPT}),
+    "scrub": base.MethodSpec(
         scrub,
         {"epochs": 10, "max_steps": 3, "learning_rate": 1e-2, "alpha": 0.001,
          "gamma": 0.99, "temperature": 4.0, "optimizer": "adam",
          "momentum": 0.9, "weight_decay": 5e-4},
-        {"epochs": C.int_at_least(0), "max_steps": C.int_at_least(0),
-         "learning_rate": C.POSITIVE, "alpha": C.NONNEGATIVE,
-         "gamma": C.NONNEGATIVE, "temperature": C.POSITIVE, **_OPT}),
+        {"epochs": base.int_at_least(0), "max_steps": base.int_at_least(0),
+         "learning_rate": base.POSITIVE, "alpha": base.NONNEGATIVE,
+         "gamma": base.NONNEGATIVE, "temperature": base.POSITIVE, **_OPT}),
 }

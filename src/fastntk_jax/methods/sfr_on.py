@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from fastntk_jax.methods import _common as C
+from fastntk_jax.methods import base
 
 __all__ = ["METHODS", "adaptive_weights", "fisher_diagonal", "fisher_mask",
            "slow_update"]
@@ -83,7 +83,7 @@ def fisher_diagonal(apply_fn, params, x, y, *, block_size: int = 64):
   Returns:
     A pytree shaped like ``params``: ``(1/N) Σ_i (∇ CE_i)²``.
   """
-  total = C.sum_over_blocks(_sq_grads_fn(apply_fn), params, x, y, block_size)
+  total = base.sum_over_blocks(_sq_grads_fn(apply_fn), params, x, y, block_size)
   return jax.tree_util.tree_map(lambda v: v / len(y), total)
 
 
@@ -131,21 +131,21 @@ def sfr_on(problem, *, key, steps, forget_every, learning_rate, alpha,
            temperature, fisher_threshold, clip_norm, optimizer, momentum,
            weight_decay, schedule, slow_every, slow_rate):
   """SFR-on (see the module docstring for the loop)."""
-  rng = C.host_rng(key)
-  forget = {"x": C.as_float32(problem.forget[0]),
+  rng = base.host_rng(key)
+  forget = {"x": base.as_float32(problem.forget[0]),
             "y": np.asarray(problem.forget[1], np.int32)}
-  retain = {"x": C.as_float32(problem.retain[0]),
+  retain = {"x": base.as_float32(problem.retain[0]),
             "y": np.asarray(problem.retain[1], np.int32)}
   f_f = fisher_diagonal(problem.apply_fn, problem.params, forget["x"],
                         forget["y"])
   f_r = fisher_diagonal(problem.apply_fn, problem.params, retain["x"],
                         retain["y"])
   mask = fisher_mask(f_f, f_r, float(fisher_threshold))
-  tx = C.optimizer(optimizer, float(momentum), float(weight_decay))
-  step_f = C.make_step(problem, _forget_objective, tx, "ce")
-  step_r = C.make_step(problem, C.descend, tx, "ce")
-  it_f = _cycle(rng, forget, C.batch_size(problem, len(forget["y"])))
-  it_r = _cycle(rng, retain, C.batch_size(problem, len(retain["y"])))
+  tx = base.optimizer(optimizer, float(momentum), float(weight_decay))
+  step_f = base.make_step(problem, _forget_objective, tx, "ce")
+  step_r = base.make_step(problem, base.descend, tx, "ce")
+  it_f = _cycle(rng, forget, base.batch_size(problem, len(forget["y"])))
+  it_r = _cycle(rng, retain, base.batch_size(problem, len(retain["y"])))
   clip = None if clip_norm is None else np.float32(clip_norm)
   params = slow = problem.params
   state = tx.init(params)
@@ -176,18 +176,18 @@ def sfr_on(problem, *, key, steps, forget_every, learning_rate, alpha,
 
 
 METHODS = {
-    "sfr_on": C.MethodSpec(
+    "sfr_on": base.MethodSpec(
         sfr_on,
         {"steps": 50, "forget_every": 5, "learning_rate": 1e-2, "alpha": 25.0,
          "temperature": 0.5, "fisher_threshold": 1.0, "clip_norm": 1.0,
          "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
          "schedule": "cosine", "slow_every": None, "slow_rate": 0.5},
-        {"steps": C.int_at_least(0), "forget_every": C.int_at_least(1),
-         "learning_rate": C.POSITIVE, "alpha": C.NONNEGATIVE,
-         "temperature": C.NONNEGATIVE, "fisher_threshold": C.NONNEGATIVE,
-         "clip_norm": C.optional(C.POSITIVE), "optimizer": C.OPTIMIZER,
-         "momentum": C.MOMENTUM, "weight_decay": C.NONNEGATIVE,
-         "schedule": C.one_of("cosine", "constant"),
-         "slow_every": C.optional(C.int_at_least(1)),
-         "slow_rate": C.float_in(0.0, 1.0, lo_open=True)}),
+        {"steps": base.int_at_least(0), "forget_every": base.int_at_least(1),
+         "learning_rate": base.POSITIVE, "alpha": base.NONNEGATIVE,
+         "temperature": base.NONNEGATIVE, "fisher_threshold": base.NONNEGATIVE,
+         "clip_norm": base.optional(base.POSITIVE), "optimizer": base.OPTIMIZER,
+         "momentum": base.MOMENTUM, "weight_decay": base.NONNEGATIVE,
+         "schedule": base.one_of("cosine", "constant"),
+         "slow_every": base.optional(base.int_at_least(1)),
+         "slow_rate": base.float_in(0.0, 1.0, lo_open=True)}),
 }

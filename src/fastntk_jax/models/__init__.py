@@ -1,6 +1,6 @@
 """Model zoo: Flax modules and ports of published weights.
 
-Names for the command line and the registry are in :mod:`fastntk_jax.zoo`.
+Names for the command line and the registry are in :mod:`fastntk_jax.models.zoo`.
 """
 
 from fastntk_jax.models.mobilenetv2 import MobileNetV2

@@ -29,6 +29,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fastntk_jax.io.paths import ASSET_DIR, shared_data_dir
+
 __all__ = [
     "BasicBlock",
     "CifarResNet",
@@ -42,7 +44,6 @@ SUPPORTED_DEPTHS = (20, 32, 44, 56, 110)
 STAGE_WIDTHS = (16, 32, 64)
 CIFAR_MEAN = (0.485, 0.456, 0.406)
 CIFAR_STD = (0.229, 0.224, 0.225)
-_ASSET_DIR = Path(__file__).resolve().parents[1] / "assets"
 
 # PyTorch's padding=1: one pixel on every side, also for stride 2 (Flax "SAME"
 # would pad (0, 1) there and shift every feature map of the port).
@@ -289,10 +290,8 @@ def load_resnet_cifar10(
   _blocks_per_stage(depth)
   if path is None:
     if depth == 20:
-      path = _ASSET_DIR / "resnet20_cifar10.npz"
+      path = ASSET_DIR / "resnet20_cifar10.npz"
     else:
-      from fastntk_jax.data import shared_data_dir  # light, but only when needed
-
       root = shared_data_dir()
       if root is None:
         raise ValueError(

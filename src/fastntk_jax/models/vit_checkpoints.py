@@ -30,7 +30,7 @@ onto our ``(D, D)`` projections with heads in the same order (column
 checkpoint: they come freshly initialised. The head is loaded only when its
 width is the requested number of classes (and, for vision_transformer, when no
 ``pre_logits`` layer sits in front of it); otherwise it is a fresh head, which
-:func:`fastntk_jax.zoo.prepare` replaces for the downstream task anyway.
+:func:`fastntk_jax.models.zoo.prepare` replaces for the downstream task anyway.
 
 When the model's image size gives another patch grid than the checkpoint's,
 the position embedding's grid is resampled bilinearly (half-pixel centres, no

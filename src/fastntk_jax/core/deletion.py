@@ -1,0 +1,592 @@
+"""Deletion requests: prepare once over ``D``, then forget with little work.
+
+A request to forget ``F`` from the current set ``S`` moves the parameters by
+``x_{S∖F} − x_S``, where ``x_S`` minimises the linearised model's loss on
+``S`` plus ``(λ/2)‖w − w_0‖²`` (:mod:`fastntk_jax.core.newton`). Requests compose:
+forgetting ``F_1`` then ``F_2`` gives ``w_D + x_{D∖(F_1∪F_2)} − x_D``, which
+is what :func:`fastntk_jax.core.unlearn.unlearn` gives from scratch.
+
+**Squared error** (``loss="mse"``). Eq. (1) in parameter space needs
+``A = JᵀJ`` and ``g = Jᵀr`` over the current set, with ``r`` the linear
+model's residual at the anchor. They are sums over samples, so after one
+pass over ``D`` (:func:`prepare`) a request needs only ``J_F``::
+
+    A_r = A − J_FᵀJ_F,   g_r = g − J_Fᵀ r_F
+    x_r = −(A_r + λI)⁻¹ g_r
+    w_r − w_D = (A + λI)⁻¹ (J_FᵀJ_F x_r + J_Fᵀ r_F)
+
+The Cholesky factor of ``A_r + λI`` is the next request's ``A + λI``. Cost of
+a request: ``|F|·C`` Jacobian rows, one rank-``|F|·C`` update of a ``P×P``
+matrix and one ``P×P`` factorisation (``P³/3`` flops), whatever ``|D|``.
+
+**Cross-entropy** (``loss="ce"``). The Hessian ``JᵀH(z)J + λI`` depends on the
+iterate, so a request is not a rank update. :func:`prepare` keeps what the
+solves need: the Jacobian rows of ``D`` (``N·C × P``, stored in ``solve_dtype``
+so that the products over them are fast, exact float64 ones), the
+anchor logits ``b = f(w_lin) + J(w_0 − w_lin)``, the solution ``x_D`` (Newton
+with the ``P×P`` Gauss-Newton matrix) and the factor of
+``M = Σ_i J_iᵀ H_i(z̄_i) J_i + λI`` at the prepared logits ``z̄ = b + J x_D``.
+A request then
+
+1. finds the request's rows by id (no Jacobian work) and checks, with one
+   forward pass over the request, that its inputs are those samples;
+2. downdates ``M`` by the request's rows at the *same* ``z̄`` (so ``M`` stays
+   the remaining set's matrix up to float32 rounding of the terms, about
+   ``eps₃₂·‖M‖``, and positive definite) and refactors it (``|F|·C·P²`` +
+   ``P³/3`` flops); ``M`` only preconditions: the answer is fixed by the
+   float64 gradient;
+3. minimises ``Φ_{S∖F}`` from ``x_S`` with steps ``−M⁻¹∇Φ`` (Newton with the
+   Hessian frozen at ``M``: ``x_S`` is close to ``x_{S∖F}`` and ``M`` to the
+   true Hessian there, so it converges in a few steps), and, if that is slow
+   (more than 20 steps), continues by Newton-CG preconditioned with ``M``.
+   Every product is a pass over the kept rows (``2·N·C·P`` flops): no model
+   evaluation.
+
+Cost of a request: one forward pass over ``F``, the ``P×P`` downdate and
+factorisation, and two passes over the kept rows per step (plus two per CG
+step if Newton-CG takes over); ``result.solve`` reports the steps.
+Memory: the rows (``N·C·P`` numbers) and three ``P×P`` matrices in
+``solve_dtype``; :func:`prepare` refuses before any work when that exceeds
+``memory_budget``.
+
+The ``P×P`` matrices and solves run in ``solve_dtype`` (float64 by default,
+through :func:`jax.enable_x64` locally): ``A`` sums ``N·C`` outer products, its
+condition number grows with ``N``, and a request subtracts from it. Jacobians
+stay in the model's dtype.
+
+Example::
+
+  state = prepare(apply_fn, w_D, (x, y), anchor=w_0, ids=np.arange(len(y)))
+  res = forget(state, apply_fn, w_D, (x[req], y[req]), ids=req)
+  res2 = forget(res.state, apply_fn, res.params, (x[req2], y[req2]), ids=req2)
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import jax.scipy.linalg as jsl
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fastntk_jax.core import blocking
+from fastntk_jax.core import kernels
+from fastntk_jax.core import newton
+from fastntk_jax.core import objective
+from fastntk_jax.core import update
+from fastntk_jax.core import validate
+from fastntk_jax.core.unlearn import DEFAULT_DAMPING
+from fastntk_jax.core.unlearn import DEFAULT_MEMORY_BUDGET
+from fastntk_jax.core.unlearn import RESIDUAL_FNS
+from fastntk_jax.core.unlearn import UnlearningError
+
+__all__ = ["DeletionResult", "PreparedState", "forget", "prepare",
+           "state_bytes"]
+
+_SOLVE_DTYPES = {"float64": np.float64, "float32": np.float32}
+#: Steps of the frozen-Hessian iteration before a request switches to
+#: Newton-CG.
+_FROZEN_STEPS = 20
+
+
+class PreparedState(NamedTuple):
+  """What a deletion request needs about the current training set.
+
+  Attributes:
+    lin_params: the linearisation point (``w_D`` or ``w_0``), a pytree.
+    gram: ``"mse"``: ``A = JᵀJ`` over the current set; ``"ce"``: the
+      preconditioner's ``Σ_i J_iᵀ H_i(z̄_i) J_i``; ``(P, P)`` in ``solve_dtype``.
+    grad: ``"mse"``: ``g = Jᵀ r`` (``r`` the residual at the anchor), ``(P,)``;
+      None for ``"ce"``.
+    chol: lower Cholesky factor of ``gram + λI``.
+    num_samples: samples in the current set.
+    num_outputs: C.
+    damping: λ > 0.
+    loss: ``"mse"`` or ``"ce"``.
+    solve_dtype: ``"float64"`` or ``"float32"``.
+    ids: the current set's sample ids (sorted int64), or None if untracked.
+    input_shape: per-sample input shape; input_dtype: its dtype name.
+    shift: ``w_0 − w_lin`` flattened ``(P,)``, or None when the anchor is the
+      linearisation point.
+    anchored_at, linearized_at: ``"w_0"``/``"w_D"``, as in
+      :class:`fastntk_jax.core.unlearn.UnlearnResult`.
+    jacobian: ``"ce"``: the prepared set's Jacobian rows ``(N_0·C, P)`` in
+      ``solve_dtype`` (rows of forgotten samples stay, unused).
+    offsets: ``"ce"``: ``b``, the linear model's logits at the anchor,
+      ``(N_0, C)``.
+    labels: ``"ce"``: ``(N_0,)``.
+    logits: ``"ce"``: ``f(w_lin)`` ``(N_0, C)``, to check a request's inputs.
+    active: ``"ce"``: ``(N_0,)`` bool, the samples still in the set.
+    solution: ``"ce"``: ``x_S`` ``(P,)`` in ``solve_dtype``.
+    ref_logits: ``"ce"``: ``z̄`` ``(N_0, C)``, where ``gram``'s terms were
+      formed.
+    row_ids: ``"ce"``: the id of each prepared row ``(N_0,)`` int64.
+  """
+  lin_params: Any
+  gram: jax.Array
+  grad: jax.Array | None
+  chol: jax.Array
+  num_samples: int
+  num_outputs: int
+  damping: float
+  loss: str
+  solve_dtype: str
+  ids: np.ndarray | None
+  input_shape: tuple
+  input_dtype: str
+  shift: jax.Array | None = None
+  anchored_at: str = "w_D"
+  linearized_at: str = "w_D"
+  jacobian: jax.Array | None = None
+  offsets: jax.Array | None = None
+  labels: np.ndarray | None = None
+  logits: jax.Array | None = None
+  active: np.ndarray | None = None
+  solution: jax.Array | None = None
+  ref_logits: jax.Array | None = None
+  row_ids: np.ndarray | None = None
+
+
+class DeletionResult(NamedTuple):
+  """Result of :func:`forget`.
+
+  Attributes:
+    params: ``w_r``, like ``params``.
+    state: the :class:`PreparedState` of the remaining set, for the next
+      request.
+    num_forget: samples forgotten by this request.
+    delta_norm: ``‖w_r − w_D‖₂``.
+    forget_residual_norm: ``‖V‖₂ = ‖J_F x_r + r_F‖₂`` (``"mse"``; NaN for
+      ``"ce"``).
+    relative_residual: the larger relative residual of the two solves
+      (``"mse"``) or the Newton solve's final relative gradient norm
+      (``"ce"``).
+    seconds: wall time of the request.
+    solve: ``"ce"``: the :class:`fastntk_jax.core.newton.NewtonReport` of the
+      request's solve; None for ``"mse"``.
+  """
+  params: Any
+  state: PreparedState
+  num_forget: int
+  delta_norm: float
+  forget_residual_norm: float
+  relative_residual: float
+  seconds: float
+  solve: newton.NewtonReport | None = None
+
+
+def _check_solve_dtype(solve_dtype):
+  if solve_dtype not in _SOLVE_DTYPES:
+    raise ValueError(f"solve_dtype must be one of {tuple(_SOLVE_DTYPES)}, got "
+                     f"{solve_dtype!r}.")
+
+
+def _check_ids(name, ids, n):
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or ids.shape[0] != n:
+    raise ValueError(f"{name}: expected {n} ids (one per sample), got shape "
+                     f"{ids.shape}.")
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise TypeError(f"{name}: ids must be integers, got dtype {ids.dtype}.")
+  if np.unique(ids).size != n:
+    raise ValueError(f"{name}: ids must be unique; a sample id repeats.")
+  return ids.astype(np.int64)
+
+
+def state_bytes(loss: str, n: int, c: int, p: int, itemsize: int = 4,
+                solve_dtype: str = "float64") -> int:
+  """Memory of a :class:`PreparedState` (its dominant terms), in bytes.
+
+  ``"mse"``: ``A``, its factor and, during a request, their successors (four
+  ``P×P``). ``"ce"``: also the Jacobian rows ``N·C·P``, kept in
+  ``solve_dtype`` (and in the model's dtype while they are computed), and a
+  Gauss-Newton matrix being formed (five ``P×P``).
+  """
+  pp = p * p * np.dtype(solve_dtype).itemsize
+  if loss == "mse":
+    return 4 * pp
+  return n * c * p * (itemsize + np.dtype(solve_dtype).itemsize) + 5 * pp
+
+
+def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
+            anchor=None, linearize_at: str = "w_D",
+            damping: float = DEFAULT_DAMPING, loss: str = "mse", ids=None,
+            solve_dtype: str = "float64", block_size: int | None = None,
+            memory_budget: int = DEFAULT_MEMORY_BUDGET,
+            newton_tol: float | None = None, newton_max_steps: int = 100,
+            mesh=None, **legacy) -> PreparedState:
+  """One pass over ``D`` after fine-tuning: what every later request needs.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> (N, C)``, samples independent.
+    params: ``w_D``, the deployed PEFT parameters.
+    data: ``(x, y)``, the whole training set ``D``.
+    anchor: ``w_0``, the centre of the ridge term (as in
+      :func:`fastntk_jax.core.unlearn.unlearn`; None centres it at ``params``).
+    linearize_at: ``"w_D"`` (default) or ``"w_0"``: where ``J`` is taken.
+    damping: λ > 0 (requests use Cholesky factors; for the λ → 0⁺ limit use
+      :func:`fastntk_jax.core.unlearn.unlearn` with ``damping=0``).
+    loss: the fine-tuning loss, ``"mse"`` or ``"ce"``.
+    ids: unique integer id per sample of ``D``; requests then name their
+      samples and are checked against what remains. Required for ``"ce"``
+      (its rows are found by id).
+    solve_dtype: ``"float64"`` (default) or ``"float32"`` for the ``P×P``
+      matrices and the solves.
+    block_size: samples per Jacobian block.
+    memory_budget: bytes the state may take (:func:`state_bytes`); refused
+      before any work when over it.
+    newton_tol, newton_max_steps: for the ``"ce"`` solves (as in ``unlearn``);
+      a solve that does not converge raises :class:`UnlearningError`.
+    mesh: devices to shard the Jacobian work over
+      (:func:`fastntk_jax.core.kernels.default_mesh` when None).
+
+  Returns:
+    :class:`PreparedState`.
+  """
+  if "precision" in legacy:
+    warnings.warn("prepare(precision=...) is deprecated: pass "
+                  "solve_dtype=... (docs/migration.md).", DeprecationWarning,
+                  stacklevel=2)
+    solve_dtype = legacy.pop("precision")
+    _check_solve_dtype(solve_dtype)
+  lin, anc = validate.check_points(params, anchor, linearize_at, legacy)
+  x, y = validate.check_split("data", data)
+  if y.shape[0] == 0:
+    raise ValueError("data: the training set is empty.")
+  damping = validate.check_damping(damping, positive=True)
+  loss = validate.check_loss(loss)
+  _check_solve_dtype(solve_dtype)
+  validate.check_positive_int_or_none("block_size", block_size)
+  validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
+  validate.check_tolerance("newton_tol", newton_tol, allow_none=True)
+  validate.check_memory_budget(memory_budget)
+  if ids is not None:
+    ids = _check_ids("ids", ids, y.shape[0]).copy()
+  elif loss == "ce":
+    raise ValueError("ids: cross-entropy deletion finds each request's "
+                     "Jacobian rows by sample id; pass ids=... (e.g. "
+                     "np.arange(len(y))).")
+  c = kernels.num_outputs(apply_fn, params, x)
+  validate.check_labels("data", y, c)
+  flat, _ = ravel_pytree(params)
+  n, p = int(y.shape[0]), int(flat.shape[0])
+  need = state_bytes(loss, n, c, p, flat.dtype.itemsize, solve_dtype)
+  if need > memory_budget:
+    alt = ("solve each request from scratch with unlearn(loss='ce', "
+           "solver='cg') (matrix-free), or choose a smaller PEFT set"
+           if loss == "ce" else "choose a smaller PEFT set (the state is "
+           "P×P), or unlearn(solver='cg') per request")
+    raise ValueError(
+        f"memory_budget: the prepared state needs about {need} bytes "
+        f"({need / 2**30:.3g} GiB) for N={n}, C={c}, P={p}"
+        f"{' (Jacobian rows N·C·P)' if loss == 'ce' else ''}, over "
+        f"memory_budget={memory_budget} ({memory_budget / 2**30:.3g} GiB). "
+        f"Raise memory_budget if the memory is there; otherwise {alt}.")
+  mesh = blocking.resolve_mesh(mesh)
+  shift = None
+  with kernels.dtype_scope(solve_dtype):
+    if anc is not lin:
+      shift = (ravel_pytree(anc)[0].astype(solve_dtype)
+               - ravel_pytree(lin)[0].astype(solve_dtype))
+  common = dict(lin_params=lin, num_samples=n, num_outputs=c,
+                damping=damping, loss=loss, solve_dtype=solve_dtype,
+                ids=None if ids is None else np.sort(ids),
+                input_shape=tuple(np.shape(x)[1:]),
+                input_dtype=str(jnp.result_type(x)), shift=shift,
+                anchored_at="w_D" if anchor is None else "w_0",
+                linearized_at=linearize_at)
+  blk = {"block_size": block_size, "mesh": mesh}
+  if loss == "mse":
+    return _prepare_mse(apply_fn, x, y, common, blk)
+  return _prepare_ce(apply_fn, x, y, ids, common, blk, newton_tol,
+                     newton_max_steps)
+
+
+def _prepare_mse(apply_fn, x, y, common, blk):
+  lin, solve_dtype, lam = (common["lin_params"], common["solve_dtype"],
+                         common["damping"])
+  # One pass: the logits at the linearisation point, residuals and Grams.
+  a, g, f0 = kernels.gram(apply_fn, lin, x, RESIDUAL_FNS["mse"], y=y,
+                          solve_dtype=solve_dtype, return_outputs=True, **blk)
+  _check_logits(f0)
+  with kernels.dtype_scope(solve_dtype):
+    if common["shift"] is not None:
+      g = g + a @ common["shift"]
+    chol = _cholesky(a, lam)
+    ok = bool(jnp.all(jnp.isfinite(chol)))
+  if not ok:
+    raise UnlearningError(
+        f"prepare: A + λI is not numerically positive definite at damping="
+        f"{lam} in {solve_dtype}; raise damping or use solve_dtype='float64'.")
+  return PreparedState(gram=a, grad=g, chol=chol, **common)
+
+
+def _check_logits(f0):
+  if not bool(jnp.all(jnp.isfinite(f0))):
+    raise ValueError("apply_fn returns NaN or infinite logits at the "
+                     "linearisation point.")
+
+
+def _prepare_ce(apply_fn, x, y, ids, common, blk, tol, max_steps):
+  lin, solve_dtype, lam, c = (common["lin_params"], common["solve_dtype"],
+                            common["damping"], common["num_outputs"])
+  loss = objective.cross_entropy
+  jac = kernels.jacobian(apply_fn, lin, x, **blk)
+  f0 = kernels.predict(apply_fn, lin, x, mesh=blk["mesh"])
+  _check_logits(f0)
+  with kernels.dtype_scope(solve_dtype):
+    # Rows in the solve precision: exact, fast float64 products (newton).
+    op = newton.DenseJacobian(jac, c, dtype=solve_dtype,
+                              ggn_dtype=ravel_pytree(lin)[0].dtype)
+    del jac
+    b = f0.astype(solve_dtype)
+    if common["shift"] is not None:
+      b = b + op.matvec(common["shift"])
+  sol, rep = newton.solve_primal(op, b, y, loss, lam, tol=tol,
+                                 max_iter=max_steps, solve_dtype=solve_dtype)
+  if not rep.converged:
+    raise UnlearningError(
+        f"prepare: the Newton solve on D stopped with status {rep.status!r} "
+        f"after {rep.iterations} steps at relative gradient norm "
+        f"{rep.grad_norm:.3g}; raise newton_max_steps or damping.")
+  with kernels.dtype_scope(solve_dtype):
+    z_ref = b + op.matvec(sol)
+    gram = op.ggn(loss.hess_factor(z_ref), solve_dtype)
+    chol = _cholesky(gram, lam)
+    if not bool(jnp.all(jnp.isfinite(chol))):
+      raise UnlearningError(
+          f"prepare: the Gauss-Newton matrix + λI is not numerically positive "
+          f"definite at damping={lam} in {solve_dtype}; raise damping.")
+  return PreparedState(
+      gram=gram, grad=None, chol=chol, jacobian=op.jac, offsets=b,
+      labels=np.array(y, copy=True),
+      logits=f0, active=np.ones(len(y), bool), solution=sol,
+      ref_logits=z_ref, row_ids=ids, **common)
+
+
+@jax.jit
+def _cho_apply(chol, r):
+  return jsl.cho_solve((chol, True), r)
+
+
+@jax.jit
+def _cholesky(a, damping):
+  return jnp.linalg.cholesky(a + damping * jnp.eye(a.shape[0], dtype=a.dtype))
+
+
+@jax.jit
+def _request(a, g, chol, a_f, g_f, rr_f, damping):
+  a_r, g_r = a - a_f, g - g_f
+  a_r = 0.5 * (a_r + a_r.T)
+  chol_r = jnp.linalg.cholesky(a_r + damping * jnp.eye(a.shape[0],
+                                                         dtype=a.dtype))
+  x_r = -jsl.cho_solve((chol_r, True), g_r)
+  rhs = a_f @ x_r + g_f
+  delta = jsl.cho_solve((chol, True), rhs)
+  res_r = jnp.linalg.norm((a_r @ x_r + damping * x_r) + g_r) / jnp.maximum(
+      jnp.linalg.norm(g_r), jnp.finfo(a.dtype).tiny)
+  res = jnp.linalg.norm(a @ delta + damping * delta - rhs) / jnp.maximum(
+      jnp.linalg.norm(rhs), jnp.finfo(a.dtype).tiny)
+  return delta, a_r, g_r, chol_r, jnp.maximum(res_r, res), (
+      update.forget_residual_norm(a_f, g_f, x_r, rr_f))
+
+
+def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
+           params, forget_set, *, ids=None, block_size: int | None = None,
+           newton_tol: float | None = None, newton_max_steps: int = 50,
+           cg_max_steps: int | None = None, mesh=None) -> DeletionResult:
+  """Answers one deletion request: forgets ``forget_set`` from ``params``.
+
+  Args:
+    state: from :func:`prepare` or the previous request's ``result.state``.
+    apply_fn: the ``apply_fn`` given to :func:`prepare`.
+    params: the current parameters (``w_D``, or the previous request's
+      ``result.params``).
+    forget_set: ``(x_f, y_f)``, samples of the current training set.
+    ids: their ids, required when ``state`` tracks ids (checked to be in the
+      current set; a sample cannot be forgotten twice).
+    block_size: samples per Jacobian block.
+    newton_tol, newton_max_steps, cg_max_steps: the ``"ce"`` solve's
+      tolerance and caps (a solve that does not converge raises
+      :class:`UnlearningError` and leaves ``state`` unchanged).
+    mesh: as in :func:`prepare`.
+
+  Returns:
+    :class:`DeletionResult`; ``result.state`` describes the current set
+    without ``forget_set``.
+
+  Raises:
+    ValueError: bad input; ids not in the current set; nothing would remain;
+      (``"ce"``) the inputs are not the prepared samples with these ids.
+    UnlearningError: ``A_r + λI`` is not positive definite — the samples were
+      not part of the prepared set (without ids this cannot be checked
+      otherwise) — or the ``"ce"`` solve did not converge.
+  """
+  t0 = time.perf_counter()
+  if not isinstance(state, PreparedState):
+    raise TypeError("state must be the PreparedState returned by prepare() or "
+                    "by the previous forget() call.")
+  x_f, y_f = validate.check_split("forget_set", forget_set)
+  n_f = int(y_f.shape[0])
+  if n_f == 0:
+    raise ValueError("forget_set is empty; there is nothing to forget.")
+  if tuple(np.shape(x_f)[1:]) != state.input_shape or str(
+      jnp.result_type(x_f)) != state.input_dtype:
+    raise ValueError(
+        f"forget_set: inputs are {np.shape(x_f)[1:]} {jnp.result_type(x_f)} "
+        f"but the prepared set has {state.input_shape} {state.input_dtype}; "
+        "prepare both the same way.")
+  validate.check_labels("forget_set", y_f, state.num_outputs)
+  if n_f >= state.num_samples:
+    raise ValueError(f"forget_set has {n_f} samples but the prepared set has "
+                     f"{state.num_samples}; at least one must remain. To "
+                     "forget everything, reset to the anchor w_0.")
+  remaining, req = state.ids, None
+  if state.ids is not None:
+    if ids is None:
+      raise ValueError("ids: the state tracks sample ids; pass the ids of "
+                       "forget_set's samples.")
+    req = _check_ids("ids", ids, n_f)
+    missing = np.setdiff1d(req, state.ids, assume_unique=True)
+    if missing.size:
+      raise ValueError(f"ids: {missing.size} of the requested samples are not "
+                       f"in the current training set (e.g. {missing[:5].tolist()}"
+                       "); they were never in it or are already forgotten.")
+    remaining = np.setdiff1d(state.ids, req, assume_unique=True)
+  elif ids is not None:
+    raise ValueError("ids: the state was prepared without ids; prepare with "
+                     "ids=... to track samples, or drop ids here.")
+  validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
+  validate.check_positive_int_or_none("cg_max_steps", cg_max_steps)
+  validate.check_positive_int_or_none("block_size", block_size)
+  validate.check_tolerance("newton_tol", newton_tol, allow_none=True)
+  mesh = blocking.resolve_mesh(mesh)
+  if state.loss == "ce":
+    return _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining,
+                      newton_tol, newton_max_steps, cg_max_steps, mesh, t0)
+  return _forget_mse(state, apply_fn, params, x_f, y_f, remaining,
+                     block_size, mesh, t0)
+
+
+def _apply(params, delta):
+  flat, unravel = ravel_pytree(params)
+  new = jax.tree_util.tree_map(
+      lambda w, d: (w + d).astype(jnp.result_type(w)), params,
+      unravel(delta.astype(flat.dtype)))
+  return jax.block_until_ready(new)
+
+
+def _forget_mse(state, apply_fn, params, x_f, y_f, remaining, block_size,
+                mesh, t0):
+  """Work ∝ |F|: the request's Gram pass and one P×P factorisation."""
+  n_f = int(y_f.shape[0])
+  lin = state.lin_params
+  a_f, g_f, f0 = kernels.gram(apply_fn, lin, x_f, RESIDUAL_FNS["mse"], y=y_f,
+                              solve_dtype=state.solve_dtype, block_size=block_size,
+                              mesh=mesh, return_outputs=True)
+  r_f = RESIDUAL_FNS["mse"](f0, jnp.asarray(y_f))
+  with kernels.dtype_scope(state.solve_dtype):
+    rr_f = jnp.sum(jnp.asarray(r_f, state.gram.dtype) ** 2)
+    if state.shift is not None:  # the residual at the anchor: r + J_F d
+      d = blocking.replicate(mesh, state.shift)
+      rr_f = rr_f + 2 * d @ g_f + d @ (a_f @ d)
+      g_f = g_f + a_f @ d
+    # Everything on the request's devices (the state may come from another
+    # mesh, or from a checkpoint on the host).
+    a, g, chol, rr_f, lam = blocking.replicate(mesh, (
+        state.gram, state.grad, state.chol, rr_f,
+        jnp.asarray(state.damping, state.gram.dtype)))
+    delta, a_r, g_r, chol_r, res, v = _request(a, g, chol, a_f, g_f, rr_f,
+                                               lam)
+    ok = bool(jnp.all(jnp.isfinite(chol_r))) and bool(
+        jnp.all(jnp.isfinite(delta)))
+    delta_norm = float(jnp.linalg.norm(delta))
+    res, v = float(res), float(v)
+    delta = delta.astype(ravel_pytree(params)[0].dtype)
+  if not ok:
+    raise UnlearningError(
+        "forget: A_r + λI is not positive definite after removing the "
+        "request's samples. Were they part of the prepared set? Track them "
+        "with prepare(..., ids=...); otherwise raise damping or use "
+        "solve_dtype='float64'.")
+  new_params = _apply(params, delta)
+  new_state = state._replace(gram=a_r, grad=g_r, chol=chol_r,
+                             num_samples=state.num_samples - n_f, ids=remaining)
+  return DeletionResult(new_params, new_state, n_f, delta_norm, v, res,
+                        time.perf_counter() - t0)
+
+
+def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
+               max_steps, cg_max_steps, mesh, t0):
+  """Newton-CG on the kept rows from the current solution (module docstring)."""
+  order = np.argsort(state.row_ids)
+  rows = order[np.searchsorted(state.row_ids, req, sorter=order)]
+  if not np.array_equal(state.labels[rows], y_f):
+    raise ValueError("forget_set: the labels differ from those prepared for "
+                     "these ids; pass each sample with its own id.")
+  # The request's inputs must be the prepared samples: one forward pass.
+  f_req = kernels.predict(apply_fn, state.lin_params, x_f, mesh=mesh)
+  ref = state.logits[rows]
+  scale = float(jnp.max(jnp.abs(ref))) + 1.0
+  if float(jnp.max(jnp.abs(f_req - ref))) > 1e-3 * scale:
+    raise ValueError("forget_set: the inputs give other logits at the "
+                     "linearisation point than the prepared samples with "
+                     "these ids; pass each sample with its own id, "
+                     "preprocessed as at prepare().")
+  loss = objective.cross_entropy
+  c, lam, prec = state.num_outputs, state.damping, state.solve_dtype
+  active = state.active.copy()
+  active[rows] = False
+  with kernels.dtype_scope(prec):
+    # The downdate forms the request's terms as prepare() formed them.
+    g_dtype = ravel_pytree(state.lin_params)[0].dtype
+    op = newton.DenseJacobian(state.jacobian, c)
+    sub = newton.DenseJacobian(state.jacobian.reshape(-1, c, op.p)[rows]
+                               .reshape(-1, op.p), c, ggn_dtype=g_dtype)
+    gram = state.gram - sub.ggn(loss.hess_factor(state.ref_logits[rows]),
+                                prec)
+    chol = _cholesky(gram, lam)
+    if not bool(jnp.all(jnp.isfinite(chol))):
+      raise UnlearningError(
+          "forget: the preconditioner lost positive definiteness after the "
+          "downdate; raise damping or use solve_dtype='float64'.")
+    precond = functools.partial(_cho_apply, chol)
+    weights = jnp.asarray(active, prec)
+  common = dict(weights=weights, tol=tol, solve_dtype=prec,
+                preconditioner=precond)
+  # Newton with the Hessian frozen at M (two passes a step) first; where it
+  # converges slowly, Newton-CG preconditioned with M from where it stopped.
+  x_new, rep = newton.solve_preconditioned(
+      op, state.offsets, state.labels, loss, lam, x0=state.solution,
+      max_iter=min(max_steps, _FROZEN_STEPS), **common)
+  left = max_steps - rep.iterations
+  if not rep.converged and rep.status != "factorisation_failed" and left > 0:
+    first = rep
+    x_new, rep = newton.solve_newton_cg(
+        op, state.offsets, state.labels, loss, lam, x0=x_new, max_iter=left,
+        cg_max_steps=cg_max_steps, **common)
+    rep = rep._replace(iterations=rep.iterations + first.iterations)
+  if not rep.converged:
+    raise UnlearningError(
+        f"forget: the Newton solve on the remaining set stopped with status "
+        f"{rep.status!r} after {rep.iterations} steps at relative gradient "
+        f"norm {rep.grad_norm:.3g}; the state is unchanged. Raise "
+        "newton_max_steps or cg_max_steps, or loosen newton_tol.")
+  with kernels.dtype_scope(prec):
+    delta = x_new - state.solution
+    delta_norm = float(jnp.linalg.norm(delta))
+    delta = delta.astype(ravel_pytree(params)[0].dtype)
+  new_params = _apply(params, delta)
+  new_state = state._replace(gram=gram, chol=chol, active=active,
+                             solution=x_new,
+                             num_samples=state.num_samples - len(rows),
+                             ids=remaining)
+  return DeletionResult(new_params, new_state, len(rows), delta_norm,
+                        float("nan"), rep.grad_norm,
+                        time.perf_counter() - t0, rep)

@@ -1,0 +1,529 @@
+"""Kernels and Jacobian products over the PEFT pytree only.
+
+Everything here sees a model only as ``apply_fn(params, x) -> logits`` of
+shape ``(N, C)``, where ``params`` is the PEFT pytree. Outputs are flattened
+*sample-major*: row ``n * C + c`` is logit ``c`` of sample ``n``.
+
+* :func:`ntk` — the empirical NTK with every logit kept,
+  ``Θ(X1, X2) = J(X1) J(X2)ᵀ`` of shape ``(N1·C, N2·C)``: from Jacobians
+  computed once per block and kept whole when they fit in memory, else
+  through neural-tangents' kernel per pair of blocks (memory bounded by the
+  block, Jacobians recomputed per pair).
+* :func:`jacobian` — the explicit ``(N·C, P)`` Jacobian (blocked).
+* :func:`gram` — the parameter-space counterparts ``JᵀJ`` (P×P) and
+  ``Jᵀ r`` accumulated over blocks of samples.
+* :func:`jvp`, :func:`vjp` — ``J v`` and ``Jᵀ u`` over blocks.
+
+All of them vectorise over samples (``vmap_axes=0`` in neural-tangents), which
+assumes that a sample's logits do not depend on the other samples of the
+batch. Keep BatchNorm in inference mode (running statistics, as
+:func:`fastntk_jax.peft.make_apply_fn` does): in training mode its batch
+statistics couple the samples and these kernels would be wrong.
+
+Parameters are flattened with :func:`jax.flatten_util.ravel_pytree`; the
+columns of :func:`jacobian` and the rows of :func:`gram` follow that order.
+
+Sharding: every function takes ``mesh``, a 1-D :class:`jax.sharding.Mesh`
+with axis ``"data"``; None means :func:`default_mesh` (all local devices when
+there are several, else none). Each block of samples is placed with
+``NamedSharding(mesh, P("data"))`` along the sample axis and the parameters
+are replicated; the jitted block functions then run SPMD over the devices and
+XLA inserts the collectives (e.g. the all-reduce of :func:`vjp`'s ``Jᵀu``).
+:func:`gram` instead keeps one partial sum per device (``jax.shard_map``) and
+reduces them once, after the last block. Block sizes are rounded up to a
+multiple of the number of devices; padded samples never contribute. On one
+device nothing changes.
+
+Automatic block sizes fit :data:`DEFAULT_BLOCK_BYTES`; on CPU devices,
+blocks of Jacobian work also stop at :data:`CPU_BLOCK_PER_DEVICE` samples per
+device, which runs faster there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from fastntk_jax.core import nt
+from fastntk_jax.core.blocking import (
+  CPU_BLOCK_PER_DEVICE,
+  DATA_AXIS,
+  DEFAULT_BLOCK_BYTES,
+  auto_block_size,
+  default_mesh,
+  iter_blocks,
+  n_devices,
+  num_outputs,
+  pad_block,
+  per_apply_fn,
+  replicate,
+  resolve_block,
+  resolve_mesh,
+  shard_rows,
+)
+
+__all__ = [
+    "CPU_BLOCK_PER_DEVICE",
+    "DEFAULT_BLOCK_BYTES",
+    "DATA_AXIS",
+    "auto_block_size",
+    "default_mesh",
+    "gram",
+    "jacobian",
+    "jacobians_fit",
+    "jvp",
+    "ntk",
+    "num_outputs",
+    "predict",
+    "vjp",
+]
+
+ApplyFn = Callable[..., jax.Array]
+
+@per_apply_fn
+def _ntk_block_fn(apply_fn, implementation: int):
+  fn = nt.empirical_ntk_fn(apply_fn, trace_axes=(), vmap_axes=0,
+                            implementation=implementation)
+  return jax.jit(fn)
+
+
+def jacobians_fit(n1: int, n2: int | None, c: int, p: int, itemsize: int = 4,
+                  budget: int = DEFAULT_BLOCK_BYTES) -> bool:
+  """Whether :func:`ntk` may hold the Jacobians of ``x1`` (and ``x2``) whole.
+
+  ``(N1 [+ N2])·C·P·itemsize <= budget``; ``n2`` None is the symmetric
+  kernel, whose one Jacobian serves both sides.
+  """
+  rows = n1 + (0 if n2 is None else n2)
+  return rows * c * p * itemsize <= budget
+
+
+@functools.cache
+def _contract_fn(mesh: Mesh | None):
+  """Jitted ``J1 J2ᵀ`` at full float32 precision (no TF32 on GPUs)."""
+  def contract(j1, j2):
+    return jnp.matmul(j1, j2.T, precision=jax.lax.Precision.HIGHEST)
+  if mesh is None:
+    return jax.jit(contract)
+  return jax.jit(contract, out_shardings=NamedSharding(mesh, P()))
+
+
+def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None,
+        implementation: int = 1, mesh: Mesh | None = None,
+        reuse_jacobians: bool | None = None) -> jax.Array:
+  """Empirical NTK over ``params`` with every logit kept.
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> (N, C)`` logits, samples independent.
+    params: the pytree to differentiate (the PEFT parameters).
+    x1: inputs ``(N1, ...)``.
+    x2: inputs ``(N2, ...)``; None means ``x1`` (the kernel is then
+      symmetric and only its upper blocks are computed).
+    block_size: samples per block; None chooses it so that a block's working
+      memory (measured on a compiled probe block) fits
+      :data:`DEFAULT_BLOCK_BYTES`. Each pair of blocks recomputes its two
+      Jacobians (neural-tangents contracts them inside one call), so the
+      Jacobian work grows with the number of blocks.
+    implementation: neural-tangents' ``1`` (Jacobian contraction, the most
+      reliable, default) or ``2`` (NTK-vector products).
+    mesh: devices to shard over (module docstring); None means
+      :func:`default_mesh`. Each ``x1`` block is split over the devices and
+      the ``x2`` block and ``params`` are replicated, so every device computes
+      its rows of the kernel block.
+    reuse_jacobians: True computes each block's Jacobian once (our
+      ``vmap(jacrev)``, as :func:`jacobian`), keeps them whole and returns
+      ``J1 J2ᵀ`` — ``N1 (+ N2)`` per-sample Jacobians instead of the
+      ``~N1·N2/block`` that neural-tangents' per-pair calls need, at the cost
+      of holding ``(N1 [+ N2])·C·P`` numbers. False always uses
+      neural-tangents' kernel per pair of blocks (``implementation``). None
+      (default): True when :func:`jacobians_fit` within
+      :data:`DEFAULT_BLOCK_BYTES`, else False.
+
+  Returns:
+    ``Θ`` of shape ``(N1·C, N2·C)``, sample-major:
+    ``Θ[n·C + c, m·C + d] = ∂f_c(x1_n)/∂w · ∂f_d(x2_m)/∂w``.
+  """
+  mesh = resolve_mesh(mesh)
+  symmetric = x2 is None
+  x1 = jnp.asarray(x1)
+  x2 = x1 if symmetric else jnp.asarray(x2)
+  if reuse_jacobians is None:
+    flat, _ = ravel_pytree(params)
+    reuse_jacobians = jacobians_fit(
+        x1.shape[0], None if symmetric else x2.shape[0],
+        num_outputs(apply_fn, params, x1), int(flat.shape[0]),
+        jnp.dtype(flat.dtype).itemsize, budget=DEFAULT_BLOCK_BYTES)
+  if reuse_jacobians:
+    j1 = jacobian(apply_fn, params, x1, block_size=block_size, mesh=mesh)
+    j2 = j1 if symmetric else jacobian(apply_fn, params, x2,
+                                       block_size=block_size, mesh=mesh)
+    k = _contract_fn(mesh)(j1, j2)
+    return 0.5 * (k + k.T) if symmetric else k
+  fn = _ntk_block_fn(apply_fn, int(implementation))
+  params_r = replicate(mesh, params)
+  block, c, _ = resolve_block(
+      apply_fn, params, x1, block_size, "ntk", fn,
+      lambda xb: (shard_rows(mesh, xb), replicate(mesh, xb), params_r),
+      mesh=mesh)
+  n1, n2 = x1.shape[0], x2.shape[0]
+  dtype = jnp.result_type(*jax.tree_util.tree_leaves(params))
+  out = np.empty((n1 * c, n2 * c), dtype=dtype)
+  for i0, i1 in iter_blocks(n1, block):
+    a = shard_rows(mesh, pad_block(x1[i0:i1], block))
+    for j0, j1 in iter_blocks(n2, block):
+      if symmetric and j0 < i0:
+        continue
+      b = replicate(mesh, pad_block(x2[j0:j1], block))
+      k = fn(a, b, params_r)[: i1 - i0, : j1 - j0]  # (bi, bj, C, C)
+      k = np.asarray(jnp.transpose(k, (0, 2, 1, 3)).reshape(
+          (i1 - i0) * c, (j1 - j0) * c))
+      out[i0 * c:i1 * c, j0 * c:j1 * c] = k
+      if symmetric and j0 > i0:
+        out[j0 * c:j1 * c, i0 * c:i1 * c] = k.T
+  return jnp.asarray(out)
+
+
+@per_apply_fn
+def _jac_block_fn(apply_fn):
+  def one(params, xi):
+    return apply_fn(params, xi[None])[0]
+
+  def block_jac(params, xb):
+    flat, unravel = ravel_pytree(params)
+    jac = jax.vmap(jax.jacrev(lambda w, xi: one(unravel(w), xi)),
+                   in_axes=(None, 0))(flat, xb)  # (B, C, P)
+    return jac.reshape(-1, flat.shape[0])
+
+  return jax.jit(block_jac)
+
+
+def _padded_jac_blocks(apply_fn, params, x, block_size, mesh):
+  """Yields ``(start, end, J_block)`` for an already resolved ``mesh``.
+
+  ``J_block`` has ``block·C`` rows, sharded along them over ``mesh``; the
+  rows past ``(end - start)·C`` belong to padding samples.
+  """
+  x = jnp.asarray(x)
+  fn = _jac_block_fn(apply_fn)
+  params_r = replicate(mesh, params)
+  block, _, _ = resolve_block(
+      apply_fn, params, x, block_size, "jac", fn,
+      lambda xb: (params_r, shard_rows(mesh, xb)), mesh=mesh)
+  for s, e in iter_blocks(x.shape[0], block):
+    yield s, e, fn(params_r, shard_rows(mesh, pad_block(x[s:e], block)))
+
+
+def _jac_blocks(apply_fn, params, x, block_size, *, mesh: Mesh | None = None):
+  """Yields ``(start, end, J_block)``, ``J_block`` of ``(end - start)·C`` rows.
+
+  Full blocks stay sharded along their rows over ``mesh`` (None:
+  :func:`default_mesh`); a short last block is cut from its padded block,
+  which gathers it onto every device.
+  """
+  mesh = resolve_mesh(mesh)
+  c = num_outputs(apply_fn, params, x)
+  for s, e, jb in _padded_jac_blocks(apply_fn, params, x, block_size, mesh):
+    rows = (e - s) * c
+    yield s, e, (jb if rows == jb.shape[0] else jb[:rows])
+
+
+def jacobian(apply_fn: ApplyFn, params, x, *, block_size: int | None = None,
+             mesh: Mesh | None = None) -> jax.Array:
+  """The explicit Jacobian ``J`` of shape ``(N·C, P)``, sample-major rows.
+
+  ``block_size``: samples per block; None fits a compiled probe block's
+  working memory to :data:`DEFAULT_BLOCK_BYTES`, and on CPU devices takes at
+  most :data:`CPU_BLOCK_PER_DEVICE` samples per device.
+  ``mesh``: devices to shard the blocks of samples over (module docstring).
+  """
+  return jnp.concatenate(
+      [j for _, _, j in _jac_blocks(apply_fn, params, x, block_size,
+                                    mesh=mesh)], axis=0)
+
+
+@per_apply_fn
+def _gram_block_fn(apply_fn, residual_fn, mesh: Mesh | None,
+                   weighted: bool = False):
+  """Jitted pass over one block: logits, Jacobian rows and their Gram terms.
+
+  ``(params, x_b, t_b, keep_b[, l_b]) -> (f_b, J_bᵀ diag(keep) J_b,
+  J_bᵀ diag(keep) r_b)`` where ``f_b`` are the block's logits (from the same
+  forward pass as its Jacobian), ``r_b = residual_fn(f_b, t_b)`` (or ``t_b``
+  itself when ``residual_fn`` is None) and ``keep`` zeroes the padding
+  samples exactly. With ``weighted``, the Gram term is
+  ``Σ_i keep_i J_iᵀ L_i L_iᵀ J_i`` for per-sample ``L_i`` (``l_b``,
+  ``(B, C, C)``): a generalised Gauss-Newton matrix.
+
+  The two products carry a leading axis of one term per device
+  (``(D, P, P)``, ``(D, P)``, sharded along it): each device contracts its
+  own rows and nothing is communicated (:func:`gram` adds the terms to
+  per-device sums and reduces those once, at the end). They are formed in the
+  Jacobian's dtype at full precision: their rounding is of the order that
+  the Jacobian's entries already carry.
+  """
+  hi = jax.lax.Precision.HIGHEST
+
+  def body(params, xb, tb, keep, *lb):
+    flat, unravel = ravel_pytree(params)
+
+    def one(xi):
+      out, pull = jax.vjp(lambda w: apply_fn(unravel(w), xi[None])[0], flat)
+      rows = jax.vmap(pull)(jnp.eye(out.shape[0], dtype=out.dtype))[0]
+      return out, rows
+
+    out, jac = jax.vmap(one)(xb)  # (B, C), (B, C, P)
+    r = tb if residual_fn is None else residual_fn(out, tb)
+    c = out.shape[1]
+    rows = jac
+    if weighted:  # rows L_iᵀ J_i
+      rows = jnp.einsum("bcd,bcp->bdp", lb[0].astype(jac.dtype), jac,
+                        precision=hi)
+    jac = jac.reshape(-1, flat.shape[0])
+    rows = rows.reshape(-1, flat.shape[0])
+    keep_rows = jnp.repeat(keep.astype(jac.dtype), c)[:, None]
+    g = jnp.matmul((rows * keep_rows).T, rows, precision=hi)
+    gb = jnp.matmul((jac * keep_rows).T, r.reshape(-1).astype(jac.dtype),
+                    precision=hi)
+    return out, g[None], gb[None]
+
+  if mesh is None:
+    return jax.jit(body)
+  rows = P(DATA_AXIS)
+  n_in = 5 if weighted else 4
+  return jax.jit(jax.shard_map(body, mesh=mesh,
+                               in_specs=(P(),) + (rows,) * (n_in - 1),
+                               out_specs=(rows, rows, rows), check_vma=False))
+
+
+@functools.cache
+def _add_terms_fn(mesh: Mesh | None):
+  """Jitted ``(A, b) += (G, g)``, per device, in the sums' dtype.
+
+  A jit of its own so that float64 sums never put the model's trace under
+  :func:`jax.enable_x64`; elementwise on the per-device axis, so local.
+  """
+  def add(acc_a, acc_b, g, gb):
+    return acc_a + g.astype(acc_a.dtype), acc_b + gb.astype(acc_b.dtype)
+  if mesh is None:
+    return jax.jit(add, donate_argnums=(0, 1))
+  rows = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(add, donate_argnums=(0, 1), out_shardings=(rows, rows))
+
+
+@functools.cache
+def _sum_partials_fn(mesh: Mesh | None):
+  """Sums the per-device partial ``(A, b)`` once; ``A`` symmetrised."""
+  def total(acc_a, acc_b):
+    a = jnp.sum(acc_a, axis=0)
+    return 0.5 * (a + a.T), jnp.sum(acc_b, axis=0)
+  if mesh is None:
+    return jax.jit(total)
+  whole = NamedSharding(mesh, P())
+  return jax.jit(total, out_shardings=(whole, whole))
+
+
+def dtype_scope(solve_dtype: str | None):
+  """A context in which arrays of dtype ``solve_dtype`` can exist.
+
+  ``"float64"`` turns on :func:`jax.enable_x64` locally (JAX drops 64-bit
+  types otherwise); anything else leaves the configuration as it is.
+  """
+  if solve_dtype == "float64":
+    return jax.enable_x64(True)
+  return contextlib.nullcontext()
+
+
+def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
+         block_size: int | None = None, mesh: Mesh | None = None,
+         solve_dtype: str | None = None, return_outputs: bool = False,
+         weights=None):
+  """Parameter-space Gram matrix and gradient, accumulated over blocks.
+
+  One pass over ``x``: each block's forward pass gives both its logits and
+  (by ``C`` backward passes) its Jacobian rows, so residuals that depend on
+  the logits at ``params`` need no separate pass (``r`` a function).
+
+  Args:
+    apply_fn: ``apply_fn(params, x) -> (N, C)``.
+    params: the PEFT pytree (P scalars).
+    x: inputs ``(N, ...)``.
+    r: residuals: None; an array ``(N, C)``; or a jittable function
+      ``r(logits, y_block) -> (B, C)`` applied to each block's logits at
+      ``params`` and the matching rows of ``y`` (e.g. ``logits − onehot(y)``).
+      Pass the same function object across calls to reuse compilations.
+    y: per-sample targets ``(N, ...)`` for a function ``r``.
+    block_size: samples per block (None: automatic, see :func:`jacobian`).
+    mesh: devices to shard the blocks of samples over (module docstring);
+      None means :func:`default_mesh`. Each device sums its own rows; the
+      per-device partial sums are added once, at the end.
+    solve_dtype: dtype of the sums, ``"float64"`` or ``"float32"``; None: the
+      parameters' dtype. Jacobian blocks and their products stay in the
+      model's dtype (at full solve_dtype) and are added to sums in
+      ``solve_dtype`` (float64 sums keep full-dataset Grams, whose condition
+      number grows with N, usable).
+    return_outputs: also return the logits ``apply_fn(params, x)``.
+    weights: optional per-sample factors ``L_i``, ``(N, C, C)``: the first
+      output is then ``Σ_i J_iᵀ L_i L_iᵀ J_i`` (a generalised Gauss-Newton
+      matrix, e.g. with :meth:`fastntk_jax.core.objective.Loss.hess_factor`); the
+      gradient ``Jᵀ r`` is unchanged.
+
+  Returns:
+    ``(JᵀJ, Jᵀ r)`` of shapes ``(P, P)`` and ``(P,)`` (the second is None
+    when ``r`` is None), replicated over ``mesh``; with ``return_outputs``,
+    ``(JᵀJ, Jᵀ r, logits)``, the logits ``(N, C)`` in the model's dtype.
+    Memory, per device: a ``P²`` sum in ``solve_dtype``, a block's ``P²`` term
+    in the model's dtype, and a block's Jacobian rows.
+  """
+  if solve_dtype not in (None, "float32", "float64"):
+    raise ValueError(f"solve_dtype must be None, 'float32' or 'float64', got "
+                     f"{solve_dtype!r}.")
+  x = jnp.asarray(x)
+  n = x.shape[0]
+  residual_fn = r if callable(r) else None
+  if residual_fn is not None:
+    if y is None:
+      raise ValueError("y: r is a function of (logits, y_block); pass the "
+                       "per-sample targets y=... (N rows).")
+    y = jnp.asarray(y)
+    if y.shape[:1] != (n,):
+      raise ValueError(f"y must have one row per sample of x ({n}), got "
+                       f"shape {y.shape}.")
+  elif y is not None:
+    raise ValueError("y is only used with a function r(logits, y_block); "
+                     "pass residuals as r=array (N, C) instead.")
+  mesh = resolve_mesh(mesh)
+  flat, _ = ravel_pytree(params)
+  p = flat.shape[0]
+  c = num_outputs(apply_fn, params, x)
+  dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
+  if residual_fn is None:
+    t = (jnp.zeros((n, c), flat.dtype) if r is None
+         else jnp.asarray(r, flat.dtype).reshape(n, c))
+  else:
+    t = y
+  if weights is not None:
+    weights = jnp.asarray(weights)
+    if weights.shape != (n, c, c):
+      raise ValueError(f"weights must have shape (N, C, C) = {(n, c, c)}, got "
+                       f"{weights.shape}.")
+  fn = _gram_block_fn(apply_fn, residual_fn, mesh, weights is not None)
+  add = _add_terms_fn(mesh)
+  jac_fn = _jac_block_fn(apply_fn)
+  params_r = replicate(mesh, params)
+  block, _, _ = resolve_block(
+      apply_fn, params, x, block_size, "jac", jac_fn,
+      lambda xb: (params_r, shard_rows(mesh, xb)), mesh=mesh)
+  d = n_devices(mesh)
+  with dtype_scope(solve_dtype):
+    acc_a, acc_b = shard_rows(mesh, (jnp.zeros((d, p, p), dt),
+                                      jnp.zeros((d, p), dt)))
+  outs = []
+  for s, e in iter_blocks(n, block):
+    keep = (jnp.arange(block) < (e - s)).astype(flat.dtype)
+    args = shard_rows(mesh, (pad_block(x[s:e], block), pad_block(t[s:e], block), keep)
+                       + (() if weights is None else (pad_block(weights[s:e], block),)))
+    out, g, gb = fn(params_r, *args)
+    with dtype_scope(solve_dtype):
+      acc_a, acc_b = add(acc_a, acc_b, g, gb)
+    if return_outputs:
+      outs.append(out if e - s == block else out[: e - s])
+  with dtype_scope(solve_dtype):
+    a, b = _sum_partials_fn(mesh)(acc_a, acc_b)
+  b = None if r is None else b
+  if return_outputs:
+    logits = (jnp.concatenate(outs, axis=0) if outs
+              else jnp.zeros((0, c), flat.dtype))
+    return a, b, logits
+  return a, b
+
+
+@per_apply_fn
+def _jvp_block_fn(apply_fn):
+  def f(params, tangent, xb):
+    return jax.jvp(lambda p: apply_fn(p, xb), (params,), (tangent,))[1]
+  return jax.jit(f)
+
+
+@per_apply_fn
+def _vjp_block_fn(apply_fn):
+  def f(params, xb, ct):
+    out, pull = jax.vjp(lambda p: apply_fn(p, xb), params)
+    return pull(ct.astype(out.dtype))[0]
+  return jax.jit(f)
+
+
+def jvp(apply_fn: ApplyFn, params, x, tangent, *,
+        block_size: int | None = None, mesh: Mesh | None = None) -> jax.Array:
+  """``J v``: the logits' directional derivative, shape ``(N, C)``.
+
+  ``mesh``: devices to shard the blocks of samples over (module docstring).
+  """
+  mesh = resolve_mesh(mesh)
+  x = jnp.asarray(x)
+  fn = _jvp_block_fn(apply_fn)
+  params_r, tangent_r = replicate(mesh, (params, tangent))
+  block, _, _ = resolve_block(
+      apply_fn, params, x, block_size, "jvp", fn,
+      lambda xb: (params_r, tangent_r, shard_rows(mesh, xb)), mesh=mesh)
+  outs = [fn(params_r, tangent_r,
+             shard_rows(mesh, pad_block(x[s:e], block)))[: e - s]
+          for s, e in iter_blocks(x.shape[0], block)]
+  return jnp.concatenate(outs, axis=0)
+
+
+def vjp(apply_fn: ApplyFn, params, x, cotangent, *,
+        block_size: int | None = None, mesh: Mesh | None = None):
+  """``Jᵀ u`` for cotangents ``u`` of shape ``(N, C)``; a pytree like params.
+
+  ``mesh``: devices to shard the blocks of samples over (module docstring);
+  the sum over samples is an XLA all-reduce and the result is replicated.
+  """
+  mesh = resolve_mesh(mesh)
+  x = jnp.asarray(x)
+  u = jnp.asarray(cotangent)
+  fn = _vjp_block_fn(apply_fn)
+  params_r = replicate(mesh, params)
+  block, _, _ = resolve_block(
+      apply_fn, params, x, block_size, "vjp", fn,
+      lambda xb: (params_r, shard_rows(mesh, xb), shard_rows(
+          mesh, jnp.zeros((xb.shape[0],) + u.shape[1:], u.dtype))), mesh=mesh)
+  total = replicate(mesh, jax.tree_util.tree_map(jnp.zeros_like, params))
+  for s, e in iter_blocks(x.shape[0], block):
+    ct = pad_block(u[s:e], block)
+    if e - s < block:  # padded rows must not contribute
+      ct = ct.at[e - s:].set(0)
+    g = fn(params_r, shard_rows(mesh, pad_block(x[s:e], block)),
+           shard_rows(mesh, ct))
+    total = jax.tree_util.tree_map(jnp.add, total, g)
+  return total
+
+
+@per_apply_fn
+def _predict_block_fn(apply_fn):
+  return jax.jit(apply_fn)
+
+
+def predict(apply_fn: ApplyFn, params, x, *, block_size: int = 256,
+            mesh: Mesh | None = None) -> jax.Array:
+  """``apply_fn(params, x)`` in blocks of samples, shape ``(N, C)``.
+
+  ``mesh``: devices to shard the blocks of samples over (module docstring);
+  ``block_size`` is rounded up to a multiple of their number.
+  """
+  mesh = resolve_mesh(mesh)
+  x = jnp.asarray(x)
+  d = n_devices(mesh)
+  block = -(-int(max(1, min(block_size, x.shape[0]))) // d) * d
+  fn = _predict_block_fn(apply_fn)
+  params_r = replicate(mesh, params)
+  outs = [fn(params_r, shard_rows(mesh, pad_block(x[s:e], block)))[: e - s]
+          for s, e in iter_blocks(x.shape[0], block)]
+  return jnp.concatenate(outs, axis=0)

@@ -1,0 +1,682 @@
+"""The solvers :func:`fastntk_jax.unlearn` runs, as objects (lineax-style).
+
+Every solver computes ``w_r − w_D = x_{D_r} − x_D`` for both losses; they
+differ in the space the systems live in, and each carries its own options:
+
+=====================  ==========  =========================================
+solver                 ``name``    systems
+=====================  ==========  =========================================
+:class:`KernelSpace`   ``"dual"``  ``N·C × N·C`` kernels (the paper's form);
+                                   IRLS on ``λI + LᵀΘL`` for ``"ce"``
+:class:`ParameterSpace` ``"primal"`` ``P × P`` Grams; Newton with the
+                                   Gauss-Newton matrix for ``"ce"``
+:class:`MatrixFree`    ``"cg"``    none: conjugate gradients (Newton-CG for
+                                   ``"ce"``), every product a pass over data
+:class:`Auto`          ``"auto"``  picks one of the three by cost
+=====================  ==========  =========================================
+
+Example::
+
+  choice = Auto(memory_budget=2**30).select(ProblemShape(n, c, p))
+  choice.solver, choice.estimates, choice.reason
+  res = unlearn(apply_fn, w_D, retain, forget, anchor=w_0,
+                solver=ParameterSpace(solve_dtype="float32"))
+
+A solver's :meth:`~Solver.run` takes a validated :class:`Problem` (built by
+:func:`fastntk_jax.unlearn`) and returns an :class:`Outcome`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, ClassVar, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fastntk_jax.core import cg
+from fastntk_jax.core import kernels
+from fastntk_jax.core import newton
+from fastntk_jax.core import objective
+from fastntk_jax.core import update
+from fastntk_jax.core import validate
+from fastntk_jax.core.newton import NewtonReport
+
+__all__ = [
+  "DEFAULT_MEMORY_BUDGET",
+  "RESIDUAL_FNS",
+  "SOLVE_DTYPES",
+  "Auto",
+  "Choice",
+  "Estimate",
+  "KernelSpace",
+  "MatrixFree",
+  "Outcome",
+  "ParameterSpace",
+  "Problem",
+  "ProblemShape",
+  "Solver",
+  "UnlearningError",
+  "as_solver",
+  "choose_solver",
+]
+
+#: Bytes the dense matrices of a solver may take before it is refused.
+DEFAULT_MEMORY_BUDGET = 4 * 2**30
+#: ``solve_dtype -> bytes per scalar``: the dtype of the ``P×P`` matrices and
+#: of the solves (Jacobians stay in the model's dtype).
+SOLVE_DTYPES = {"float64": 8, "float32": 4}
+
+
+class UnlearningError(FloatingPointError):
+  """A factorisation failed, a solve did not converge, or the update is not
+  finite."""
+
+
+def _mse_residual(logits: jax.Array, y: jax.Array) -> jax.Array:
+  return logits - jax.nn.one_hot(y, logits.shape[1], dtype=logits.dtype)
+
+
+#: ``loss -> r(logits, y)``, Eq. (1)'s residual ``f − onehot(y)`` at the
+#: linearisation point (module-level, so that compiled passes are reused).
+RESIDUAL_FNS = {"mse": _mse_residual}
+
+
+class ProblemShape(NamedTuple):
+  """What the cost model of a solver depends on.
+
+  Attributes:
+    n: samples in ``D = D_r ∪ D_f``.
+    c: logits per sample.
+    p: scalars in the PEFT pytree.
+    itemsize: bytes per scalar of the model's parameters.
+    loss: ``"mse"`` or ``"ce"``.
+    damping: λ (λ = 0 makes the ``"mse"`` kernel solve keep eigenvectors).
+  """
+  n: int
+  c: int
+  p: int
+  itemsize: int = 4
+  loss: str = "mse"
+  damping: float = 1.0
+
+
+class Problem(NamedTuple):
+  """A validated unlearning problem, as :func:`fastntk_jax.unlearn` builds it.
+
+  Attributes:
+    apply_fn: ``apply_fn(params, x) -> logits``.
+    lin: the linearisation point (``w_D`` or ``w_0``).
+    shift: ``ravel(w_0) − ravel(lin)`` in the solve dtype, or None when the
+      anchor is the linearisation point.
+    x_r, y_r, x_f, y_f: ``D_r`` and ``D_f``.
+    damping: λ.
+    loss: ``"mse"`` or ``"ce"``.
+    linearize_at: ``"w_D"`` or ``"w_0"`` (for messages).
+    shape: the :class:`ProblemShape`.
+    memory_budget: bytes the dense matrices may take.
+    block_size, mesh: how the Jacobian work is blocked and sharded.
+  """
+  apply_fn: Any
+  lin: Any
+  shift: jax.Array | None
+  x_r: Any
+  y_r: np.ndarray
+  x_f: Any
+  y_f: np.ndarray
+  damping: float
+  loss: str
+  linearize_at: str
+  shape: ProblemShape
+  memory_budget: int
+  block_size: int | None
+  mesh: Any
+
+  @property
+  def n_r(self) -> int:
+    return int(self.y_r.shape[0])
+
+  @property
+  def n_f(self) -> int:
+    return int(self.y_f.shape[0])
+
+  @property
+  def blk(self) -> dict:
+    return {"block_size": self.block_size, "mesh": self.mesh}
+
+
+class Outcome(NamedTuple):
+  """What a solver returns: the flat update and how the solves went.
+
+  Attributes:
+    delta: ``ravel(w_r − w_D)`` in the parameters' dtype.
+    forget_residual_norm: ``‖V‖`` (``"mse"``), else None.
+    reports: a :class:`~fastntk_jax.core.newton.NewtonReport` per solve.
+    infos: the :class:`~fastntk_jax.core.solve.SolveInfo` of each dense
+      factorisation (empty where none is formed).
+    kept_jacobian: the Jacobian over ``D`` was held in memory.
+  """
+  delta: jax.Array
+  forget_residual_norm: Any
+  reports: tuple
+  infos: tuple = ()
+  kept_jacobian: bool = False
+
+
+class Estimate(NamedTuple):
+  """A solver's cost on a :class:`ProblemShape`.
+
+  Attributes:
+    solver: its ``name``.
+    bytes: memory of its dense matrices (the dominant term).
+    flops: leading-order flops beyond the Jacobian (per Newton step for
+      ``"ce"``); NaN for the matrix-free solver, whose cost depends on the
+      conditioning.
+    fits: ``bytes <= memory_budget``.
+  """
+  solver: str
+  bytes: int
+  flops: float
+  fits: bool
+
+
+class Choice(NamedTuple):
+  """What :meth:`Auto.select` chose, and why.
+
+  Attributes:
+    solver: the chosen :class:`Solver` (with :class:`Auto`'s ``solve_dtype``).
+    estimates: an :class:`Estimate` per dense solver.
+    memory_budget: the budget they were measured against.
+    reason: one sentence.
+  """
+  solver: "Solver"
+  estimates: tuple
+  memory_budget: int
+  reason: str
+
+
+def _check_solve_dtype(value) -> None:
+  if value not in SOLVE_DTYPES:
+    raise ValueError(f"solve_dtype must be one of {tuple(SOLVE_DTYPES)}, got "
+                     f"{value!r}.")
+
+
+def _check_newton(tol, max_steps) -> None:
+  validate.check_tolerance("tol", tol, allow_none=True)
+  validate.check_positive_int_or_none("max_steps", max_steps)
+
+
+def _check_rcond(rcond) -> None:
+  if rcond is not None and not (math.isfinite(float(rcond)) and rcond >= 0):
+    raise ValueError(f"rcond must be a finite float ≥ 0 or None, got {rcond}.")
+
+
+def _dtype(solve_dtype: str):
+  return jnp.float64 if solve_dtype == "float64" else jnp.float32
+
+
+def _check_logits(f0, linearize_at) -> None:
+  if not bool(jnp.all(jnp.isfinite(f0))):
+    raise ValueError(
+        f"apply_fn returns NaN or infinite logits at the linearisation point "
+        f"({linearize_at}); check the model and its inputs there.")
+
+
+def _linear_report(info) -> NewtonReport:
+  """A linear solve of Eq. (1) as one Newton step of the quadratic problem."""
+  ok = bool(info.ok)
+  return NewtonReport(ok, "converged" if ok else "factorisation_failed", 1,
+                      float(info.relative_residual), float("nan"))
+
+
+def _raise_if_failed(infos, damping: float, solver: str) -> None:
+  for k, info in enumerate(infos):
+    if not bool(info.ok):
+      raise UnlearningError(
+          f"{solver} solver: factorisation {k + 1} of {len(infos)} failed (the "
+          f"damped matrix is not numerically positive definite at damping="
+          f"{damping}, condition estimate {float(info.cond):.3g}). Increase "
+          "damping, enable float64 with jax.config.update('jax_enable_x64', "
+          "True), or use damping=0 for the pseudo-inverse limit.")
+
+
+def _newton_opts(solver, prob: Problem) -> dict:
+  return {"tol": solver.tol,
+          "max_iter": 100 if solver.max_steps is None else solver.max_steps,
+          "solve_dtype": solver.solve_dtype}
+
+
+def _all_data(prob: Problem):
+  x = jnp.concatenate([jnp.asarray(prob.x_r), jnp.asarray(prob.x_f)])
+  return x, np.concatenate([prob.y_r, prob.y_f])
+
+
+def _residuals_at_anchor(prob: Problem):
+  """Eq. (1)'s residuals of the linear model at the anchor, by JVP passes:
+  ``r = f(w_lin) − Y + J d`` with ``d = w_0 − w_lin``."""
+  apply_fn, lin, blk = prob.apply_fn, prob.lin, prob.blk
+  f0_r = kernels.predict(apply_fn, lin, prob.x_r, mesh=prob.mesh)
+  f0_f = kernels.predict(apply_fn, lin, prob.x_f, mesh=prob.mesh)
+  _check_logits(jnp.concatenate([f0_r, f0_f]), prob.linearize_at)
+  res_fn = RESIDUAL_FNS["mse"]
+  r_r = res_fn(f0_r, jnp.asarray(prob.y_r))
+  r_f = res_fn(f0_f, jnp.asarray(prob.y_f))
+  if prob.shift is not None:
+    _, unravel = ravel_pytree(lin)
+    d = unravel(prob.shift.astype(ravel_pytree(lin)[0].dtype))
+    r_r = r_r + kernels.jvp(apply_fn, lin, prob.x_r, d, **blk)
+    r_f = r_f + kernels.jvp(apply_fn, lin, prob.x_f, d, **blk)
+  return r_r, r_f
+
+
+class Solver:
+  """A solver of the unlearning problem: its options, cost model and run.
+
+  Subclasses are frozen dataclasses; ``name`` is what
+  :attr:`fastntk_jax.UnlearnResult.solver` reports.
+  """
+  name: ClassVar[str] = ""
+  solve_dtype: str = "float64"
+
+  def check(self) -> None:
+    """Validates the options (raises before any work)."""
+    _check_solve_dtype(self.solve_dtype)
+
+  def memory_bytes(self, shape: ProblemShape) -> int:
+    """Memory of the solver's dense matrices (its dominant term)."""
+    raise NotImplementedError
+
+  def flops(self, shape: ProblemShape) -> float:
+    """Leading-order flops beyond the Jacobian rows, which every solver needs
+    (per Newton step for ``"ce"``)."""
+    raise NotImplementedError
+
+  def estimate(self, shape: ProblemShape, memory_budget: int) -> Estimate:
+    need = self.memory_bytes(shape)
+    return Estimate(self.name, need, self.flops(shape), need <= memory_budget)
+
+  def run(self, prob: Problem) -> Outcome:
+    """Solves ``prob``; see the class docstring for the method."""
+    raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelSpace(Solver):
+  """Kernel space: the ``N·C × N·C`` empirical NTK (Fast-NTK's Eq. (1)).
+
+  ``"mse"``: Cholesky solves of the damped kernel blocks (pseudo-inverses with
+  cutoff ``rcond`` at λ = 0). ``"ce"``: IRLS on ``B = λI + LᵀΘL`` for ``D``,
+  then for ``D_r`` warm-started from ``D``'s rows of ``β_D``.
+
+  Attributes:
+    rcond: relative eigenvalue cutoff for ``damping=0`` (None: automatic).
+    implementation: neural-tangents NTK implementation when the Jacobians do
+      not fit in memory: 1 (Jacobian contraction) or 2 (NTK-vector products).
+    solve_dtype: ``"float64"`` or ``"float32"``, the dtype of the solves.
+    tol: relative gradient norm at which the ``"ce"`` Newton solves stop
+      (None: :func:`fastntk_jax.core.newton.default_tol`).
+    max_steps: Newton steps per ``"ce"`` solve at most.
+  """
+  name: ClassVar[str] = "dual"
+  rcond: float | None = None
+  implementation: int = 1
+  solve_dtype: str = "float64"
+  tol: float | None = None
+  max_steps: int = 100
+
+  def check(self) -> None:
+    super().check()
+    _check_rcond(self.rcond)
+    if isinstance(self.implementation, bool) or self.implementation not in (
+        1, 2):
+      raise ValueError(
+          f"implementation must be 1 or 2, got {self.implementation!r}.")
+    _check_newton(self.tol, self.max_steps)
+
+  def memory_bytes(self, shape: ProblemShape) -> int:
+    """``"mse"``: Θ on the host and on the device, a damped copy and its
+    Cholesky factor (λ > 0; for λ = 0 also the re-assembled Θ and its
+    eigenvectors), in the model's dtype. ``"ce"``: Θ, its copy in the solve
+    dtype, the ``D_r`` block, ``LᵀΘL + λI`` and its factor."""
+    nc = shape.n * shape.c
+    if shape.loss == "ce":
+      return nc ** 2 * (shape.itemsize + 5 * SOLVE_DTYPES[self.solve_dtype])
+    return (4 if shape.damping > 0 else 6) * nc ** 2 * shape.itemsize
+
+  def flops(self, shape: ProblemShape) -> float:
+    """Kernel contraction ``(NC)²P``, Cholesky of the ``N·C`` system."""
+    nc = shape.n * shape.c
+    return nc ** 2 * shape.p + nc ** 3 / 3
+
+  def run(self, prob: Problem) -> Outcome:
+    if prob.loss == "ce":
+      return self._run_ce(prob)
+    apply_fn, lin, blk = prob.apply_fn, prob.lin, prob.blk
+    n_r, n_f, c = prob.n_r, prob.n_f, prob.shape.c
+    r_r, r_f = _residuals_at_anchor(prob)
+    # One symmetric kernel over D = [D_r; D_f]: one compilation, upper blocks
+    # only; then its three blocks.
+    theta = kernels.ntk(apply_fn, lin, _all_data(prob)[0],
+                        implementation=self.implementation, **blk)
+    k = n_r * c
+    th_rr, th_rf, th_ff = theta[:k, :k], theta[:k, k:], theta[k:, k:]
+    del theta
+    upd = update.kernel_space(th_rr, th_rf, th_ff, r_r.reshape(-1),
+                              r_f.reshape(-1), prob.damping, self.rcond)
+    _raise_if_failed(upd.infos, prob.damping, self.name)
+    g_r = kernels.vjp(apply_fn, lin, prob.x_r, upd.coef_r.reshape(n_r, c),
+                      **blk)
+    g_f = kernels.vjp(apply_fn, lin, prob.x_f, upd.coef_f.reshape(n_f, c),
+                      **blk)
+    delta = ravel_pytree(g_r)[0] + ravel_pytree(g_f)[0]
+    return Outcome(delta, jnp.linalg.norm(upd.v),
+                   tuple(_linear_report(i) for i in upd.infos), upd.infos)
+
+  def _run_ce(self, prob: Problem) -> Outcome:
+    apply_fn, lin, blk = prob.apply_fn, prob.lin, prob.blk
+    n_r, n_f, c = prob.n_r, prob.n_f, prob.shape.c
+    x_all, y_all = _all_data(prob)
+    f0 = kernels.predict(apply_fn, lin, x_all, mesh=prob.mesh)
+    _check_logits(f0, prob.linearize_at)
+    theta = kernels.ntk(apply_fn, lin, x_all,
+                        implementation=self.implementation, **blk)
+    b = f0
+    if prob.shift is not None:
+      _, unravel = ravel_pytree(lin)
+      b = f0 + kernels.jvp(apply_fn, lin, x_all, unravel(
+          prob.shift.astype(f0.dtype)), **blk)
+    loss, opts = objective.cross_entropy, _newton_opts(self, prob)
+    beta_d, rep_d = newton.solve_dual(theta, b, y_all, loss, prob.damping,
+                                      **opts)
+    k = n_r * c
+    beta_r, rep_r = newton.solve_dual(theta[:k, :k], b[:n_r], prob.y_r, loss,
+                                      prob.damping, beta0=beta_d[:k], **opts)
+    del theta
+    flat_dtype = ravel_pytree(lin)[0].dtype
+    coef_r = (beta_r - beta_d[:k]).astype(flat_dtype).reshape(n_r, c)
+    coef_f = (-beta_d[k:]).astype(flat_dtype).reshape(n_f, c)
+    delta = (ravel_pytree(kernels.vjp(apply_fn, lin, prob.x_r, coef_r,
+                                      **blk))[0]
+             + ravel_pytree(kernels.vjp(apply_fn, lin, prob.x_f, coef_f,
+                                        **blk))[0])
+    return Outcome(delta, None, (rep_d, rep_r))
+
+
+@dataclasses.dataclass(frozen=True)
+class ParameterSpace(Solver):
+  """Parameter space: ``P × P`` Gram matrices (push-through of Eq. (1)).
+
+  ``"mse"``: one pass per set gives the Grams ``JᵀJ``, ``Jᵀr`` and the logits;
+  two Cholesky solves. ``"ce"``: Newton with the ``P×P`` Gauss-Newton matrix,
+  the Jacobian over ``D`` kept in memory when it fits the budget beside the
+  ``P×P`` matrices (else recomputed at every step).
+
+  Attributes:
+    rcond: relative eigenvalue cutoff for ``damping=0``.
+    solve_dtype: ``"float64"`` or ``"float32"``: dtype of the ``P×P``
+      matrices and of the solves.
+    tol, max_steps: as :class:`KernelSpace` (``"ce"``).
+    keep_jacobian: ``"ce"``: True keeps the Jacobian, False recomputes it
+      per step, None decides by ``memory_budget``.
+  """
+  name: ClassVar[str] = "primal"
+  rcond: float | None = None
+  solve_dtype: str = "float64"
+  tol: float | None = None
+  max_steps: int = 100
+  keep_jacobian: bool | None = None
+
+  def check(self) -> None:
+    super().check()
+    _check_rcond(self.rcond)
+    _check_newton(self.tol, self.max_steps)
+    if self.keep_jacobian not in (None, True, False):
+      raise ValueError("keep_jacobian must be True, False or None, got "
+                       f"{self.keep_jacobian!r}.")
+
+  def memory_bytes(self, shape: ProblemShape) -> int:
+    """``A_r``, ``A_f``, their sum, a damped copy and its factor (five
+    ``P×P`` matrices in the solve dtype; for ``"ce"`` the Jacobian, when
+    kept, is counted by :meth:`jacobian_bytes`)."""
+    return 5 * shape.p * shape.p * SOLVE_DTYPES[self.solve_dtype]
+
+  def jacobian_bytes(self, shape: ProblemShape) -> int:
+    """The kept Jacobian: computed in the model's dtype, stored in the solve
+    dtype (both exist while it is converted)."""
+    return shape.n * shape.c * shape.p * (shape.itemsize
+                                          + SOLVE_DTYPES[self.solve_dtype])
+
+  def flops(self, shape: ProblemShape) -> float:
+    """Gram accumulation ``NCP²``, two ``P×P`` Cholesky factorisations."""
+    return shape.n * shape.c * shape.p ** 2 + 2 * shape.p ** 3 / 3
+
+  def keeps_jacobian(self, shape: ProblemShape, memory_budget: int) -> bool:
+    """Whether a ``"ce"`` run holds the Jacobian over ``D`` in memory."""
+    if shape.loss != "ce":
+      return False
+    if self.keep_jacobian is not None:
+      return bool(self.keep_jacobian)
+    return (self.memory_bytes(shape) + self.jacobian_bytes(shape)
+            <= memory_budget)
+
+  def run(self, prob: Problem) -> Outcome:
+    if prob.loss == "ce":
+      keep = self.keeps_jacobian(prob.shape, prob.memory_budget)
+      return _run_ce_primal(self, prob, newton.solve_primal, keep)
+    apply_fn, lin, blk = prob.apply_fn, prob.lin, prob.blk
+    res_fn = RESIDUAL_FNS["mse"]
+    sd = self.solve_dtype
+    a_r, b_r, f0_r = kernels.gram(apply_fn, lin, prob.x_r, res_fn, y=prob.y_r,
+                                  solve_dtype=sd, return_outputs=True, **blk)
+    a_f, b_f, f0_f = kernels.gram(apply_fn, lin, prob.x_f, res_fn, y=prob.y_f,
+                                  solve_dtype=sd, return_outputs=True, **blk)
+    _check_logits(jnp.concatenate([f0_r, f0_f]), prob.linearize_at)
+    r_f = res_fn(f0_f, jnp.asarray(prob.y_f)).reshape(-1)
+    with kernels.dtype_scope(sd):
+      rr_f = jnp.sum(jnp.asarray(r_f, a_f.dtype) ** 2)
+      if prob.shift is not None:
+        d = prob.shift.astype(a_f.dtype)
+        rr_f = rr_f + 2 * d @ b_f + d @ (a_f @ d)
+        b_r, b_f = b_r + a_r @ d, b_f + a_f @ d
+      upd = update.parameter_space(a_r, a_f, b_r, b_f, prob.damping,
+                                   self.rcond)
+      _raise_if_failed(upd.infos, prob.damping, self.name)
+      delta = upd.delta.astype(ravel_pytree(lin)[0].dtype)
+      # ‖V‖, a diagnostic, from the Grams rather than another pass over D_f.
+      v = update.forget_residual_norm(a_f, b_f, upd.x_retrain, rr_f)
+    return Outcome(delta, v, tuple(_linear_report(i) for i in upd.infos),
+                   upd.infos)
+
+
+@dataclasses.dataclass(frozen=True)
+class MatrixFree(Solver):
+  """Matrix-free: conjugate gradients on ``(A + λI) x = b``, every ``A v`` a
+  linearised pass over the data; Newton-CG for ``"ce"``. ``O(P)`` memory;
+  the step count depends on the conditioning.
+
+  Attributes:
+    cg_tol: relative residual at which CG stops (``"mse"``).
+    cg_max_steps: CG iterations per solve at most (None: ``min(10·P, 1000)``).
+    solve_dtype: dtype of the ``"ce"`` Newton iterates.
+    tol, max_steps: as :class:`KernelSpace` (``"ce"``).
+  """
+  name: ClassVar[str] = "cg"
+  cg_tol: float = 1e-5
+  cg_max_steps: int | None = None
+  solve_dtype: str = "float64"
+  tol: float | None = None
+  max_steps: int = 100
+
+  def check(self) -> None:
+    super().check()
+    validate.check_tolerance("cg_tol", self.cg_tol)
+    validate.check_positive_int_or_none("cg_max_steps", self.cg_max_steps)
+    _check_newton(self.tol, self.max_steps)
+
+  def memory_bytes(self, shape: ProblemShape) -> int:
+    """Four ``P``-vectors plus the right-hand sides."""
+    return 8 * shape.p * shape.itemsize
+
+  def flops(self, shape: ProblemShape) -> float:
+    return float("nan")
+
+  def run(self, prob: Problem) -> Outcome:
+    if prob.loss == "ce":
+      solve = functools.partial(newton.solve_newton_cg,
+                                cg_max_steps=self.cg_max_steps)
+      return _run_ce_primal(self, prob, solve, False)
+    apply_fn, lin, blk = prob.apply_fn, prob.lin, prob.blk
+    r_r, r_f = _residuals_at_anchor(prob)
+    # x_r = −(A_r + λI)⁻¹ J_rᵀ r_r and w_r − w_D = (A + λI)⁻¹ J_fᵀ V with
+    # V = J_f x_r + r_f.
+    mv_r = cg.gauss_newton_matvec(apply_fn, lin, prob.x_r, **blk)
+    mv_f = cg.gauss_newton_matvec(apply_fn, lin, prob.x_f, **blk)
+    _, unravel = ravel_pytree(lin)
+    opts = {"damping": prob.damping, "tol": self.cg_tol,
+            "max_steps": self.cg_max_steps}
+    g_r = ravel_pytree(kernels.vjp(apply_fn, lin, prob.x_r, r_r, **blk))[0]
+    x_ret, info_r = cg.cg_solve(mv_r, -g_r, **opts)
+    v = kernels.jvp(apply_fn, lin, prob.x_f, unravel(x_ret), **blk) + r_f
+    rhs = ravel_pytree(kernels.vjp(apply_fn, lin, prob.x_f, v, **blk))[0]
+    delta, info = cg.cg_solve(lambda u: mv_r(u) + mv_f(u), rhs, **opts)
+    reports = tuple(
+        NewtonReport(i.ok, "converged" if i.ok else i.status, 1,
+                     float(i.relative_residual), float("nan"), i.steps)
+        for i in (info_r, info))
+    return Outcome(delta, jnp.linalg.norm(v.reshape(-1)), reports)
+
+
+def _run_ce_primal(solver, prob: Problem, solve, keep: bool) -> Outcome:
+  """The linearised cross-entropy retrain in parameter space: Newton on ``D``,
+  then on ``D_r`` (``D_f`` weighted 0) warm-started from ``x_D``."""
+  apply_fn, lin, blk = prob.apply_fn, prob.lin, prob.blk
+  sd = solver.solve_dtype
+  dt = _dtype(sd)
+  x_all, y_all = _all_data(prob)
+  f0 = kernels.predict(apply_fn, lin, x_all, mesh=prob.mesh)
+  _check_logits(f0, prob.linearize_at)
+  if keep:
+    jac = kernels.jacobian(apply_fn, lin, x_all, **blk)
+    with kernels.dtype_scope(sd):
+      op = newton.DenseJacobian(jac, prob.shape.c, dtype=dt)
+    del jac
+  else:
+    op = newton.PassJacobian(apply_fn, lin, x_all, **blk)
+  with kernels.dtype_scope(sd):
+    b = f0.astype(dt)
+    if prob.shift is not None:
+      b = b + op.matvec(prob.shift)
+    weights = jnp.concatenate([jnp.ones((prob.n_r,), dt),
+                               jnp.zeros((prob.n_f,), dt)])
+  loss, opts = objective.cross_entropy, _newton_opts(solver, prob)
+  x_d, rep_d = solve(op, b, y_all, loss, prob.damping, **opts)
+  x_r, rep_r = solve(op, b, y_all, loss, prob.damping, weights=weights,
+                     x0=x_d, **opts)
+  with kernels.dtype_scope(sd):
+    delta = (x_r - x_d).astype(ravel_pytree(lin)[0].dtype)
+  return Outcome(delta, None, (rep_d, rep_r), (), keep)
+
+
+@dataclasses.dataclass(frozen=True)
+class Auto:
+  """Chooses the cheapest dense solver that fits, else the matrix-free one.
+
+  Of :class:`KernelSpace` and :class:`ParameterSpace` (with this
+  ``solve_dtype``), those whose :meth:`~Solver.memory_bytes` fit
+  ``memory_budget`` compete on :meth:`~Solver.flops` (ties go to the kernel
+  space, the paper's form). When neither fits, :class:`MatrixFree`: its step
+  count depends on the conditioning, so it is chosen only then. For
+  ``"ce"`` the dense terms recur at every Newton step; the parameter-space
+  solver then also keeps the Jacobian when it fits beside its matrices.
+
+  Attributes:
+    memory_budget: bytes the dense matrices may take (None: the budget
+      :func:`fastntk_jax.unlearn` was given).
+    solve_dtype: the chosen solver's ``solve_dtype``.
+  """
+  name: ClassVar[str] = "auto"
+  memory_budget: int | None = None
+  solve_dtype: str = "float64"
+
+  def check(self) -> None:
+    _check_solve_dtype(self.solve_dtype)
+    if self.memory_budget is not None:
+      validate.check_memory_budget(self.memory_budget)
+
+  def select(self, shape: ProblemShape,
+             memory_budget: int | None = None) -> Choice:
+    """The :class:`Choice` for a problem of this shape."""
+    budget = self.memory_budget
+    if budget is None:
+      budget = DEFAULT_MEMORY_BUDGET if memory_budget is None else memory_budget
+    dense = (KernelSpace(solve_dtype=self.solve_dtype),
+             ParameterSpace(solve_dtype=self.solve_dtype))
+    est = tuple(s.estimate(shape, budget) for s in dense)
+    fits = [(s, e) for s, e in zip(dense, est) if e.fits]
+    if not fits:
+      return Choice(MatrixFree(solve_dtype=self.solve_dtype), est, budget,
+                    "no dense solver fits the memory budget")
+    best, e = min(fits, key=lambda se: se[1].flops)
+    other = "the other does not fit" if len(fits) == 1 else (
+        "fewer flops than the other")
+    return Choice(best, est, budget,
+                  f"{best.name}: {e.bytes} bytes fit, {other}")
+
+
+def as_solver(solver) -> Solver | Auto:
+  """A :class:`Solver` or :class:`Auto` from an object or a name
+  (``"auto"``, ``"dual"``, ``"primal"``, ``"cg"``), options checked."""
+  if isinstance(solver, str):
+    names = {"auto": Auto, "dual": KernelSpace, "primal": ParameterSpace,
+             "cg": MatrixFree}
+    if solver not in names:
+      raise ValueError(f"solver must be one of {tuple(names)} or a solver "
+                       f"object (fastntk_jax.KernelSpace(...) etc.), got "
+                       f"{solver!r}.")
+    solver = names[solver]()
+  if not isinstance(solver, (Solver, Auto)):
+    raise TypeError(
+        f"solver must be a name or a solver object (fastntk_jax.Auto, "
+        f"KernelSpace, ParameterSpace, MatrixFree), got "
+        f"{type(solver).__name__}.")
+  solver.check()
+  return solver
+
+
+def check_budget(solver: Solver, shape: ProblemShape, budget: int) -> None:
+  """Refuses an explicitly chosen dense solver whose matrices exceed the
+  budget, naming the alternatives."""
+  if isinstance(solver, MatrixFree):
+    return
+  need = solver.memory_bytes(shape)
+  if need <= budget:
+    return
+  other = (ParameterSpace if isinstance(solver, KernelSpace)
+           else KernelSpace)(solve_dtype=solver.solve_dtype)
+  other_need = other.memory_bytes(shape)
+  form = "P×P" if other.name == "primal" else "N·C×N·C"
+  hint = (f"solver={other.name!r} needs only {form} matrices, {other_need} "
+          "bytes here, within the budget" if other_need <= budget
+          else f"solver={other.name!r} ({form}) would need {other_need} "
+          "bytes, over the budget too; use solver='cg' (matrix-free)")
+  raise ValueError(
+      f"solver={solver.name!r} needs about {need} bytes "
+      f"({need / 2**30:.3g} GiB) of dense matrices for N={shape.n} samples, "
+      f"C={shape.c}, P={shape.p}, over memory_budget={budget} bytes "
+      f"({budget / 2**30:.3g} GiB). Raise memory_budget=... if the memory is "
+      f"there; {hint}.")
+
+
+def choose_solver(n: int, c: int, p: int, itemsize: int = 4,
+                  memory_budget: int = DEFAULT_MEMORY_BUDGET,
+                  damping: float = 1.0, precision_itemsize: int = 8,
+                  loss: str = "mse") -> str:
+  """The name of the solver ``solver="auto"`` runs (:meth:`Auto.select`);
+  ``precision_itemsize`` 8 or 4 is the solve dtype's size."""
+  sd = "float64" if precision_itemsize == 8 else "float32"
+  shape = ProblemShape(n, c, p, itemsize, loss, damping)
+  return Auto(memory_budget, sd).select(shape).solver.name

@@ -1,0 +1,342 @@
+"""``run_experiment``: every method, every seed, every metric, resumable.
+
+Layout of a results directory::
+
+  OUT/config.json            the complete configuration (defaults filled in)
+  OUT/manifest.json          the data: selection rule, digests, forget indices
+  OUT/runs/seed<S>/finetune.ckpt      w_0 and w_D of seed S (resume point)
+  OUT/runs/seed<S>/<method>.ckpt      the method's parameters
+  OUT/runs/seed<S>/<method>.json      its metrics, hyperparameters, timings
+  OUT/runs/seed<S>/probe.json         the linear-probe analysis
+  OUT/results.json, OUT/table.md, OUT/metrics.png, OUT/relearn.png
+
+Every file is written atomically. A rerun in the same directory skips what is
+done (a method whose hyperparameters changed is run again), so an interrupted
+experiment resumes where it stopped; a directory holding another
+configuration is refused.
+
+Per seed ``s``: the new head is initialised with ``s``, the fine-tuning recipe
+uses ``seed = s`` (data order, augmentation), every method gets ``seed = s``,
+and a random forget request ``random:F:seed=K`` draws its set with seed
+``K + s``. The training and test images are the same for every seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastntk_jax.io import checkpoint
+from fastntk_jax.io.environment import environment
+from fastntk_jax.core import kernels
+from fastntk_jax import methods as methods_lib
+from fastntk_jax.data import splits
+from fastntk_jax.training import train
+from fastntk_jax.core.tangent import tangent_model
+from fastntk_jax.models import zoo
+from fastntk_jax.experiments import evaluate
+from fastntk_jax.experiments import report
+from fastntk_jax.experiments.config import ConfigError, config_hash
+
+__all__ = ["run_experiment", "environment"]
+
+
+def _digest(a: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+  checkpoint.atomic_write_json(path, report.json_safe(obj))
+
+
+def _read_json(path: Path):
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError):
+    return None  # missing or torn: the step is simply run again
+
+
+# ----------------------------------------------------------------- data
+def _load_data(cfg: dict):
+  """Training and test images (uint8), labels and class names."""
+  from fastntk_jax import data as data_lib
+  d, m = cfg["data"], cfg["model"]
+  size = zoo.spec(m["name"]).image_size
+  classes = d["classes"] or None
+  if d["train_split"] == d["test_split"]:
+    # One split only (e.g. ImageNet-R's): the first test_ipc images of each
+    # class are the test set, the next ipc the training set.
+    ds = data_lib.load_dataset(d["source"], d["train_split"],
+                               ipc=d["ipc"] + d["test_ipc"], classes=classes,
+                               image_size=size)
+    test_idx = splits.first_per_class(ds.y, d["test_ipc"])
+    is_test = np.zeros(len(ds.y), bool)
+    is_test[test_idx] = True
+    return (ds.x[~is_test], ds.y[~is_test], ds.x[is_test], ds.y[is_test],
+            ds.class_names, ds.source)
+  tr = data_lib.load_dataset(d["source"], d["train_split"], ipc=d["ipc"],
+                             classes=classes, image_size=size)
+  te = data_lib.load_dataset(d["source"], d["test_split"],
+                             ipc=d["test_ipc"] or None, classes=classes,
+                             image_size=size)
+  return tr.x, tr.y, te.x, te.y, tr.class_names, tr.source
+
+
+def _forget_spec(text: str, seed: int) -> splits.ForgetSpec:
+  spec = splits.parse_forget(text)
+  if spec.kind == "random":
+    spec = spec._replace(seed=spec.seed + seed)
+  return spec
+
+
+# --------------------------------------------------------------- runner
+class _Progress:
+  """A tqdm bar on a terminal, one line per step otherwise."""
+
+  def __init__(self, total: int, enabled: bool, log: Callable[[str], None]):
+    self._bar = None
+    self._log = log
+    self._enabled = enabled
+    if enabled and sys.stderr.isatty():
+      from tqdm import tqdm
+      self._bar = tqdm(total=total, unit="run", dynamic_ncols=True)
+
+  def step(self, text: str) -> None:
+    if self._bar is not None:
+      self._bar.set_postfix_str(text)
+      self._bar.update(1)
+    elif self._enabled:
+      self._log(text)
+
+  def note(self, text: str) -> None:
+    """Shows ``text`` beside the bar without advancing it (terminal only)."""
+    if self._bar is not None:
+      self._bar.set_postfix_str(text)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+def _check_dir(out: Path, cfg: dict) -> None:
+  saved = _read_json(out / "config.json")
+  if saved is None:
+    if out.exists() and any(out.iterdir()):
+      raise ConfigError(f"--out {out} exists and holds other files; give a new "
+                        "or empty directory.")
+    return
+  if saved.get("_hash") != config_hash(cfg):
+    changed = sorted(k for k in cfg if k not in ("seeds", "methods", "method",
+                                                 "description")
+                     and json.dumps(saved.get(k), sort_keys=True, default=str)
+                     != json.dumps(cfg[k], sort_keys=True, default=str))
+    raise ConfigError(
+        f"--out {out} holds results of a different configuration (changed: "
+        f"{changed or 'unknown'}); use another --out directory, or delete "
+        "this one to start over.")
+
+
+def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
+                   log: Callable[[str], None] | None = None) -> dict:
+  """Runs (or resumes) an experiment and writes its results directory.
+
+  Args:
+    cfg: a complete configuration (:func:`fastntk_jax.experiments.config.resolve`).
+    out: the results directory (created).
+    progress: progress bars (or lines when stderr is not a terminal).
+    log: where messages go (default: stderr).
+
+  Returns:
+    The ``results.json`` content.
+  """
+  log = log or (lambda s: print(s, file=sys.stderr, flush=True))
+  out = Path(out)
+  _check_dir(out, cfg)
+  m = cfg["model"]
+  # Everything cheap that can fail is checked before the heavy work.
+  module, variables, pretrained = zoo.load_backbone(
+      m["name"], m["weights"] or None,
+      num_prompts=m["num_prompts"] if zoo.spec(m["name"]).family == "vit" else 0,
+      seed=0)
+  if not pretrained and m["require_pretrained"]:
+    raise ConfigError(
+        f"model.weights: there are no pretrained weights for {m['name']!r} "
+        "here; pass a checkpoint from `fastntk pretrain` as model.weights, or "
+        "set model.require_pretrained = false to run on a random backbone.")
+  x_tr, y_tr, x_te, y_te, class_names, source = _load_data(cfg)
+  num_classes = len(class_names)
+  specs = {s: _forget_spec(cfg["data"]["forget"], s) for s in cfg["seeds"]}
+  idx = {s: splits.apply_forget(specs[s], y_tr, class_names)
+         for s in cfg["seeds"]}
+
+  # A directory extended with other seeds (``--seeds 2`` after ``--seeds 0
+  # 1``) keeps the earlier seeds' record: config, forget indices, results.
+  saved_cfg = _read_json(out / "config.json") or {}
+  saved_forget = (_read_json(out / "manifest.json") or {}).get("forget", {})
+  all_seeds = list(dict.fromkeys(
+      [int(s) for s in saved_cfg.get("seeds", [])] + list(cfg["seeds"])))
+  forget_record = {str(s): v for s, v in saved_forget.items()
+                   if int(s) in all_seeds}
+  forget_record.update({str(s): {"spec": str(specs[s]),
+                                 "forget_indices": idx[s][1].tolist()}
+                        for s in cfg["seeds"]})
+  cfg_all = {**cfg, "seeds": all_seeds}
+
+  out.mkdir(parents=True, exist_ok=True)
+  _write_json(out / "config.json", {**cfg_all, "_hash": config_hash(cfg)})
+  _write_json(out / "manifest.json", {
+      "source": source, "class_names": list(class_names),
+      "selection": {k: cfg["data"][k] for k in
+                    ("train_split", "test_split", "ipc", "test_ipc",
+                     "classes")},
+      "train": {"num": len(y_tr), "images_sha256": _digest(x_tr),
+                "labels_sha256": _digest(y_tr.astype(np.int32)),
+                "labels": y_tr.tolist()},
+      "test": {"num": len(y_te), "images_sha256": _digest(x_te),
+               "labels_sha256": _digest(y_te.astype(np.int32))},
+      "forget": dict(sorted(forget_record.items(), key=lambda kv: int(kv[0]))),
+  })
+
+  prep = jax.jit(zoo.preprocess_fn(m["name"]))
+  xn = np.concatenate([np.asarray(prep(jnp.asarray(x_tr[i:i + 500])))
+                       for i in range(0, len(x_tr), 500)])
+  xt = np.concatenate([np.asarray(prep(jnp.asarray(x_te[i:i + 500])))
+                       for i in range(0, len(x_te), 500)])
+  bar = _Progress(len(cfg["seeds"]) * (len(cfg["methods"]) + 1), progress, log)
+  first = None
+  try:
+    for s in cfg["seeds"]:
+      model = zoo.peft_model(m["name"], module, variables,
+                          num_classes=num_classes, mode=m["peft"],
+                          head_scale=m["head_scale"], seed=s)
+      # Seeds differ only in the new head (a PEFT leaf); with the frozen rest
+      # identical, every seed shares the first seed's apply_fn and with it
+      # every jitted function (no recompilation per seed).
+      if first is None:
+        first = model
+      elif _tree_digest(model.frozen) == _tree_digest(first.frozen):
+        model = model._replace(apply_fn=first.apply_fn)
+      _run_seed(cfg, out / "runs" / f"seed{s}", s, model, xn, y_tr, xt, y_te,
+                idx[s], specs[s], num_classes, bar, log)
+  finally:
+    bar.close()
+  results = report.aggregate(out, cfg_all, environment())
+  report.write_all(out, results)
+  return results
+
+
+def _tree_digest(tree) -> str:
+  h = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    h.update(jax.tree_util.keystr(path).encode())
+    h.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+  return h.hexdigest()
+
+
+def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
+              num_classes, bar, log) -> None:
+  mcfg = cfg["metrics"]
+  recipe = train.FinetuneConfig(**cfg["finetune"], seed=seed)
+  if recipe.tangent:
+    # The deployed model is the tangent model at this seed's w_0: every
+    # method, metric and Retrain sees it (and trains it as it is).
+    model = model._replace(apply_fn=tangent_model(model.apply_fn,
+                                                  model.init_params))
+    recipe = recipe._replace(tangent=False)
+  ft_path = sdir / "finetune.ckpt"
+  w_d = None
+  if ft_path.is_file():
+    try:
+      ck = checkpoint.load(ft_path, expect_kind="bench-finetune")
+      w_d = checkpoint.restore_like(model.init_params, ck.trees["w_D"])
+      ft_info = ck.config
+    except (checkpoint.CheckpointError, KeyError, ValueError):
+      w_d = None
+  if w_d is None:
+    res = train.finetune(
+        model.apply_fn, model.init_params, xn, y_tr, config=recipe,
+        progress=lambda e, loss: bar.note(
+            f"seed {seed}: fine-tuning epoch {e + 1}/{recipe.epochs} "
+            f"loss {loss:.4f}"))
+    w_d = res.params
+    ft_info = {"seconds": res.seconds, "losses": res.losses.tolist()}
+    checkpoint.save(ft_path, {"w_0": jax.device_get(model.init_params),
+                              "w_D": jax.device_get(w_d)},
+                    config=ft_info, kind="bench-finetune")
+  bar.step(f"seed {seed}: fine-tuned on D ({ft_info['seconds']:.0f} s)")
+  r_idx, f_idx = idx
+  sets = ((xn[r_idx], y_tr[r_idx]), (xn[f_idx], y_tr[f_idx]), (xt, y_te))
+  problem = methods_lib.UnlearningProblem(
+      model.apply_fn, model.init_params, w_d, sets[0], sets[1], recipe,
+      num_classes)
+  forget_classes = (np.unique(y_tr[f_idx]) if spec.kind == "class"
+                    else np.asarray([], int))
+  retrain_logits, retrain_ref = None, None
+  # Retrain first: every other method's KL is measured against it.
+  order = sorted(cfg["methods"], key=lambda n: n != "retrain")
+  for name in order:
+    hp = {**methods_lib.defaults(name), **cfg["method"].get(name, {})}
+    jpath, ppath = sdir / f"{name}.json", sdir / f"{name}.ckpt"
+    done = _read_json(jpath)
+    params = None
+    if done is not None and done.get("hyperparameters") == report.json_safe(hp):
+      try:
+        ck = checkpoint.load(ppath, expect_kind="bench-params")
+        params = checkpoint.restore_like(model.init_params, ck.trees["params"])
+      except (checkpoint.CheckpointError, KeyError, ValueError, OSError):
+        params = None
+    if params is None:
+      done = None
+      result = methods_lib.run_method(name, problem, seed=seed, **hp)
+      params = jax.device_get(result.params)
+      checkpoint.save(ppath, {"params": params}, config={"method": name},
+                      kind="bench-params")
+      timing = {"seconds": result.seconds,
+                "compile_seconds": result.compile_seconds,
+                "info": result.info}
+    else:
+      timing = {k: done[k] for k in ("seconds", "compile_seconds", "info")}
+    if name == "retrain":
+      retrain_ref = _tree_digest(params)
+    # Metrics depend on the method's parameters and on Retrain's (KL).
+    if done is not None and done.get("retrain_ref") == retrain_ref:
+      values = done["metrics"]
+      extra = {k: done[k] for k in ("relearn_curve", "relearn_reached")
+               if k in done}
+      if name == "retrain":
+        retrain_logits = {k: np.asarray(kernels.predict(model.apply_fn, params,
+                                                        xs[0]))
+                          for k, xs in (("forget", sets[1]), ("test", sets[2]))}
+    else:
+      values, extra = evaluate.evaluate(
+          model.apply_fn, params, sets, forget_kind=spec.kind,
+          forget_classes=forget_classes, recipe=recipe, mcfg=mcfg, seed=seed,
+          retrain_logits=retrain_logits)
+      logits = extra.pop("_logits")
+      if name == "retrain":
+        retrain_logits = logits
+        values["kl_to_retrain"] = 0.0
+        values["kl_to_retrain_test"] = 0.0
+    _write_json(jpath, {"method": name, "seed": seed, "hyperparameters": hp,
+                        "metrics": values, **extra, **timing,
+                        "retrain_ref": retrain_ref,
+                        "finetune_seconds": ft_info["seconds"]})
+    bar.step(f"seed {seed}: {name} FA {values['acc_forget']:.1f} RA "
+             f"{values['acc_retain']:.1f} TA {values['acc_test']:.1f} "
+             f"({timing['seconds']:.1f} s)")
+  if mcfg["probe"] and "fast_ntk" in cfg["methods"]:
+    path = sdir / "probe.json"
+    if _read_json(path) is None:
+      ck = checkpoint.load(sdir / "fast_ntk.ckpt", expect_kind="bench-params")
+      w_r = checkpoint.restore_like(model.init_params, ck.trees["params"])
+      _write_json(path, evaluate.probe_report(
+          model, w_r, xn, y_tr, idx, num_classes,
+          image_size=zoo.spec(cfg["model"]["name"]).image_size,
+          epochs=mcfg["probe_epochs"], seed=seed))
