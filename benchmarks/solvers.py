@@ -49,7 +49,7 @@ def main(argv=None):
   for solver in ("dual", "primal"):
     for attempt in ("cold", "warm"):
       r = F.unlearn(m.apply_fn, w_d, retain, forget, damping=args.damping, solver=solver)
-      runs[f"{solver}_{attempt}"] = {k: v for k, v in r._asdict().items() if k != "params"}
+      runs[f"{solver}_{attempt}"] = r.summary()
     deltas[solver] = ravel_pytree(r.params)[0] - flat_d
     runs[solver + "_accuracy"] = metrics.class_forgetting_report(
         m.apply_fn, r.params, retain, forget, (xt, yte), [0])

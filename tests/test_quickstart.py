@@ -28,6 +28,7 @@ def test_quickstart_reduced(tmp_path):
   assert after["retain"] >= 0.5           # ... and kept the rest
   saved = json.loads(out.read_text())
   # 200 samples x 10 logits vs 2,026 parameters: the cost model's choice.
-  from fastntk_jax import choose_solver
+  from fastntk_jax.core.solvers import choose_solver
   assert saved["unlearn"]["solver"] == choose_solver(200, 10, 2026)
   assert saved["unlearn"]["num_params"] == 2026
+  assert saved["write_back_max_logit_gap"] < 1e-4

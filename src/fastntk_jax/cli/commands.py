@@ -218,41 +218,56 @@ def _pretrain_split(y: np.ndarray, holdout_ipc: int, max_ipc: int | None):
   return keep
 
 
+def _pretrain_config(args, family: str):
+  """The :class:`~fastntk_jax.training.train.PretrainConfig` of the flags
+  (SGD for CNNs, AdamW for ViTs unless ``--optimizer`` says otherwise)."""
+  from fastntk_jax.training import train
+  _positive("--epochs", args.epochs, allow_none=False)
+  _positive("--max-ipc", args.max_ipc)
+  _positive("--test-ipc", args.test_ipc)
+  if args.holdout_ipc < 0:
+    raise UsageError("--holdout-ipc must be >= 0.")
+  optimizer = args.optimizer or ("adamw" if family == "vit" else "sgd")
+  lr = args.lr if args.lr is not None else (1e-3 if optimizer == "adamw" else 0.1)
+  wd = args.weight_decay if args.weight_decay is not None else (
+      0.05 if optimizer == "adamw" else 5e-4)
+  return train.PretrainConfig(
+      epochs=args.epochs, batch_size=args.batch_size, learning_rate=lr,
+      optimizer=optimizer, weight_decay=wd, warmup_epochs=args.warmup_epochs,
+      crop_padding=args.crop_padding, flip=not args.no_flip,
+      label_smoothing=args.label_smoothing, seed=args.seed)
+
+
+def _pretrain_resume(args, out_path: Path, cfg):
+  """The checkpoint to resume (None for a fresh run), checked against the
+  flags before any work."""
+  from fastntk_jax.io import checkpoint
+  if out_path.exists() and not args.resume:
+    raise UsageError(f"--out {out_path} exists; pass --resume to continue it "
+                     "or choose another path.")
+  if not (args.resume and out_path.exists()):
+    return None
+  resume = checkpoint.load(out_path, expect_kind="backbone")
+  old = resume.config
+  for key in ("model", "data", "holdout_ipc", "max_ipc", "seed"):
+    if old.get(key) != getattr(args, key):
+      raise UsageError(f"--resume: {out_path} was made with {key}="
+                       f"{old.get(key)!r}, not {getattr(args, key)!r}.")
+  if old.get("pretrain") != cfg._asdict():
+    raise UsageError(f"--resume: {out_path} used training config "
+                     f"{old.get('pretrain')}; pass the same flags.")
+  return resume
+
+
 def cmd_pretrain(args) -> dict:
   import jax
   from fastntk_jax.io import checkpoint
   from fastntk_jax.training import train
   from fastntk_jax.models import zoo
   s = zoo.spec(args.model)
-  _positive("--epochs", args.epochs, allow_none=False)
-  _positive("--max-ipc", args.max_ipc)
-  _positive("--test-ipc", args.test_ipc)
-  if args.holdout_ipc < 0:
-    raise UsageError("--holdout-ipc must be >= 0.")
-  optimizer = args.optimizer or ("adamw" if s.family == "vit" else "sgd")
-  lr = args.lr if args.lr is not None else (1e-3 if optimizer == "adamw" else 0.1)
-  wd = args.weight_decay if args.weight_decay is not None else (
-      0.05 if optimizer == "adamw" else 5e-4)
-  cfg = train.PretrainConfig(
-      epochs=args.epochs, batch_size=args.batch_size, learning_rate=lr,
-      optimizer=optimizer, weight_decay=wd, warmup_epochs=args.warmup_epochs,
-      crop_padding=args.crop_padding, flip=not args.no_flip,
-      label_smoothing=args.label_smoothing, seed=args.seed)
+  cfg = _pretrain_config(args, s.family)
   out_path = Path(args.out)
-  resume = None
-  if out_path.exists() and not args.resume:
-    raise UsageError(f"--out {out_path} exists; pass --resume to continue it "
-                     "or choose another path.")
-  if args.resume and out_path.exists():
-    resume = checkpoint.load(out_path, expect_kind="backbone")
-    old = resume.config
-    for key in ("model", "data", "holdout_ipc", "max_ipc", "seed"):
-      if old.get(key) != getattr(args, key):
-        raise UsageError(f"--resume: {out_path} was made with {key}="
-                         f"{old.get(key)!r}, not {getattr(args, key)!r}.")
-    if old.get("pretrain") != cfg._asdict():
-      raise UsageError(f"--resume: {out_path} used training config "
-                       f"{old.get('pretrain')}; pass the same flags.")
+  resume = _pretrain_resume(args, out_path, cfg)
   ds = _load(args, "train", image_size=s.image_size)
   idx = _pretrain_split(ds.y, args.holdout_ipc, args.max_ipc)
   x, y = ds.x[idx], ds.y[idx]
@@ -316,6 +331,29 @@ def cmd_pretrain(args) -> dict:
 
 
 # ----------------------------------------------------------------- train
+def _finetune_config(args):
+  """The :class:`~fastntk_jax.training.train.FinetuneConfig` of the flags,
+  checked before any work."""
+  from fastntk_jax.training import train
+  _positive("--ipc", args.ipc)
+  _positive("--test-ipc", args.test_ipc)
+  _positive("--epochs", args.epochs, allow_none=False)
+  if args.out and Path(args.out).is_dir():
+    raise UsageError(f"--out {args.out} is a directory; give a file path.")
+  if args.proximal < 0:
+    raise UsageError("--proximal must be >= 0.")
+  if args.tangent and args.bn_stats == "data":
+    raise UsageError("--tangent with --bn-stats data: the tangent model is "
+                     "expanded at the backbone's statistics; keep "
+                     "--bn-stats pretrained.")
+  return train.FinetuneConfig(
+      loss=args.loss, epochs=args.epochs, batch_size=args.batch_size,
+      learning_rate=args.lr, weight_decay=args.weight_decay,
+      augment=not args.no_flip, seed=args.seed, crop_padding=args.crop_padding,
+      schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+      proximal=args.proximal, tangent=args.tangent)
+
+
 def cmd_train(args) -> dict:
   import jax
   import jax.numpy as jnp
@@ -325,26 +363,10 @@ def cmd_train(args) -> dict:
   from fastntk_jax.training import train
   from fastntk_jax.models import zoo
   s = zoo.spec(args.model)
-  _positive("--ipc", args.ipc)
-  _positive("--test-ipc", args.test_ipc)
-  _positive("--epochs", args.epochs, allow_none=False)
-  if args.out and Path(args.out).is_dir():
-    raise UsageError(f"--out {args.out} is a directory; give a file path.")
+  cfg = _finetune_config(args)
   exclude = splits.parse_forget(args.exclude) if args.exclude else None
   classes = _csv_classes(args.classes)
   num_prompts = args.num_prompts if s.family == "vit" else 0
-  cfg = train.FinetuneConfig(
-      loss=args.loss, epochs=args.epochs, batch_size=args.batch_size,
-      learning_rate=args.lr, weight_decay=args.weight_decay,
-      augment=not args.no_flip, seed=args.seed, crop_padding=args.crop_padding,
-      schedule=args.schedule, warmup_epochs=args.warmup_epochs,
-      proximal=args.proximal, tangent=args.tangent)
-  if args.proximal < 0:
-    raise UsageError("--proximal must be >= 0.")
-  if args.tangent and args.bn_stats == "data":
-    raise UsageError("--tangent with --bn-stats data: the tangent model is "
-                     "expanded at the backbone's statistics; keep "
-                     "--bn-stats pretrained.")
   ds = _load(args, "train", image_size=s.image_size, ipc=args.ipc,
              classes=classes)
   test = _load(args, "test", image_size=s.image_size, ipc=args.test_ipc,
@@ -408,6 +430,47 @@ def cmd_train(args) -> dict:
 
 
 # --------------------------------------------------------------- unlearn
+def _checkpoint_data(args, cfg, image_size: int):
+  """The training set a checkpoint was fine-tuned on, and its test set."""
+  from fastntk_jax.data import splits
+  d = cfg["data"]
+  ds = _load(args, "train", image_size=image_size, ipc=d.get("ipc"),
+             classes=d.get("classes"))
+  test = _load(args, "test", image_size=image_size,
+               ipc=args.test_ipc or d.get("test_ipc"), classes=d.get("classes"))
+  if cfg.get("exclude"):
+    keep, _ = splits.apply_forget(splits.parse_forget(cfg["exclude"]), ds.y,
+                                  ds.class_names)
+    ds = ds._replace(x=ds.x[keep], y=ds.y[keep])
+  return ds, test
+
+
+def _bn_mode(flag: str, cfg, ckpt, name: str) -> str:
+  """``"keep"`` or ``"retain"``: what happens to the BatchNorm statistics."""
+  mode = flag
+  if mode == "auto":
+    mode = "retain" if cfg.get("bn_stats") == "data" else "keep"
+  if mode == "retain" and "batch_stats" not in ckpt.trees["frozen"]:
+    raise UsageError(f"--bn-stats retain: {name} has no BatchNorm statistics.")
+  if mode == "retain" and cfg.get("finetune", {}).get("tangent"):
+    raise UsageError("--bn-stats retain: this checkpoint is a tangent model, "
+                     "expanded at fixed statistics; use --bn-stats keep.")
+  return mode
+
+
+def _accuracies(fn, params, sets, forget_classes, prep) -> dict:
+  """Accuracy on D_r, D_f, the test set and its retained/forgotten classes."""
+  (x_r, y_r), (x_f, y_f), (x_t, y_t) = sets
+  t_mask = np.isin(y_t, forget_classes)
+  return {"retain": _accuracy(fn, params, x_r, y_r, prep),
+          "forget": _accuracy(fn, params, x_f, y_f, prep),
+          "test": _accuracy(fn, params, x_t, y_t, prep),
+          "test_retained_classes": _accuracy(fn, params, x_t[~t_mask],
+                                             y_t[~t_mask], prep),
+          "test_forgotten_classes": _accuracy(fn, params, x_t[t_mask],
+                                              y_t[t_mask], prep)}
+
+
 def cmd_unlearn(args) -> dict:
   import jax
   import jax.numpy as jnp
@@ -426,26 +489,11 @@ def cmd_unlearn(args) -> dict:
   name, module, apply_fn, ckpt, prep = _model_from_checkpoint(args.checkpoint)
   cfg = ckpt.config
   d = cfg["data"]
-  image_size = zoo.spec(name).image_size
   data_source = args.data or d["source"]
   args.data = data_source
-  ds = _load(args, "train", image_size=image_size, ipc=d.get("ipc"),
-             classes=d.get("classes"))
-  test = _load(args, "test", image_size=image_size,
-               ipc=args.test_ipc or d.get("test_ipc"), classes=d.get("classes"))
-  if cfg.get("exclude"):
-    keep, _ = splits.apply_forget(splits.parse_forget(cfg["exclude"]), ds.y,
-                                  ds.class_names)
-    ds = ds._replace(x=ds.x[keep], y=ds.y[keep])
+  ds, test = _checkpoint_data(args, cfg, zoo.spec(name).image_size)
   r_idx, f_idx = splits.apply_forget(spec, ds.y, ds.class_names)
-  bn_mode = args.bn_stats
-  if bn_mode == "auto":
-    bn_mode = "retain" if cfg.get("bn_stats") == "data" else "keep"
-  if bn_mode == "retain" and "batch_stats" not in ckpt.trees["frozen"]:
-    raise UsageError(f"--bn-stats retain: {name} has no BatchNorm statistics.")
-  if bn_mode == "retain" and cfg.get("finetune", {}).get("tangent"):
-    raise UsageError("--bn-stats retain: this checkpoint is a tangent model, "
-                     "expanded at fixed statistics; use --bn-stats keep.")
+  bn_mode = _bn_mode(args.bn_stats, cfg, ckpt, name)
   w_d, w_0 = ckpt.trees["w_D"], ckpt.trees["w_0"]
   to_input = jax.jit(prep)
   xr = np.asarray(to_input(jnp.asarray(ds.x[r_idx])))
@@ -468,19 +516,9 @@ def cmd_unlearn(args) -> dict:
     frozen = dict(frozen, batch_stats=stats)
     eval_fn = lambda p, x: module.apply(peft.merge(p, frozen), x, train=False)
   forget_classes = sorted(set(int(c) for c in yf)) if spec.kind == "class" else []
-  t_mask = np.isin(test.y, forget_classes)
-
-  def report(fn, params):
-    return {"retain": _accuracy(fn, params, ds.x[r_idx], yr, prep),
-            "forget": _accuracy(fn, params, ds.x[f_idx], yf, prep),
-            "test": _accuracy(fn, params, test.x, test.y, prep),
-            "test_retained_classes": _accuracy(fn, params, test.x[~t_mask],
-                                               test.y[~t_mask], prep),
-            "test_forgotten_classes": _accuracy(fn, params, test.x[t_mask],
-                                                test.y[t_mask], prep)}
-
-  before = report(apply_fn, w_d)
-  after = report(eval_fn, new_params)
+  sets = ((ds.x[r_idx], yr), (ds.x[f_idx], yf), (test.x, test.y))
+  before = _accuracies(apply_fn, w_d, sets, forget_classes, prep)
+  after = _accuracies(eval_fn, new_params, sets, forget_classes, prep)
   print(f"{'':10s} {'D_r':>7s} {'D_f':>7s} {'test':>7s}")
   for label, r in (("before", before), ("Fast-NTK", after)):
     print(f"{label:10s} {100 * r['retain']:6.2f}% {100 * r['forget']:6.2f}% "
@@ -489,7 +527,7 @@ def cmd_unlearn(args) -> dict:
       "solver", "damping", "loss", "linearized_at", "anchored_at",
       "num_retain", "num_forget", "num_params", "delta_norm",
       "forget_residual_norm", "relative_residual", "cond", "rank", "seconds",
-      "converged", "kept_jacobian", "cg_steps")}
+      "converged", "status", "iterations", "kept_jacobian", "cg_steps")}
   diag["solves"] = [r._asdict() for r in res.solves]
   print(f"unlearned in {res.seconds:.1f} s ({res.solver} solver, "
         f"{res.num_params:,} PEFT parameters); BatchNorm statistics: {bn_mode}")
@@ -508,10 +546,6 @@ def cmd_unlearn(args) -> dict:
          "after": after, "diagnostics": diag, "checkpoint": args.out}
   _write_json(args.json, out)
   return out
-
-
-# ---------------------------------------------------------------- parser
-
 
 
 # ------------------------------------------------------------ experiment

@@ -214,6 +214,32 @@ def state_bytes(loss: str, n: int, c: int, p: int, itemsize: int = 4,
   return n * c * p * (itemsize + np.dtype(solve_dtype).itemsize) + 5 * pp
 
 
+def _legacy_precision(solve_dtype, legacy: dict):
+  """Version 0.1's ``precision=`` (popped from ``legacy``), with a warning."""
+  if "precision" not in legacy:
+    return solve_dtype
+  warnings.warn("prepare(precision=...) is deprecated: pass solve_dtype=... "
+                "(docs/migration.md).", DeprecationWarning, stacklevel=3)
+  return legacy.pop("precision")
+
+
+def _check_state_fits(loss, n, c, p, itemsize, solve_dtype,
+                      memory_budget) -> None:
+  """Refuses, before any work, a state over ``memory_budget``."""
+  need = state_bytes(loss, n, c, p, itemsize, solve_dtype)
+  if need > memory_budget:
+    alt = ("solve each request from scratch with unlearn(loss='ce', "
+           "solver='cg') (matrix-free), or choose a smaller PEFT set"
+           if loss == "ce" else "choose a smaller PEFT set (the state is "
+           "P×P), or unlearn(solver='cg') per request")
+    raise ValueError(
+        f"memory_budget: the prepared state needs about {need} bytes "
+        f"({need / 2**30:.3g} GiB) for N={n}, C={c}, P={p}"
+        f"{' (Jacobian rows N·C·P)' if loss == 'ce' else ''}, over "
+        f"memory_budget={memory_budget} ({memory_budget / 2**30:.3g} GiB). "
+        f"Raise memory_budget if the memory is there; otherwise {alt}.")
+
+
 def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
             anchor=None, linearize_at: str = "w_D",
             damping: float = DEFAULT_DAMPING, loss: str = "mse", ids=None,
@@ -249,12 +275,7 @@ def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
   Returns:
     :class:`PreparedState`.
   """
-  if "precision" in legacy:
-    warnings.warn("prepare(precision=...) is deprecated: pass "
-                  "solve_dtype=... (docs/migration.md).", DeprecationWarning,
-                  stacklevel=2)
-    solve_dtype = legacy.pop("precision")
-    _check_solve_dtype(solve_dtype)
+  solve_dtype = _legacy_precision(solve_dtype, legacy)
   lin, anc = validate.check_points(params, anchor, linearize_at, legacy)
   x, y = validate.check_split("data", data)
   if y.shape[0] == 0:
@@ -276,18 +297,8 @@ def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
   validate.check_labels("data", y, c)
   flat, _ = ravel_pytree(params)
   n, p = int(y.shape[0]), int(flat.shape[0])
-  need = state_bytes(loss, n, c, p, flat.dtype.itemsize, solve_dtype)
-  if need > memory_budget:
-    alt = ("solve each request from scratch with unlearn(loss='ce', "
-           "solver='cg') (matrix-free), or choose a smaller PEFT set"
-           if loss == "ce" else "choose a smaller PEFT set (the state is "
-           "P×P), or unlearn(solver='cg') per request")
-    raise ValueError(
-        f"memory_budget: the prepared state needs about {need} bytes "
-        f"({need / 2**30:.3g} GiB) for N={n}, C={c}, P={p}"
-        f"{' (Jacobian rows N·C·P)' if loss == 'ce' else ''}, over "
-        f"memory_budget={memory_budget} ({memory_budget / 2**30:.3g} GiB). "
-        f"Raise memory_budget if the memory is there; otherwise {alt}.")
+  _check_state_fits(loss, n, c, p, flat.dtype.itemsize, solve_dtype,
+                    memory_budget)
   mesh = blocking.resolve_mesh(mesh)
   shift = None
   with kernels.dtype_scope(solve_dtype):

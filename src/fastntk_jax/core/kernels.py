@@ -341,6 +341,37 @@ def dtype_scope(solve_dtype: str | None):
   return contextlib.nullcontext()
 
 
+def _gram_inputs(r, y, weights, solve_dtype, n: int, c: int, dtype):
+  """Checks :func:`gram`'s options; returns ``(residual_fn, targets,
+  weights)``, the targets per block being ``y`` for a function ``r`` and the
+  residual rows otherwise."""
+  if solve_dtype not in (None, "float32", "float64"):
+    raise ValueError(f"solve_dtype must be None, 'float32' or 'float64', got "
+                     f"{solve_dtype!r}.")
+  residual_fn = r if callable(r) else None
+  if residual_fn is not None:
+    if y is None:
+      raise ValueError("y: r is a function of (logits, y_block); pass the "
+                       "per-sample targets y=... (N rows).")
+    y = jnp.asarray(y)
+    if y.shape[:1] != (n,):
+      raise ValueError(f"y must have one row per sample of x ({n}), got "
+                       f"shape {y.shape}.")
+    targets = y
+  elif y is not None:
+    raise ValueError("y is only used with a function r(logits, y_block); "
+                     "pass residuals as r=array (N, C) instead.")
+  else:
+    targets = (jnp.zeros((n, c), dtype) if r is None
+               else jnp.asarray(r, dtype).reshape(n, c))
+  if weights is not None:
+    weights = jnp.asarray(weights)
+    if weights.shape != (n, c, c):
+      raise ValueError(f"weights must have shape (N, C, C) = {(n, c, c)}, got "
+                       f"{weights.shape}.")
+  return residual_fn, targets, weights
+
+
 def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
          block_size: int | None = None, mesh: Mesh | None = None,
          solve_dtype: str | None = None, return_outputs: bool = False,
@@ -366,7 +397,7 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
       per-device partial sums are added once, at the end.
     solve_dtype: dtype of the sums, ``"float64"`` or ``"float32"``; None: the
       parameters' dtype. Jacobian blocks and their products stay in the
-      model's dtype (at full solve_dtype) and are added to sums in
+      model's dtype (at full precision) and are added to sums in
       ``solve_dtype`` (float64 sums keep full-dataset Grams, whose condition
       number grows with N, usable).
     return_outputs: also return the logits ``apply_fn(params, x)``.
@@ -382,38 +413,15 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
     Memory, per device: a ``P²`` sum in ``solve_dtype``, a block's ``P²`` term
     in the model's dtype, and a block's Jacobian rows.
   """
-  if solve_dtype not in (None, "float32", "float64"):
-    raise ValueError(f"solve_dtype must be None, 'float32' or 'float64', got "
-                     f"{solve_dtype!r}.")
   x = jnp.asarray(x)
   n = x.shape[0]
-  residual_fn = r if callable(r) else None
-  if residual_fn is not None:
-    if y is None:
-      raise ValueError("y: r is a function of (logits, y_block); pass the "
-                       "per-sample targets y=... (N rows).")
-    y = jnp.asarray(y)
-    if y.shape[:1] != (n,):
-      raise ValueError(f"y must have one row per sample of x ({n}), got "
-                       f"shape {y.shape}.")
-  elif y is not None:
-    raise ValueError("y is only used with a function r(logits, y_block); "
-                     "pass residuals as r=array (N, C) instead.")
   mesh = resolve_mesh(mesh)
   flat, _ = ravel_pytree(params)
   p = flat.shape[0]
   c = num_outputs(apply_fn, params, x)
+  residual_fn, t, weights = _gram_inputs(r, y, weights, solve_dtype, n, c,
+                                         flat.dtype)
   dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
-  if residual_fn is None:
-    t = (jnp.zeros((n, c), flat.dtype) if r is None
-         else jnp.asarray(r, flat.dtype).reshape(n, c))
-  else:
-    t = y
-  if weights is not None:
-    weights = jnp.asarray(weights)
-    if weights.shape != (n, c, c):
-      raise ValueError(f"weights must have shape (N, C, C) = {(n, c, c)}, got "
-                       f"{weights.shape}.")
   fn = _gram_block_fn(apply_fn, residual_fn, mesh, weights is not None)
   add = _add_terms_fn(mesh)
   jac_fn = _jac_block_fn(apply_fn)

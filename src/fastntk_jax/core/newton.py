@@ -550,6 +550,22 @@ def _dual_grad(loss: Loss, theta, b, y, beta, c, damping):
   return gn, damping * jnp.sqrt(jnp.maximum(beta @ tb, 0.0)), z, tb
 
 
+def _check_dual(theta, b, y, beta0, damping) -> tuple[int, int]:
+  """:func:`solve_dual`'s shape checks; returns ``(N, C)``."""
+  n, c = np.shape(b)
+  if np.shape(y) != (n,):
+    raise ValueError(f"y must have shape ({n},), got {np.shape(y)}.")
+  if beta0 is not None and np.shape(beta0) != (n * c,):
+    raise ValueError(f"beta0 must have shape ({n * c},), got "
+                     f"{np.shape(beta0)}.")
+  if np.shape(theta) != (n * c, n * c):
+    raise ValueError(f"theta must have shape (N·C, N·C) = {(n * c, n * c)}, "
+                     f"got {np.shape(theta)}.")
+  if not (math.isfinite(float(damping)) and float(damping) > 0):
+    raise ValueError(f"damping must be a finite float > 0, got {damping!r}.")
+  return n, c
+
+
 def solve_dual(theta, b, y, loss: Loss, damping: float, *, beta0=None,
                tol: float | None = None, max_iter: int = 100,
                solve_dtype: str = "float64") -> tuple[jax.Array, NewtonReport]:
@@ -573,17 +589,7 @@ def solve_dual(theta, b, y, loss: Loss, damping: float, *, beta0=None,
   """
   dtype = _solve_dtype_of(solve_dtype)
   tol = default_tol(solve_dtype == "float64") if tol is None else float(tol)
-  n, c = np.shape(b)
-  if np.shape(y) != (n,):
-    raise ValueError(f"y must have shape ({n},), got {np.shape(y)}.")
-  if beta0 is not None and np.shape(beta0) != (n * c,):
-    raise ValueError(f"beta0 must have shape ({n * c},), got "
-                     f"{np.shape(beta0)}.")
-  if np.shape(theta) != (n * c, n * c):
-    raise ValueError(f"theta must have shape (N·C, N·C) = {(n * c, n * c)}, "
-                     f"got {np.shape(theta)}.")
-  if not (math.isfinite(float(damping)) and float(damping) > 0):
-    raise ValueError(f"damping must be a finite float > 0, got {damping!r}.")
+  n, c = _check_dual(theta, b, y, beta0, damping)
   with kernels.dtype_scope(solve_dtype):
     th = jnp.asarray(theta, dtype)
     bf = jnp.asarray(b, dtype).reshape(-1)

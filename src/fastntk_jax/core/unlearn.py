@@ -137,6 +137,20 @@ class UnlearnResult(NamedTuple):
   choice: Any = None
   solver_options: Any = None
 
+  def summary(self) -> dict[str, Any]:
+    """Everything but ``params``, as JSON-ready values."""
+    out = {k: v for k, v in self._asdict().items()
+           if k not in ("params", "solves", "choice", "solver_options")}
+    out["solves"] = [dict(r._asdict()) for r in self.solves]
+    out["solver_options"] = None if self.solver_options is None else {
+        "name": self.solver_options.name,
+        **dataclasses.asdict(self.solver_options)}
+    out["choice"] = None if self.choice is None else {
+        "solver": self.choice.solver.name, "reason": self.choice.reason,
+        "memory_budget": self.choice.memory_budget,
+        "estimates": [dict(e._asdict()) for e in self.choice.estimates]}
+    return out
+
 
 def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
             forget, *, anchor=None, linearize_at: str = "w_D",

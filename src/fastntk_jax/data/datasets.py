@@ -742,6 +742,24 @@ def load_dataset(
     ds = load_dataset("cifar10-jpeg", "train", ipc=100)  # 1000 images, class-major
     vit = load_dataset("embedded", "test", classes=["cat", "dog"], image_size=224)
   """
+  ipc, image_size, first, src, cache_dir = _check_options(
+    source, split, ipc, classes, image_size, first, cache_dir, tfds_data_dir, tfds_download
+  )
+  if src.kind == "folder":
+    return _load_folder(Path(src.arg).expanduser(), split, classes, ipc, image_size)
+  if src.kind == "tfds":
+    return _load_tfds_source(src.arg, split, classes, ipc, image_size, tfds_data_dir, tfds_download)
+  ids = None if classes is None else _class_ids(classes, CIFAR10_CLASSES)
+  x, y, where = _load_cifar10(src, split, first, cache_dir)
+  idx, y, names = _select(y, CIFAR10_CLASSES, ids, ipc)
+  x = x[idx]
+  if image_size is not None and image_size != x.shape[1]:
+    x = _stack(((im, where) for im in x), x.shape[0], image_size)
+  return _finish(x, y, names, where)
+
+
+def _check_options(source, split, ipc, classes, image_size, first, cache_dir, tfds_data_dir, tfds_download):
+  """Every check of :func:`load_dataset` that needs no image."""
   _check_split(split)
   ipc, image_size, first = (
     None if v is None else _positive_int(v, name)
@@ -766,30 +784,34 @@ def load_dataset(
     )
   if cache_dir is not None:
     cache_dir = Path(cache_dir).expanduser()
+  return ipc, image_size, first, src, cache_dir
 
-  if src.kind == "folder":
-    root = Path(src.arg).expanduser()
-    files, y, names = _scan_folder(root, split)
-    ids = None if classes is None else _class_ids(classes, names)
-    idx, y, names = _select(y, names, ids, ipc)
-    x = _stack(((_read_image(files[i]), str(files[i])) for i in idx), idx.size, image_size)
-    return _finish(x, y, names, f"folder:{root.resolve()}")
 
-  if src.kind == "tfds":
-    tfds, builder = _tfds_builder(src.arg, tfds_data_dir, tfds_download)
-    keys = builder.info.supervised_keys
-    if not keys or len(keys) != 2:
-      raise ValueError(f"tfds dataset {src.arg!r} has no (image, label) supervised keys.")
-    names = tuple(builder.info.features[keys[1]].names)
-    ids = None if classes is None else _class_ids(classes, names)
-    return _load_tfds(tfds, builder, split, names, ids, ipc, image_size, f"tfds:{src.arg}")
+def _load_folder(root: Path, split, classes, ipc, image_size) -> ImageDataset:
+  files, y, names = _scan_folder(root, split)
+  ids = None if classes is None else _class_ids(classes, names)
+  idx, y, names = _select(y, names, ids, ipc)
+  x = _stack(((_read_image(files[i]), str(files[i])) for i in idx), idx.size, image_size)
+  return _finish(x, y, names, f"folder:{root.resolve()}")
 
-  ids = None if classes is None else _class_ids(classes, CIFAR10_CLASSES)
+
+def _load_tfds_source(name, split, classes, ipc, image_size, data_dir, download) -> ImageDataset:
+  tfds, builder = _tfds_builder(name, data_dir, download)
+  keys = builder.info.supervised_keys
+  if not keys or len(keys) != 2:
+    raise ValueError(f"tfds dataset {name!r} has no (image, label) supervised keys.")
+  names = tuple(builder.info.features[keys[1]].names)
+  ids = None if classes is None else _class_ids(classes, names)
+  return _load_tfds(tfds, builder, split, names, ids, ipc, image_size, f"tfds:{name}")
+
+
+def _load_cifar10(src, split, first, cache_dir):
+  """``(x, y, where)`` of a CIFAR-10 source, ``first`` applied."""
   if src.kind == "embedded":
     x_train, y_train, x_test, y_test = load_embedded_cifar10()
     x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
-    where = "embedded"
-  elif src.kind == "cifar10-lossless":
+    return x, y, "embedded"
+  if src.kind == "cifar10-lossless":
     path = Path(src.arg).expanduser() if src.arg else _shared_file(_LOSSLESS_NAME, src.kind)
     x_train, y_train, x_test, y_test = load_cifar10_lossless(path)
     x, y = (x_train, y_train) if split == "train" else (x_test, y_test)
@@ -799,21 +821,15 @@ def load_dataset(
           f"first={first} but {path} holds only {y.size} {split} images; use first<={y.size}."
         )
       x, y = x[:first], y[:first]
-    where = f"cifar10-lossless:{path.resolve()}"
-  else:
-    path = Path(src.arg).expanduser() if src.arg else _shared_file(_JPEG_NAME, src.kind)
-    if first is not None:
-      _order_labels(split, first)  # checks the bound before decoding
-    x, y, ranks = _cached_jpeg_split(path, split, cache_dir)
-    if first is not None:
-      order = _original_order(y, ranks, split, first)
-      x, y = x[order], y[order]
-    where = f"cifar10-jpeg:{path.resolve()}"
-  idx, y, names = _select(y, CIFAR10_CLASSES, ids, ipc)
-  x = x[idx]
-  if image_size is not None and image_size != x.shape[1]:
-    x = _stack(((im, where) for im in x), x.shape[0], image_size)
-  return _finish(x, y, names, where)
+    return x, y, f"cifar10-lossless:{path.resolve()}"
+  path = Path(src.arg).expanduser() if src.arg else _shared_file(_JPEG_NAME, src.kind)
+  if first is not None:
+    _order_labels(split, first)  # checks the bound before decoding
+  x, y, ranks = _cached_jpeg_split(path, split, cache_dir)
+  if first is not None:
+    order = _original_order(y, ranks, split, first)
+    x, y = x[order], y[order]
+  return x, y, f"cifar10-jpeg:{path.resolve()}"
 
 
 def _load_tfds(tfds, builder, split, names, ids, ipc, image_size, where) -> ImageDataset:

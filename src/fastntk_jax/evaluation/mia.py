@@ -255,6 +255,36 @@ def _fit_logistic(x, t, l2: float, max_iter: int = 100, tol: float = 1e-10):
   return theta[:-1], theta[-1]
 
 
+def _check_mia_inputs(features, max_per_side, l2, named_sets):
+  """Checks :func:`mia_efficacy`'s options; returns ``(features, sets)``
+  with ``sets[name] = (logits, labels)`` validated."""
+  if isinstance(features, str):
+    raise TypeError("features must be a sequence of names, not a string; "
+                    f"wrap it: features=({features!r},).")
+  features = tuple(features)
+  unknown = [f for f in features if f not in FEATURES]
+  if not features or unknown:
+    raise ValueError(f"features must be a non-empty selection of {FEATURES}; "
+                     f"got {features}.")
+  if len(set(features)) != len(features):
+    raise ValueError(f"features lists a name twice: {features}.")
+  if max_per_side is not None and int(max_per_side) < 1:
+    raise ValueError(f"max_per_side must be None or >= 1, got {max_per_side}.")
+  if not l2 > 0:
+    raise ValueError(f"l2 must be > 0 (it keeps the fit finite), got {l2}.")
+  sets = {}
+  for name, lg, yy in named_sets:
+    z, yy = _check_logits(lg, yy, f"logits_{name}/y_{name}")
+    if z.shape[0] == 0:
+      raise ValueError(f"logits_{name} is empty: the attack needs at least one "
+                       f"sample of the {name} set.")
+    sets[name] = (z, yy)
+  widths = {k: v[0].shape[1] for k, v in sets.items()}
+  if len(set(widths.values())) != 1:
+    raise ValueError(f"the logits disagree on the number of classes: {widths}.")
+  return features, sets
+
+
 def mia_efficacy(logits_retain, y_retain, logits_test, y_test, logits_forget,
                  y_forget, *, features: Sequence[str] = FEATURES, seed: int = 0,
                  max_per_side: int | None = None, l2: float = 1.0) -> MIAResult:
@@ -292,33 +322,10 @@ def mia_efficacy(logits_retain, y_retain, logits_test, y_test, logits_forget,
   Returns:
     :class:`MIAResult`.
   """
-  if isinstance(features, str):
-    raise TypeError("features must be a sequence of names, not a string; "
-                    f"wrap it: features=({features!r},).")
-  features = tuple(features)
-  unknown = [f for f in features if f not in FEATURES]
-  if not features or unknown:
-    raise ValueError(f"features must be a non-empty selection of {FEATURES}; "
-                     f"got {features}.")
-  if len(set(features)) != len(features):
-    raise ValueError(f"features lists a name twice: {features}.")
-  if max_per_side is not None and int(max_per_side) < 1:
-    raise ValueError(f"max_per_side must be None or >= 1, got {max_per_side}.")
-  if not l2 > 0:
-    raise ValueError(f"l2 must be > 0 (it keeps the fit finite), got {l2}.")
-  sets = {}
-  for name, lg, yy in (("retain", logits_retain, y_retain),
-                       ("test", logits_test, y_test),
-                       ("forget", logits_forget, y_forget)):
-    z, yy = _check_logits(lg, yy, f"logits_{name}/y_{name}")
-    if z.shape[0] == 0:
-      raise ValueError(f"logits_{name} is empty: the attack needs at least one "
-                       f"sample of the {name} set.")
-    sets[name] = (z, yy)
-  widths = {k: v[0].shape[1] for k, v in sets.items()}
-  if len(set(widths.values())) != 1:
-    raise ValueError(f"the logits disagree on the number of classes: {widths}.")
-
+  features, sets = _check_mia_inputs(
+      features, max_per_side, l2, (("retain", logits_retain, y_retain),
+                                   ("test", logits_test, y_test),
+                                   ("forget", logits_forget, y_forget)))
   cols = [FEATURES.index(f) for f in features]
   feats = {k: output_features(*v)[:, cols] for k, v in sets.items()}
   rng = np.random.default_rng(seed)

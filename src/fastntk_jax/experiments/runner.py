@@ -176,33 +176,8 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
   idx = {s: splits.apply_forget(specs[s], y_tr, class_names)
          for s in cfg["seeds"]}
 
-  # A directory extended with other seeds (``--seeds 2`` after ``--seeds 0
-  # 1``) keeps the earlier seeds' record: config, forget indices, results.
-  saved_cfg = _read_json(out / "config.json") or {}
-  saved_forget = (_read_json(out / "manifest.json") or {}).get("forget", {})
-  all_seeds = list(dict.fromkeys(
-      [int(s) for s in saved_cfg.get("seeds", [])] + list(cfg["seeds"])))
-  forget_record = {str(s): v for s, v in saved_forget.items()
-                   if int(s) in all_seeds}
-  forget_record.update({str(s): {"spec": str(specs[s]),
-                                 "forget_indices": idx[s][1].tolist()}
-                        for s in cfg["seeds"]})
-  cfg_all = {**cfg, "seeds": all_seeds}
-
-  out.mkdir(parents=True, exist_ok=True)
-  _write_json(out / "config.json", {**cfg_all, "_hash": config_hash(cfg)})
-  _write_json(out / "manifest.json", {
-      "source": source, "class_names": list(class_names),
-      "selection": {k: cfg["data"][k] for k in
-                    ("train_split", "test_split", "ipc", "test_ipc",
-                     "classes")},
-      "train": {"num": len(y_tr), "images_sha256": _digest(x_tr),
-                "labels_sha256": _digest(y_tr.astype(np.int32)),
-                "labels": y_tr.tolist()},
-      "test": {"num": len(y_te), "images_sha256": _digest(x_te),
-               "labels_sha256": _digest(y_te.astype(np.int32))},
-      "forget": dict(sorted(forget_record.items(), key=lambda kv: int(kv[0]))),
-  })
+  cfg_all = _write_records(out, cfg, specs, idx, (x_tr, y_tr, x_te, y_te),
+                           class_names, source)
 
   prep = jax.jit(zoo.preprocess_fn(m["name"]))
   xn = np.concatenate([np.asarray(prep(jnp.asarray(x_tr[i:i + 500])))
@@ -232,6 +207,41 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
   return results
 
 
+def _write_records(out: Path, cfg, specs, idx, arrays, class_names,
+                   source) -> dict:
+  """Writes ``config.json`` and ``manifest.json``; returns the configuration
+  with every seed the directory holds."""
+  x_tr, y_tr, x_te, y_te = arrays
+  # A directory extended with other seeds (``--seeds 2`` after ``--seeds 0
+  # 1``) keeps the earlier seeds' record: config, forget indices, results.
+  saved_cfg = _read_json(out / "config.json") or {}
+  saved_forget = (_read_json(out / "manifest.json") or {}).get("forget", {})
+  all_seeds = list(dict.fromkeys(
+      [int(s) for s in saved_cfg.get("seeds", [])] + list(cfg["seeds"])))
+  forget_record = {str(s): v for s, v in saved_forget.items()
+                   if int(s) in all_seeds}
+  forget_record.update({str(s): {"spec": str(specs[s]),
+                                 "forget_indices": idx[s][1].tolist()}
+                        for s in cfg["seeds"]})
+  cfg_all = {**cfg, "seeds": all_seeds}
+
+  out.mkdir(parents=True, exist_ok=True)
+  _write_json(out / "config.json", {**cfg_all, "_hash": config_hash(cfg)})
+  _write_json(out / "manifest.json", {
+      "source": source, "class_names": list(class_names),
+      "selection": {k: cfg["data"][k] for k in
+                    ("train_split", "test_split", "ipc", "test_ipc",
+                     "classes")},
+      "train": {"num": len(y_tr), "images_sha256": _digest(x_tr),
+                "labels_sha256": _digest(y_tr.astype(np.int32)),
+                "labels": y_tr.tolist()},
+      "test": {"num": len(y_te), "images_sha256": _digest(x_te),
+               "labels_sha256": _digest(y_te.astype(np.int32))},
+      "forget": dict(sorted(forget_record.items(), key=lambda kv: int(kv[0]))),
+  })
+  return cfg_all
+
+
 def _tree_digest(tree) -> str:
   h = hashlib.sha256()
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
@@ -250,26 +260,8 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
     model = model._replace(apply_fn=tangent_model(model.apply_fn,
                                                   model.init_params))
     recipe = recipe._replace(tangent=False)
-  ft_path = sdir / "finetune.ckpt"
-  w_d = None
-  if ft_path.is_file():
-    try:
-      ck = checkpoint.load(ft_path, expect_kind="bench-finetune")
-      w_d = checkpoint.restore_like(model.init_params, ck.trees["w_D"])
-      ft_info = ck.config
-    except (checkpoint.CheckpointError, KeyError, ValueError):
-      w_d = None
-  if w_d is None:
-    res = train.finetune(
-        model.apply_fn, model.init_params, xn, y_tr, config=recipe,
-        progress=lambda e, loss: bar.note(
-            f"seed {seed}: fine-tuning epoch {e + 1}/{recipe.epochs} "
-            f"loss {loss:.4f}"))
-    w_d = res.params
-    ft_info = {"seconds": res.seconds, "losses": res.losses.tolist()}
-    checkpoint.save(ft_path, {"w_0": jax.device_get(model.init_params),
-                              "w_D": jax.device_get(w_d)},
-                    config=ft_info, kind="bench-finetune")
+  w_d, ft_info = _finetuned(sdir / "finetune.ckpt", model, xn, y_tr, recipe,
+                            seed, bar)
   bar.step(f"seed {seed}: fine-tuned on D ({ft_info['seconds']:.0f} s)")
   r_idx, f_idx = idx
   sets = ((xn[r_idx], y_tr[r_idx]), (xn[f_idx], y_tr[f_idx]), (xt, y_te))
@@ -283,26 +275,7 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
   order = sorted(cfg["methods"], key=lambda n: n != "retrain")
   for name in order:
     hp = {**methods_lib.defaults(name), **cfg["method"].get(name, {})}
-    jpath, ppath = sdir / f"{name}.json", sdir / f"{name}.ckpt"
-    done = _read_json(jpath)
-    params = None
-    if done is not None and done.get("hyperparameters") == report.json_safe(hp):
-      try:
-        ck = checkpoint.load(ppath, expect_kind="bench-params")
-        params = checkpoint.restore_like(model.init_params, ck.trees["params"])
-      except (checkpoint.CheckpointError, KeyError, ValueError, OSError):
-        params = None
-    if params is None:
-      done = None
-      result = methods_lib.run_method(name, problem, seed=seed, **hp)
-      params = jax.device_get(result.params)
-      checkpoint.save(ppath, {"params": params}, config={"method": name},
-                      kind="bench-params")
-      timing = {"seconds": result.seconds,
-                "compile_seconds": result.compile_seconds,
-                "info": result.info}
-    else:
-      timing = {k: done[k] for k in ("seconds", "compile_seconds", "info")}
+    params, timing, done = _method_params(name, hp, sdir, model, problem, seed)
     if name == "retrain":
       retrain_ref = _tree_digest(params)
     # Metrics depend on the method's parameters and on Retrain's (KL).
@@ -324,19 +297,69 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
         retrain_logits = logits
         values["kl_to_retrain"] = 0.0
         values["kl_to_retrain_test"] = 0.0
-    _write_json(jpath, {"method": name, "seed": seed, "hyperparameters": hp,
-                        "metrics": values, **extra, **timing,
-                        "retrain_ref": retrain_ref,
-                        "finetune_seconds": ft_info["seconds"]})
+    _write_json(sdir / f"{name}.json", {
+        "method": name, "seed": seed, "hyperparameters": hp,
+        "metrics": values, **extra, **timing, "retrain_ref": retrain_ref,
+        "finetune_seconds": ft_info["seconds"]})
     bar.step(f"seed {seed}: {name} FA {values['acc_forget']:.1f} RA "
              f"{values['acc_retain']:.1f} TA {values['acc_test']:.1f} "
              f"({timing['seconds']:.1f} s)")
   if mcfg["probe"] and "fast_ntk" in cfg["methods"]:
-    path = sdir / "probe.json"
-    if _read_json(path) is None:
-      ck = checkpoint.load(sdir / "fast_ntk.ckpt", expect_kind="bench-params")
-      w_r = checkpoint.restore_like(model.init_params, ck.trees["params"])
-      _write_json(path, evaluate.probe_report(
-          model, w_r, xn, y_tr, idx, num_classes,
-          image_size=zoo.spec(cfg["model"]["name"]).image_size,
-          epochs=mcfg["probe_epochs"], seed=seed))
+    _probe(cfg, sdir, model, xn, y_tr, idx, num_classes, seed)
+
+
+def _finetuned(ft_path: Path, model, xn, y_tr, recipe, seed, bar):
+  """``(w_D, info)``: from this seed's checkpoint, or fine-tuned and saved."""
+  if ft_path.is_file():
+    try:
+      ck = checkpoint.load(ft_path, expect_kind="bench-finetune")
+      return checkpoint.restore_like(model.init_params,
+                                     ck.trees["w_D"]), ck.config
+    except (checkpoint.CheckpointError, KeyError, ValueError):
+      pass
+  res = train.finetune(
+      model.apply_fn, model.init_params, xn, y_tr, config=recipe,
+      progress=lambda e, loss: bar.note(
+          f"seed {seed}: fine-tuning epoch {e + 1}/{recipe.epochs} "
+          f"loss {loss:.4f}"))
+  ft_info = {"seconds": res.seconds, "losses": res.losses.tolist()}
+  checkpoint.save(ft_path, {"w_0": jax.device_get(model.init_params),
+                            "w_D": jax.device_get(res.params)},
+                  config=ft_info, kind="bench-finetune")
+  return res.params, ft_info
+
+
+def _method_params(name, hp, sdir: Path, model, problem, seed):
+  """``(params, timing, done)``: a method's result, reused when its record
+  and checkpoint match ``hp`` (``done`` is that record), else computed and
+  saved (``done`` None)."""
+  jpath, ppath = sdir / f"{name}.json", sdir / f"{name}.ckpt"
+  done = _read_json(jpath)
+  if done is not None and done.get("hyperparameters") == report.json_safe(hp):
+    try:
+      ck = checkpoint.load(ppath, expect_kind="bench-params")
+      params = checkpoint.restore_like(model.init_params, ck.trees["params"])
+      return params, {k: done[k] for k in ("seconds", "compile_seconds",
+                                           "info")}, done
+    except (checkpoint.CheckpointError, KeyError, ValueError, OSError):
+      pass
+  result = methods_lib.run_method(name, problem, seed=seed, **hp)
+  params = jax.device_get(result.params)
+  checkpoint.save(ppath, {"params": params}, config={"method": name},
+                  kind="bench-params")
+  return params, {"seconds": result.seconds,
+                  "compile_seconds": result.compile_seconds,
+                  "info": result.info}, None
+
+
+def _probe(cfg, sdir: Path, model, xn, y_tr, idx, num_classes, seed) -> None:
+  """The linear probe on Fast-NTK's features, once per seed."""
+  path = sdir / "probe.json"
+  if _read_json(path) is not None:
+    return
+  ck = checkpoint.load(sdir / "fast_ntk.ckpt", expect_kind="bench-params")
+  w_r = checkpoint.restore_like(model.init_params, ck.trees["params"])
+  _write_json(path, evaluate.probe_report(
+      model, w_r, xn, y_tr, idx, num_classes,
+      image_size=zoo.spec(cfg["model"]["name"]).image_size,
+      epochs=cfg["metrics"]["probe_epochs"], seed=seed))

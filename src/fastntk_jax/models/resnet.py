@@ -33,6 +33,7 @@ from fastntk_jax.io.paths import ASSET_DIR, shared_data_dir
 
 __all__ = [
     "BasicBlock",
+    "blocks_per_stage",
     "CifarResNet",
     "load_resnet_cifar10",
     "normalize_cifar",
@@ -50,7 +51,7 @@ CIFAR_STD = (0.229, 0.224, 0.225)
 _PAD = ((1, 1), (1, 1))
 
 
-def _blocks_per_stage(depth: int) -> int:
+def blocks_per_stage(depth: int) -> int:
   if depth not in SUPPORTED_DEPTHS:
     raise ValueError(
         f"depth must be one of {SUPPORTED_DEPTHS} (6n + 2), got {depth!r}."
@@ -127,7 +128,7 @@ class CifarResNet(nn.Module):
   num_classes: int = 10
 
   def __post_init__(self):
-    _blocks_per_stage(self.depth)  # fail at construction, not at first call
+    blocks_per_stage(self.depth)  # fail at construction, not at first call
     if not isinstance(self.num_classes, int) or self.num_classes < 1:
       raise ValueError(f"num_classes must be a positive int, got {self.num_classes!r}.")
     super().__post_init__()
@@ -147,7 +148,7 @@ class CifarResNet(nn.Module):
     """
     if x.ndim != 4 or x.shape[-1] != 3:
       raise ValueError(f"x must have shape (N, H, W, 3), got {x.shape}.")
-    n = _blocks_per_stage(self.depth)
+    n = blocks_per_stage(self.depth)
     x = jnp.asarray(x, jnp.float32)
     x = nn.Conv(16, (3, 3), padding=_PAD, use_bias=False, dtype=jnp.float32, name="conv_init")(x)
     x = nn.BatchNorm(
@@ -287,7 +288,7 @@ def load_resnet_cifar10(
     ``(model, variables)``; ``model.apply(variables, normalize_cifar(x))``
     gives logits ``(N, 10)``.
   """
-  _blocks_per_stage(depth)
+  blocks_per_stage(depth)
   if path is None:
     if depth == 20:
       path = ASSET_DIR / "resnet20_cifar10.npz"

@@ -443,6 +443,26 @@ def _timm_params(arrays, info, grid):
 
 # ----------------------------------------------------------------- the model
 
+def _num_heads(path, info: CheckpointInfo, num_heads: int | None) -> int:
+  """The attention heads: the checkpoint's, else ``num_heads``, else
+  ``width // 64``; a conflict is an error."""
+  heads = info.num_heads
+  if num_heads is not None and heads is not None and num_heads != heads:
+    raise CheckpointError(
+        f"{path}: num_heads={num_heads}, but the checkpoint's attention has "
+        f"{heads} heads; leave num_heads=None.")
+  if heads is None:
+    if num_heads is None and info.width % 64:
+      raise CheckpointError(
+          f"{path}: width {info.width} is not a multiple of 64; pass num_heads "
+          "(timm checkpoints do not record it).")
+    heads = num_heads if num_heads is not None else info.width // 64
+    if heads < 1 or info.width % heads:
+      raise CheckpointError(f"{path}: num_heads={heads} does not divide the "
+                            f"width {info.width}.")
+  return heads
+
+
 def load_vit(path: str | Path, *, num_classes: int | None = None,
              num_prompts: int = 5, image_size: int | None = None,
              num_heads: int | None = None, seed: int = 0,
@@ -481,20 +501,7 @@ def load_vit(path: str | Path, *, num_classes: int | None = None,
       raise CheckpointError(
           f"{path}: the checkpoint has {key}={found[key]}, the model expects "
           f"{key}={want} ({found}); pick the model that matches it.")
-  heads = info.num_heads
-  if num_heads is not None and heads is not None and num_heads != heads:
-    raise CheckpointError(
-        f"{path}: num_heads={num_heads}, but the checkpoint's attention has "
-        f"{heads} heads; leave num_heads=None.")
-  if heads is None:
-    if num_heads is None and info.width % 64:
-      raise CheckpointError(
-          f"{path}: width {info.width} is not a multiple of 64; pass num_heads "
-          "(timm checkpoints do not record it).")
-    heads = num_heads if num_heads is not None else info.width // 64
-    if heads < 1 or info.width % heads:
-      raise CheckpointError(f"{path}: num_heads={heads} does not divide the "
-                            f"width {info.width}.")
+  heads = _num_heads(path, info, num_heads)
   if image_size is None:
     image_size = info.grid * info.patch_size
   if image_size % info.patch_size:

@@ -39,15 +39,18 @@ from fastntk_jax.models.resnet import CifarResNet, load_resnet_cifar10
 __all__ = [
     "MODEL_NAMES",
     "ModelSpec",
+    "NnxModel",
     "PeftModel",
     "build",
     "init_variables",
     "load_backbone",
+    "nnx_model",
     "param_counts",
     "peft_model",
     "peft_predicate",
     "resnet_bn_head",
     "spec",
+    "with_new_head",
 ]
 
 
@@ -225,7 +228,7 @@ def load_backbone(name: str, weights: str | Path | None = None, *,
 
   Returns:
     ``(module, variables, pretrained)``; the head keeps the backbone's
-    classes (see :func:`prepare` for a new head).
+    classes (see :func:`peft_model` for a new head).
   """
   s = spec(name)
   if weights is not None and not Path(weights).is_file():
@@ -284,14 +287,10 @@ def peft_model(name: str, module, variables: Mapping, *, num_classes: int,
     head_scale: scale of the new head's kernel.
     seed: the new head's initialisation.
   """
-  variables = {k: dict(v) for k, v in variables.items()}
   if new_head or getattr(module, "num_classes", num_classes) != num_classes:
-    module = module.clone(num_classes=num_classes)
-    fresh = init_variables(module, spec(name).image_size, seed)
-    head = fresh["params"]["head"]
-    variables["params"]["head"] = {
-        "kernel": np.asarray(head["kernel"]) * head_scale,
-        "bias": np.zeros_like(head["bias"])}
+    module, variables = with_new_head(name, module, variables,
+                                      num_classes=num_classes,
+                                      head_scale=head_scale, seed=seed)
   pred = peft_predicate(name, variables, mode=mode)
   apply_fn, w0, frozen = peft.make_apply_fn(module, variables, pred)
   return PeftModel(apply_fn, w0, frozen, module,
@@ -335,3 +334,79 @@ def resnet_bn_head(depth: int = 20, *, num_classes: int = 10, seed: int = 0,
   return PeftModel(apply_fn, w0, frozen, model,
                    peft.count_params(variables["params"]),
                    peft.count_params(w0))
+
+
+def with_new_head(name: str, module, variables: Mapping, *, num_classes: int,
+                  head_scale: float = 0.1, seed: int = 0):
+  """``(module, variables)`` with a new ``head`` of ``num_classes`` outputs:
+  Flax's default initialisation times ``head_scale``, zero bias."""
+  variables = {k: dict(v) for k, v in variables.items()}
+  module = module.clone(num_classes=num_classes)
+  fresh = init_variables(module, spec(name).image_size, seed)
+  head = fresh["params"]["head"]
+  variables["params"]["head"] = {
+      "kernel": np.asarray(head["kernel"]) * head_scale,
+      "bias": np.zeros_like(head["bias"])}
+  return module, variables
+
+
+class NnxModel(NamedTuple):
+  """A zoo model as a Flax NNX module, with its PEFT filter.
+
+  Attributes:
+    model: the ``nnx.Module`` (in inference mode: BatchNorm on running
+      statistics); ``model(x)`` gives logits for preprocessed ``x``
+      (:func:`preprocess_fn`).
+    peft_filter: the NNX filter of the paper's PEFT selection, for
+      :func:`fastntk_jax.peft.nnx.make_apply_fn`.
+    pretrained: the backbone weights were loaded (not a random init).
+  """
+  model: Any
+  peft_filter: Any
+  pretrained: bool
+
+
+def nnx_model(name: str, weights: str | Path | None = None, *,
+              num_classes: int = 10, num_prompts: int = DEFAULT_NUM_PROMPTS,
+              head_scale: float = 0.1, seed: int = 0) -> NnxModel:
+  """A zoo model in Flax NNX: pretrained backbone, a new head.
+
+  CIFAR ResNets are native NNX (:mod:`fastntk_jax.models.resnet_nnx`, the same
+  names and numbers as the Linen port); the ViTs and MobileNetV2 are their
+  Linen modules wrapped by ``flax.nnx.bridge.ToNNX``. Either way the weights
+  are those :func:`load_backbone` finds, and the PEFT filter selects what
+  :func:`peft_predicate` selects.
+
+  Example::
+
+    m = zoo.nnx_model("resnet20")
+    peft = fastntk_jax.peft.nnx.make_apply_fn(m.model, m.peft_filter)
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  from fastntk_jax.models import resnet_nnx  # pylint: disable=import-outside-toplevel
+  from fastntk_jax.peft import nnx as peft_nnx  # pylint: disable=import-outside-toplevel
+  s = spec(name)
+  module, variables, pretrained = load_backbone(
+      name, weights, num_prompts=num_prompts if s.family == "vit" else 0,
+      seed=seed)
+  module, variables = with_new_head(name, module, variables,
+                                    num_classes=num_classes,
+                                    head_scale=head_scale, seed=seed)
+  rngs = nnx.Rngs(seed)
+  if s.family == "resnet":
+    model = resnet_nnx.CifarResNet(module.depth, num_classes, rngs=rngs)
+  else:
+    model = nnx.bridge.ToNNX(module, rngs=rngs)
+    nnx.bridge.lazy_init(model, jnp.zeros((1, s.image_size, s.image_size, 3),
+                                          jnp.float32))
+  resnet_nnx.load_linen_variables(model, variables)
+  model.eval()
+  linen_pred = peft_predicate(name, variables)
+
+  def selected(path, value):
+    return (isinstance(value, nnx.Param)
+            and bool(linen_pred(("params",) + tuple(map(str, path)), value)))
+
+  filt = (peft_nnx.any_of(peft_nnx.batchnorm(model), peft_nnx.head())
+          if s.family == "resnet" else selected)
+  return NnxModel(model, filt, pretrained)

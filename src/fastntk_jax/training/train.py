@@ -363,37 +363,10 @@ def init_pretrain_state(variables, config: PretrainConfig,
   return PretrainState(variables, tx.init(variables["params"]), 0)
 
 
-def pretrain(module, variables, x, y, *, preprocess: Callable,
-             config: PretrainConfig = PretrainConfig(),
-             state: PretrainState | None = None,
-             on_epoch: Callable[[PretrainState, dict], None] | None = None
-             ) -> PretrainState:
-  """Trains every parameter of a Flax ``module`` with cross-entropy.
-
-  Args:
-    module: a Flax module called as ``module.apply(variables, x, train=...)``
-      (BatchNorm variables in ``batch_stats``, if any).
-    variables: its initial variables (ignored when ``state`` is given).
-    x: uint8 (or float) images ``(N, H, W, C)``; kept on the host and moved
-      a batch at a time.
-    y: integer labels ``(N,)``.
-    preprocess: maps a batch of ``x`` to the model's input (e.g.
-      ``normalize_cifar``); runs inside ``jit`` after augmentation.
-    config: :class:`PretrainConfig`.
-    state: resume from this :class:`PretrainState` (e.g. a checkpoint).
-    on_epoch: ``on_epoch(state, info)`` after every epoch; ``info`` has
-      ``epoch``, ``loss``, ``train_accuracy``, ``seconds``. Save checkpoints here.
-
-  Returns:
-    The final :class:`PretrainState`.
-  """
-  _check_pretrain(x, y, config)
-  n = len(x)
-  steps = n // config.batch_size
-  tx = _pretrain_tx(config, steps)
-  if state is None:
-    state = init_pretrain_state(variables, config, n)
-  has_stats = "batch_stats" in state.variables
+def _pretrain_step_fn(module, preprocess, config: PretrainConfig, tx,
+                      has_stats: bool):
+  """The jitted pre-training step (augment, forward in training mode,
+  label-smoothed cross-entropy, optimiser update); donates its state."""
   smoothing = float(config.label_smoothing)
 
   def step(variables, opt_state, key, xb, yb):
@@ -425,7 +398,41 @@ def pretrain(module, variables, x, y, *, preprocess: Callable,
     correct = jnp.sum(jnp.argmax(logits, -1) == yb)
     return out, opt_state, loss, correct
 
-  step = jax.jit(step, donate_argnums=(0, 1))
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+def pretrain(module, variables, x, y, *, preprocess: Callable,
+             config: PretrainConfig = PretrainConfig(),
+             state: PretrainState | None = None,
+             on_epoch: Callable[[PretrainState, dict], None] | None = None
+             ) -> PretrainState:
+  """Trains every parameter of a Flax ``module`` with cross-entropy.
+
+  Args:
+    module: a Flax module called as ``module.apply(variables, x, train=...)``
+      (BatchNorm variables in ``batch_stats``, if any).
+    variables: its initial variables (ignored when ``state`` is given).
+    x: uint8 (or float) images ``(N, H, W, C)``; kept on the host and moved
+      a batch at a time.
+    y: integer labels ``(N,)``.
+    preprocess: maps a batch of ``x`` to the model's input (e.g.
+      ``normalize_cifar``); runs inside ``jit`` after augmentation.
+    config: :class:`PretrainConfig`.
+    state: resume from this :class:`PretrainState` (e.g. a checkpoint).
+    on_epoch: ``on_epoch(state, info)`` after every epoch; ``info`` has
+      ``epoch``, ``loss``, ``train_accuracy``, ``seconds``. Save checkpoints here.
+
+  Returns:
+    The final :class:`PretrainState`.
+  """
+  _check_pretrain(x, y, config)
+  n = len(x)
+  steps = n // config.batch_size
+  tx = _pretrain_tx(config, steps)
+  if state is None:
+    state = init_pretrain_state(variables, config, n)
+  step = _pretrain_step_fn(module, preprocess, config, tx,
+                           "batch_stats" in state.variables)
   base = jax.random.PRNGKey(config.seed)
   # Copies: the step donates its inputs, which must not be the caller's arrays.
   variables = jax.tree_util.tree_map(jnp.array, state.variables)
