@@ -113,6 +113,15 @@ def test_aggregate_mean_std_and_avg_d(tmp_path):
   md = report.markdown(res)
   assert "| Fast-NTK | 87.0 ± 1.4 | 4.0 ± 0.0 | 80.0 ± 0.0 |" in md
   assert "| Retrain |" in md and "Avg.D" in md
+  # One seed has no spread: the tables show the value alone.
+  one = {**res, "seeds": [0], "methods": {
+      m: {k: ({"mean": s["values"][0], "std": 0.0, "values": s["values"][:1]}
+              if isinstance(s, dict) and "values" in s else s)
+          for k, s in v.items()} for m, v in res["methods"].items()}}
+  md1 = report.markdown(one)
+  assert "| Fast-NTK | 88.0 | 4.0 | 80.0 |" in md1 and "±" not in md1.split(
+      "## ")[1]
+  assert "one seed" in md1
   report.write_all(tmp_path, res)
   for png in ("metrics.png", "relearn.png"):
     assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -564,7 +564,9 @@ def cmd_experiment(args) -> dict:
        f"{len(cfg['methods'])} methods -> {out}")
   results = experiments.run_experiment(cfg, out, progress=not args.quiet)
   print((out / "table.md").read_text())
-  print(f"results: {out}/results.json, table.md, metrics.png, relearn.png")
+  print(f"tables: {out / 'table.md'}\nplots: {out / 'metrics.png'}, "
+        f"{out / 'relearn.png'}\nall results (per method, metric and seed): "
+        f"{out / 'results.json'}; per-seed records in {out / 'runs'}")
   return results
 
 

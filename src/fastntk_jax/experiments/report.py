@@ -119,7 +119,11 @@ def aggregate(out: str | Path, cfg: dict, env: dict) -> dict:
 def _fmt(stat: dict | None, digits: int = 1, gap: float | None = None) -> str:
   if not stat or stat.get("mean") is None:
     return "–"
-  s = f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+  values = [v for v in stat.get("values", []) if v is not None]
+  if len(values) == 1:  # one seed: no spread to report
+    s = f"{stat['mean']:.{digits}f}"
+  else:
+    s = f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
   if gap is not None and math.isfinite(gap):
     s += f" ({gap:.{digits}f})"
   return s
@@ -141,8 +145,9 @@ def markdown(results: dict) -> str:
       f"Model {mo['name']} (PEFT: {mo['peft']}), data {d['source']} "
       f"({d['ipc']} training images a class, test_ipc {d['test_ipc'] or 'all'}),"
       f" forget `{d['forget']}`, fine-tuning loss {cfg['finetune']['loss']}, "
-      f"{cfg['finetune']['epochs']} epochs. Seeds {results['seeds']}; mean ± "
-      f"std over seeds. Device: {results.get('device')} "
+      f"{cfg['finetune']['epochs']} epochs. Seeds {results['seeds']}; "
+      + ("mean ± std over seeds" if len(results["seeds"]) > 1
+         else "one seed, so no spread") + f". Device: {results.get('device')} "
       f"({results.get('platform')}), JAX {results['versions']['jax']}.", ""]
   cls = "acc_test_forgotten" in meth.get(order[0], {})
   head = "| Method | D_r ↑ | D_f | Test ↑ |"
