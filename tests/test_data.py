@@ -15,6 +15,7 @@ import pytest
 from PIL import Image
 
 from fastntk_jax import data
+from fastntk_jax.data import datasets
 from fastntk_jax.data import (
   CIFAR10_CLASSES,
   ImageDataset,
@@ -243,8 +244,8 @@ def test_jpeg_zip_cache_hit_and_rebuild(tmp_path, monkeypatch):
   path = _make_zip(tmp_path / "tiny.zip")
   cache = tmp_path / "cache"
   calls = []
-  real_read_zip = data._read_zip
-  monkeypatch.setattr(data, "_read_zip", lambda *a: calls.append(a) or real_read_zip(*a))
+  real_read_zip = datasets._read_zip
+  monkeypatch.setattr(datasets, "_read_zip", lambda *a: calls.append(a) or real_read_zip(*a))
 
   ds = load_dataset(f"cifar10-jpeg:{path}", "train", cache_dir=cache)
   np.testing.assert_array_equal(ds.y, [0, 0, 3, 3])
@@ -259,13 +260,13 @@ def test_jpeg_zip_cache_hit_and_rebuild(tmp_path, monkeypatch):
   def fail(*_):
     raise AssertionError("decoded despite a cache hit")
 
-  monkeypatch.setattr(data, "_read_zip", fail)
+  monkeypatch.setattr(datasets, "_read_zip", fail)
   hit = load_dataset(str(path), "train", cache_dir=cache, classes=["cat"])
   np.testing.assert_array_equal(hit.x, ds.x[2:])
   assert hit.class_names == ("cat",)
 
   # A truncated cache file is reported and rebuilt; so is one with a flipped byte.
-  monkeypatch.setattr(data, "_read_zip", lambda *a: calls.append(a) or real_read_zip(*a))
+  monkeypatch.setattr(datasets, "_read_zip", lambda *a: calls.append(a) or real_read_zip(*a))
   raw = cached.read_bytes()
   for damaged in (raw[: len(raw) // 2], raw[:300] + bytes([raw[300] ^ 0xFF]) + raw[301:]):
     cached.write_bytes(damaged)
@@ -297,7 +298,7 @@ def test_jpeg_cache_dir_from_env_and_unwritable(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("source", ["cifar10-jpeg", "cifar10-lossless"])
 def test_shared_sources_without_shared_data(monkeypatch, source):
-  monkeypatch.setattr(data, "shared_data_dir", lambda: None)
+  monkeypatch.setattr(datasets, "shared_data_dir", lambda: None)
   with pytest.raises(FileNotFoundError, match=f"pass '{source}:PATH' or set FASTNTK_SHARED_DATA"):
     load_dataset(source)
 
@@ -543,7 +544,7 @@ def _fake_tfds(monkeypatch, builder):
     as_numpy=lambda ds: ds,
     core=types.SimpleNamespace(registered=types.SimpleNamespace(DatasetNotFoundError=KeyError)),
   )
-  monkeypatch.setattr(data, "_import_tfds", lambda: fake)
+  monkeypatch.setattr(datasets, "_import_tfds", lambda: fake)
   return calls
 
 

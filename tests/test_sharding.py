@@ -29,6 +29,7 @@ _CHILD = textwrap.dedent("""
     from jax.flatten_util import ravel_pytree
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+    from fastntk_jax.core import blocking
     from fastntk_jax.core import kernels
 
     def apply_fn(params, x):  # 2-layer MLP, 5 -> 7 -> 3
@@ -154,8 +155,9 @@ _CHILD = textwrap.dedent("""
     out["unlearn_rel"], out["unlearn_moved"] = {}, {}
     for loss in ("mse", "ce"):
       for solver in ("dual", "primal", "cg"):
-        kw = dict(anchor=params, damping=0.5, solver=solver, block_size=4,
-                  cg_tol=1e-6, loss=loss)
+        kw = dict(anchor=params, damping=0.5, block_size=4, loss=loss,
+                  solver=(F.MatrixFree(cg_tol=1e-6) if solver == "cg"
+                          else solver))
         got = F.unlearn(apply_fn, w_d, (x1[3:], y[3:]), (x1[:3], y[:3]), **kw)
         ref1 = F.unlearn(apply_fn, w_d, (x1[3:], y[3:]), (x1[:3], y[:3]),
                          mesh=one, **kw)

@@ -110,7 +110,8 @@ def test_unlearning_the_tangent_model_equals_retraining_it(loss, kind):
     for fn, lin_at, solver in runs:
       res = F.unlearn(fn, w_d, retain, forget_set, anchor=w0,
                       linearize_at=lin_at, damping=lam, loss=loss,
-                      solver=solver, cg_tol=1e-12)
+                      solver=(F.MatrixFree(cg_tol=1e-12) if solver == "cg"
+                              else solver))
       gap = float(jnp.linalg.norm(flat(res.params) - flat(w_r))) / scale
       assert gap < 1e-6, (lin_at, solver, gap)
 

@@ -42,8 +42,7 @@ def test_dual_equals_primal_on_resnet(problem, init):
   np.testing.assert_allclose(dual.forget_residual_norm,
                              primal.forget_residual_norm, rtol=1e-3)
   # NT implementation 2 gives the same kernel update.
-  impl2 = F.unlearn(m.apply_fn, w_d, retain, forget, solver="dual",
-                    implementation=2, **kw)
+  impl2 = F.unlearn(m.apply_fn, w_d, retain, forget, solver=F.KernelSpace(implementation=2), **kw)
   np.testing.assert_allclose(ravel_pytree(impl2.params)[0],
                              ravel_pytree(dual.params)[0], atol=1e-4)
 

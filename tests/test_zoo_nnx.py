@@ -60,6 +60,9 @@ def test_nnx_resnet20_is_the_linen_resnet20(images):
                              rtol=1e-5, atol=1e-6)
 
 
+# ViT-Tiny/4 in both APIs (~40 s on 2 cores); the bridge, the loader and the
+# prompt filter are covered by test_a_bridged_linen_vit_loads_its_variables.
+@pytest.mark.slow
 def test_nnx_vit_wraps_the_linen_vit_with_prompts_and_head(images):
   lin, net, nn_peft = _both("vit_tiny_4", num_prompts=2)
   paths = {"/".join(p) for p in _paths(nn_peft.init_params)}
@@ -71,6 +74,27 @@ def test_nnx_vit_wraps_the_linen_vit_with_prompts_and_head(images):
   np.testing.assert_allclose(nn_peft.apply_fn(nn_peft.init_params, x),
                              lin.apply_fn(lin.init_params, x),
                              rtol=1e-5, atol=1e-6)
+
+
+def test_a_bridged_linen_vit_loads_its_variables():
+  from fastntk_jax.models.vit import ViT
+  module = ViT(num_classes=3, patch_size=8, width=16, depth=1, num_heads=2,
+               mlp_dim=32, num_prompts=2, image_size=16)
+  x = np.asarray(jax.random.normal(jax.random.PRNGKey(1), (4, 16, 16, 3)))
+  variables = module.init(jax.random.PRNGKey(0), x[:1])
+  model = nnx.bridge.ToNNX(module, rngs=nnx.Rngs(5))  # other random init
+  nnx.bridge.lazy_init(model, jnp.zeros((1, 16, 16, 3)))
+  assert not np.allclose(model(x), module.apply(variables, x))
+  resnet_nnx.load_linen_variables(model, variables)
+  np.testing.assert_allclose(model(x), module.apply(variables, x), rtol=1e-5,
+                             atol=1e-6)
+  sel = peft_nnx.make_apply_fn(model, peft_nnx.any_of(peft_nnx.prompts(),
+                                                      peft_nnx.head()))
+  paths = {"/".join(p) for p in _paths(sel.init_params)}
+  assert paths == {"block0/attn/prompt_k", "block0/attn/prompt_v",
+                   "head/bias", "head/kernel"}
+  np.testing.assert_allclose(sel.apply_fn(sel.init_params, x),
+                             module.apply(variables, x), rtol=1e-5, atol=1e-6)
 
 
 def _paths(tree):

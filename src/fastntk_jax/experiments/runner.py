@@ -23,6 +23,7 @@ and a random forget request ``random:F:seed=K`` draws its set with seed
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import sys
@@ -185,19 +186,11 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
   xt = np.concatenate([np.asarray(prep(jnp.asarray(x_te[i:i + 500])))
                        for i in range(0, len(x_te), 500)])
   bar = _Progress(len(cfg["seeds"]) * (len(cfg["methods"]) + 1), progress, log)
-  first = None
   try:
     for s in cfg["seeds"]:
-      model = zoo.peft_model(m["name"], module, variables,
-                          num_classes=num_classes, mode=m["peft"],
-                          head_scale=m["head_scale"], seed=s)
-      # Seeds differ only in the new head (a PEFT leaf); with the frozen rest
-      # identical, every seed shares the first seed's apply_fn and with it
-      # every jitted function (no recompilation per seed).
-      if first is None:
-        first = model
-      elif _tree_digest(model.frozen) == _tree_digest(first.frozen):
-        model = model._replace(apply_fn=first.apply_fn)
+      model = _shared_apply_fn(zoo.peft_model(
+          m["name"], module, variables, num_classes=num_classes,
+          mode=m["peft"], head_scale=m["head_scale"], seed=s), m["peft"])
       _run_seed(cfg, out / "runs" / f"seed{s}", s, model, xn, y_tr, xt, y_te,
                 idx[s], specs[s], num_classes, bar, log)
   finally:
@@ -240,6 +233,27 @@ def _write_records(out: Path, cfg, specs, idx, arrays, class_names,
       "forget": dict(sorted(forget_record.items(), key=lambda kv: int(kv[0]))),
   })
   return cfg_all
+
+
+#: ``(module, PEFT mode, frozen digest) -> apply_fn`` of the latest models.
+_APPLY_FNS: collections.OrderedDict = collections.OrderedDict()
+_APPLY_FNS_KEPT = 4
+
+
+def _shared_apply_fn(model, mode: str):
+  """``model`` with the ``apply_fn`` of an earlier model that is the same
+  function: the same module and frozen variables. Seeds differ only in the
+  new head (a PEFT leaf), and a resumed or extended experiment in the same
+  process prepares the same model again: sharing the function shares every
+  jitted function built on it (no recompilation). The last few are kept."""
+  key = (repr(model.module), mode, _tree_digest(model.frozen))
+  if key in _APPLY_FNS:
+    _APPLY_FNS.move_to_end(key)
+    return model._replace(apply_fn=_APPLY_FNS[key])
+  _APPLY_FNS[key] = model.apply_fn
+  while len(_APPLY_FNS) > _APPLY_FNS_KEPT:
+    _APPLY_FNS.popitem(last=False)
+  return model
 
 
 def _tree_digest(tree) -> str:
