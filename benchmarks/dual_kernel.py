@@ -69,7 +69,7 @@ def main(argv=None) -> dict:
   m = ntk_cost._prepare(args.model, "peft", args.num_prompts, args.seed)
   x = ntk_cost._inputs(args.model, args.n, args.seed)
   c = kernels.num_outputs(m.apply_fn, m.init_params, x)
-  fn = kernels._ntk_block_fn(m.apply_fn, 1)
+  fn = kernels.ntk_block_fn(m.apply_fn, 1)
   block, _, p = blocking.resolve_block(
       m.apply_fn, m.init_params, x, args.block_size, "ntk", fn,
       lambda xb: (xb, xb, m.init_params))

@@ -4,7 +4,7 @@ ResNet-20, BatchNorm + head (P = 2,026), 1,024 embedded CIFAR-10 images. For
 each block size (samples per block over all devices of the default mesh) it
 times, warm (compiled on a first block of the same shape):
 
-* ``jacobian``: the Jacobian rows alone (``kernels._jac_block_fn``);
+* ``jacobian``: the Jacobian rows alone (``kernels.jac_block_fn``);
 * ``forward``: the forward pass alone;
 * ``gram_pass``: :func:`fastntk_jax.core.kernels.gram` as ``unlearn`` and
   ``prepare`` call it: logits, MSE residuals, Jacobian rows, per-device
@@ -62,7 +62,7 @@ def main(argv=None) -> dict:
   yn = jnp.asarray(np.concatenate([y[:1000], y[:N - 1000]]))
   mesh = kernels.default_mesh()
   p = int(sum(np.size(l) for l in jax.tree_util.tree_leaves(w)))
-  jac_fn = kernels._jac_block_fn(model.apply_fn)
+  jac_fn = kernels.jac_block_fn(model.apply_fn)
   fwd = jax.jit(model.apply_fn)
   w_r = blocking.replicate(mesh, w)
 

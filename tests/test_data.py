@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fastntk_jax import data
+from fastntk_jax.data import cifar10
 from fastntk_jax.data import datasets
 from fastntk_jax.data import (
   CIFAR10_CLASSES,
@@ -244,8 +244,8 @@ def test_jpeg_zip_cache_hit_and_rebuild(tmp_path, monkeypatch):
   path = _make_zip(tmp_path / "tiny.zip")
   cache = tmp_path / "cache"
   calls = []
-  real_read_zip = datasets._read_zip
-  monkeypatch.setattr(datasets, "_read_zip", lambda *a: calls.append(a) or real_read_zip(*a))
+  real_read_zip = cifar10._read_zip
+  monkeypatch.setattr(cifar10, "_read_zip", lambda *a: calls.append(a) or real_read_zip(*a))
 
   ds = load_dataset(f"cifar10-jpeg:{path}", "train", cache_dir=cache)
   np.testing.assert_array_equal(ds.y, [0, 0, 3, 3])
@@ -260,13 +260,13 @@ def test_jpeg_zip_cache_hit_and_rebuild(tmp_path, monkeypatch):
   def fail(*_):
     raise AssertionError("decoded despite a cache hit")
 
-  monkeypatch.setattr(datasets, "_read_zip", fail)
+  monkeypatch.setattr(cifar10, "_read_zip", fail)
   hit = load_dataset(str(path), "train", cache_dir=cache, classes=["cat"])
   np.testing.assert_array_equal(hit.x, ds.x[2:])
   assert hit.class_names == ("cat",)
 
   # A truncated cache file is reported and rebuilt; so is one with a flipped byte.
-  monkeypatch.setattr(datasets, "_read_zip", lambda *a: calls.append(a) or real_read_zip(*a))
+  monkeypatch.setattr(cifar10, "_read_zip", lambda *a: calls.append(a) or real_read_zip(*a))
   raw = cached.read_bytes()
   for damaged in (raw[: len(raw) // 2], raw[:300] + bytes([raw[300] ^ 0xFF]) + raw[301:]):
     cached.write_bytes(damaged)
@@ -298,7 +298,7 @@ def test_jpeg_cache_dir_from_env_and_unwritable(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("source", ["cifar10-jpeg", "cifar10-lossless"])
 def test_shared_sources_without_shared_data(monkeypatch, source):
-  monkeypatch.setattr(datasets, "shared_data_dir", lambda: None)
+  monkeypatch.setattr(cifar10, "shared_data_dir", lambda: None)
   with pytest.raises(FileNotFoundError, match=f"pass '{source}:PATH' or set FASTNTK_SHARED_DATA"):
     load_dataset(source)
 

@@ -73,7 +73,7 @@ def test_ntk_reuses_jacobians_only_when_they_fit(resnet, monkeypatch):
   assert not kernels.jacobians_fit(100, 1, 10, 1000, 4, budget=4_000_000)
   apply_fn, w, x1, _ = resnet
   calls = {"jac": 0, "nt": 0}
-  jac, nt = kernels.jacobian, kernels._ntk_block_fn
+  jac, nt = kernels.jacobian, kernels.ntk_block_fn
 
   def count_jac(*a, **k):
     calls["jac"] += 1
@@ -84,7 +84,7 @@ def test_ntk_reuses_jacobians_only_when_they_fit(resnet, monkeypatch):
     return nt(*a, **k)
 
   monkeypatch.setattr(kernels, "jacobian", count_jac)
-  monkeypatch.setattr(kernels, "_ntk_block_fn", count_nt)
+  monkeypatch.setattr(kernels, "ntk_block_fn", count_nt)
   k_auto = kernels.ntk(apply_fn, w, x1, block_size=2)  # 6·10·2026·4 B: fits
   assert calls == {"jac": 1, "nt": 0}  # symmetric: one Jacobian serves both
   monkeypatch.setattr(kernels, "DEFAULT_BLOCK_BYTES", 1000)
@@ -157,11 +157,11 @@ def test_automatic_jacobian_blocks_are_small_on_cpu(resnet):
   apply_fn, w, _, _ = resnet
   assert jax.devices()[0].platform == "cpu"
   x = jnp.zeros((64, 32, 32, 3))
-  fn = kernels._jac_block_fn(apply_fn)
+  fn = kernels.jac_block_fn(apply_fn)
   block, _, _ = blocking.resolve_block(apply_fn, w, x, None, "jac", fn,
                                        lambda xb: (w, xb))
   assert block == kernels.CPU_BLOCK_PER_DEVICE
-  nt = kernels._ntk_block_fn(apply_fn, 1)
+  nt = kernels.ntk_block_fn(apply_fn, 1)
   block_nt, _, _ = blocking.resolve_block(apply_fn, w, x, None, "ntk", nt,
                                           lambda xb: (xb, xb, w))
   assert block_nt > kernels.CPU_BLOCK_PER_DEVICE
@@ -193,7 +193,7 @@ def test_auto_block_size_bounds_memory():
 def test_block_size_from_measured_working_memory(resnet):
   """The automatic block keeps the probe-measured working memory in budget."""
   apply_fn, w, x1, _ = resnet
-  fn = kernels._ntk_block_fn(apply_fn, 1)
+  fn = kernels.ntk_block_fn(apply_fn, 1)
   per = blocking.bytes_per_sample("ntk", fn, lambda xb: (xb, xb, w), w, x1,
                                   fallback=0.0)
   assert 1e6 < per < 1e9  # ResNet-20 PEFT: ~16 MiB a sample on CPU

@@ -121,7 +121,7 @@ _CHILD = textwrap.dedent("""
            "two": run(Mesh(np.array(jax.local_devices()[:2]), ("data",)), 3)}
 
     # The neural-tangents block function itself, on a block split over rows.
-    fn = kernels._ntk_block_fn(apply_fn, 1)
+    fn = kernels.ntk_block_fn(apply_fn, 1)
     rows, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
     kb = fn(jax.device_put(x1[:8], rows), jax.device_put(x1[:8], whole),
             jax.device_put(params, whole))

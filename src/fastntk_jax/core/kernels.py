@@ -77,10 +77,12 @@ __all__ = [
     "auto_block_size",
     "default_mesh",
     "gram",
+    "jac_block_fn",
     "jacobian",
     "jacobians_fit",
     "jvp",
     "ntk",
+    "ntk_block_fn",
     "num_outputs",
     "predict",
     "vjp",
@@ -89,7 +91,9 @@ __all__ = [
 ApplyFn = Callable[..., jax.Array]
 
 @per_apply_fn
-def _ntk_block_fn(apply_fn, implementation: int):
+def ntk_block_fn(apply_fn, implementation: int):
+  """The jitted neural-tangents kernel of two blocks, ``(params, x1, x2) ->
+  (B1, B2, C, C)``, cached per ``apply_fn`` (for profiling and tests)."""
   fn = nt.empirical_ntk_fn(apply_fn, trace_axes=(), vmap_axes=0,
                             implementation=implementation)
   return jax.jit(fn)
@@ -167,7 +171,7 @@ def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None
                                        block_size=block_size, mesh=mesh)
     k = _contract_fn(mesh)(j1, j2)
     return 0.5 * (k + k.T) if symmetric else k
-  fn = _ntk_block_fn(apply_fn, int(implementation))
+  fn = ntk_block_fn(apply_fn, int(implementation))
   params_r = replicate(mesh, params)
   block, c, _ = resolve_block(
       apply_fn, params, x1, block_size, "ntk", fn,
@@ -192,7 +196,9 @@ def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None
 
 
 @per_apply_fn
-def _jac_block_fn(apply_fn):
+def jac_block_fn(apply_fn):
+  """The jitted Jacobian rows of a block, ``(params, x) -> (B·C, P)`` in
+  ``ravel_pytree`` order, cached per ``apply_fn`` (for profiling and tests)."""
   def one(params, xi):
     return apply_fn(params, xi[None])[0]
 
@@ -212,7 +218,7 @@ def _padded_jac_blocks(apply_fn, params, x, block_size, mesh):
   rows past ``(end - start)·C`` belong to padding samples.
   """
   x = jnp.asarray(x)
-  fn = _jac_block_fn(apply_fn)
+  fn = jac_block_fn(apply_fn)
   params_r = replicate(mesh, params)
   block, _, _ = resolve_block(
       apply_fn, params, x, block_size, "jac", fn,
@@ -424,7 +430,7 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
   dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
   fn = _gram_block_fn(apply_fn, residual_fn, mesh, weights is not None)
   add = _add_terms_fn(mesh)
-  jac_fn = _jac_block_fn(apply_fn)
+  jac_fn = jac_block_fn(apply_fn)
   params_r = replicate(mesh, params)
   block, _, _ = resolve_block(
       apply_fn, params, x, block_size, "jac", jac_fn,
