@@ -40,8 +40,14 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fastntk_jax import (_io, data, deletion, kernels, timing, train, unlearn,
-                         zoo)
+from fastntk_jax import data
+from fastntk_jax import unlearn
+from fastntk_jax.core import deletion
+from fastntk_jax.core import kernels
+from fastntk_jax.evaluation import timing
+from fastntk_jax.io import atomic
+from fastntk_jax.models import zoo
+from fastntk_jax.training import train
 from fastntk_jax.io.environment import environment, request_host_devices
 
 
@@ -72,7 +78,7 @@ def _rel(a, b) -> float:
 
 def _write(path: Path, obj) -> None:
   text = json.dumps(obj, indent=1)
-  _io.atomic_write(path, lambda f: f.write(text.encode()))
+  atomic.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def main(argv=None):

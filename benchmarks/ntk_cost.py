@@ -54,7 +54,7 @@ MODELS = ("resnet20", "resnet56", "resnet110", "mobilenetv2", "vit_tiny_4",
           "vit_small_4", "vit_base_4", "vit_base_16")
 QUICK_MODELS = ("resnet20", "vit_tiny_4")
 DEFAULT_N = (16, 32, 64, 128, 256, 512)
-#: Our pytree names -> zoo.prepare modes.
+#: Our pytree names -> zoo.peft_model modes.
 PYTREES = {"peft": "peft", "full": "all"}
 NUM_CLASSES = 10
 _ROW_TAG = "NTK_COST_ROW "

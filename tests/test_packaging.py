@@ -63,3 +63,9 @@ def test_the_lock_pins_every_dependency_and_no_tensorflow():
     floor = tuple(int(p) for p in m.group(1).split("."))
     got = tuple(int(p) for p in re.findall(r"\d+", lock[_name(r)])[:len(floor)])
     assert floor <= got, (r, lock[_name(r)])
+
+
+def test_the_version_is_declared_once():
+  import fastntk_jax
+  meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+  assert meta["version"] == fastntk_jax.__version__
