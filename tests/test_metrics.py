@@ -111,3 +111,22 @@ def test_avg_gap_hand_values_missing_keys_and_nan():
   with pytest.raises(TypeError, match="keys"):
     metrics.avg_gap(m, ref, keys="mia")
   assert np.isnan(metrics.avg_gap({**m, "mia": float("nan")}, ref))
+
+
+def test_softmax_js_is_symmetric_bounded_and_textbook():
+  rng = np.random.default_rng(3)
+  a, b = rng.normal(size=(6, 4)), rng.normal(size=(6, 4)) * 2
+  p = np.exp(a) / np.exp(a).sum(1, keepdims=True)
+  q = np.exp(b) / np.exp(b).sum(1, keepdims=True)
+  m = (p + q) / 2
+  want = 0.5 * (p * np.log(p / m)).sum(1) + 0.5 * (q * np.log(q / m)).sum(1)
+  got = np.asarray(metrics.softmax_js(a.astype(np.float32),
+                                      b.astype(np.float32)))
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+  np.testing.assert_allclose(metrics.softmax_js(b, a), metrics.softmax_js(a, b),
+                             rtol=1e-6, atol=1e-7)
+  # Disjoint saturated distributions: the bound log 2, finite.
+  sat = np.array([[100.0, -100.0]], np.float32)
+  far = metrics.softmax_js(sat, -sat)
+  np.testing.assert_allclose(far, [np.log(2.0)], rtol=1e-5)
+  np.testing.assert_allclose(metrics.softmax_js(sat, sat), [0.0], atol=1e-7)

@@ -29,6 +29,7 @@ __all__ = [
     "avg_gap",
     "class_forgetting_report",
     "kl_to_reference",
+    "softmax_js",
     "softmax_kl",
 ]
 
@@ -108,6 +109,38 @@ def softmax_kl(logits_p, logits_q) -> jax.Array:
   if not jnp.issubdtype(dtype, jnp.floating):
     dtype = jnp.float32
   return _kl_rows_jit(logits_p.astype(dtype), logits_q.astype(dtype))
+
+
+def _js_rows(logits_p, logits_q):
+  log_p = jax.nn.log_softmax(logits_p, axis=-1)
+  log_q = jax.nn.log_softmax(logits_q, axis=-1)
+  log_m = jnp.logaddexp(log_p, log_q) - jnp.log(2.0)
+  kl = lambda a: jnp.sum(jnp.exp(a) * (a - log_m), axis=-1)
+  return 0.5 * (kl(log_p) + kl(log_q))
+
+
+_js_rows_jit = jax.jit(_js_rows)
+
+
+def softmax_js(logits_p, logits_q) -> jax.Array:
+  """Per-sample Jensen–Shannon divergence ``½ KL(p ‖ m) + ½ KL(q ‖ m)``,
+  ``m = (p + q)/2``, from log-probabilities (finite for saturated logits).
+
+  Symmetric and bounded by ``log 2``, unlike :func:`softmax_kl`.
+
+  Returns:
+    ``(N,)`` divergences in nats.
+  """
+  logits_p = jnp.asarray(logits_p)
+  logits_q = jnp.asarray(logits_q)
+  if logits_p.ndim != 2 or logits_p.shape != logits_q.shape:
+    raise ValueError(
+        "logits_p and logits_q must both have shape (N, C); got "
+        f"{logits_p.shape} and {logits_q.shape}.")
+  dtype = jnp.result_type(logits_p.dtype, logits_q.dtype, jnp.float32)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.float32
+  return _js_rows_jit(logits_p.astype(dtype), logits_q.astype(dtype))
 
 
 def kl_to_reference(apply_fn: Callable[[Any, Any], Any], params, ref_params,
