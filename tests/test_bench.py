@@ -202,6 +202,11 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
   manifest = json.loads((out / "manifest.json").read_text())
   assert manifest["forget"]["0"]["forget_indices"] == [0, 1, 2]  # class 0
   assert manifest["train"]["num"] == 30
+  # The shipped ResNet-20 was trained on CIFAR-10's train split, which TINY
+  # draws D from: recorded, and said in the table.
+  assert manifest["backbone"] == {"trained_on": "cifar10/train",
+                                  "saw_the_pool": True}
+  assert "leakage" in (out / "table.md").read_text()
   for f in ("results.json", "table.md", "metrics.png", "relearn.png",
             "config.json"):
     assert (out / f).is_file()
@@ -241,3 +246,18 @@ def test_cli_experiment_reports_config_errors(tmp_path, capsys):
   bad.write_text('name = "x"\n[data]\nipcc = 3\n')
   assert cli.main(["experiment", str(bad), "--out", str(tmp_path / "o")]) == 2
   assert "data.ipcc" in capsys.readouterr().err
+
+
+def test_backbone_record_says_whether_the_backbone_saw_the_pool():
+  def rec(**over):
+    raw = {**TINY, **{k: {**TINY.get(k, {}), **v} for k, v in over.items()}}
+    return config_lib.backbone_record(experiments.resolve(raw))
+  assert rec() == {"trained_on": "cifar10/train", "saw_the_pool": True}
+  clean = rec(data={"train_split": "test", "test_split": "test"})
+  assert clean == {"trained_on": "cifar10/train", "saw_the_pool": False}
+  assert rec(model={"weights": "x.ckpt"})["saw_the_pool"] is None
+  assert rec(model={"name": "vit_tiny_4"}) == {"trained_on": None,
+                                                "saw_the_pool": None}
+  assert rec(data={"source": "folder:/tmp/x"})["saw_the_pool"] is False
+  line = report._backbone_line(clean)
+  assert "never saw" in line and "leakage" not in line

@@ -31,8 +31,8 @@ from typing import Any
 from fastntk_jax.data import splits
 from fastntk_jax.training import train
 
-__all__ = ["ConfigError", "DEFAULTS", "config_hash", "load_config",
-           "resolve", "METHOD_ORDER"]
+__all__ = ["ConfigError", "DEFAULTS", "backbone_record", "config_hash",
+           "load_config", "resolve", "METHOD_ORDER"]
 
 #: The methods of the bench, in the order the tables list them.
 METHOD_ORDER = ("full", "retrain", "fast_ntk", "max_loss", "random_label",
@@ -241,6 +241,33 @@ def _check_metrics(m: dict) -> None:
     _check_type(f"metrics.{k}", m[k], int, "a positive integer")
     if m[k] < 1:
       raise ConfigError(f"metrics.{k} must be >= 1.")
+
+
+_CIFAR10_SOURCES = ("embedded", "cifar10-jpeg", "cifar10-lossless")
+
+
+def backbone_record(cfg: Mapping) -> dict:
+  """What the backbone was trained on, and whether that includes the pool
+  ``D`` is drawn from (``saw_the_pool``: True, False, or None = unknown).
+
+  The shipped CIFAR-10 ResNets were trained on all of CIFAR-10's train
+  split: a protocol that draws D from it measures membership and relearn
+  time on images the frozen backbone memorised. Drawing D from the test
+  split (``train_split = test_split = "test"``) avoids that.
+  """
+  from fastntk_jax.models import zoo  # pylint: disable=import-outside-toplevel
+  m, d = cfg["model"], cfg["data"]
+  seen = zoo.backbone_training_data(m["name"], m["weights"] or None)
+  source = str(d["source"])
+  is_cifar10 = (source.split(":")[0] in _CIFAR10_SOURCES
+                or source.endswith(".zip"))
+  if seen is None:
+    saw = None
+  elif not is_cifar10:
+    saw = False
+  else:
+    saw = seen == f"cifar10/{d['train_split']}"
+  return {"trained_on": seen, "saw_the_pool": saw}
 
 
 def load_config(path: str | Path, overrides: Mapping | None = None) -> dict:

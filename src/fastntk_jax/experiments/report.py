@@ -129,6 +129,18 @@ def _fmt(stat: dict | None, digits: int = 1, gap: float | None = None) -> str:
   return s
 
 
+def _backbone_line(rec: dict | None) -> str:
+  if not rec or rec.get("trained_on") is None:
+    return ("Backbone: what it was trained on is not recorded, so whether it "
+            "saw D is unknown.")
+  if rec.get("saw_the_pool"):
+    return (f"Backbone trained on {rec['trained_on']}, **the pool D is drawn "
+            "from**: membership and relearn metrics are measured on images "
+            "the frozen backbone memorised (leakage).")
+  return (f"Backbone trained on {rec['trained_on']}; D is drawn from data it "
+          "never saw.")
+
+
 def markdown(results: dict) -> str:
   """The papers' layouts: Fast-NTK Table I, SFR-on Table 1, Fast-NTK Table III."""
   cfg, meth = results["config"], results["methods"]
@@ -149,6 +161,7 @@ def markdown(results: dict) -> str:
       + ("mean ± std over seeds" if len(results["seeds"]) > 1
          else "one seed, so no spread") + f". Device: {results.get('device')} "
       f"({results.get('platform')}), JAX {results['versions']['jax']}.", ""]
+  lines += [_backbone_line(results.get("backbone")), ""]
   cls = "acc_test_forgotten" in meth.get(order[0], {})
   head = "| Method | D_r ↑ | D_f | Test ↑ |"
   sep = "|---|---|---|---|"

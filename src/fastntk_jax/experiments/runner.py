@@ -44,7 +44,7 @@ from fastntk_jax.core.tangent import tangent_model
 from fastntk_jax.models import zoo
 from fastntk_jax.experiments import evaluate
 from fastntk_jax.experiments import report
-from fastntk_jax.experiments.config import ConfigError, config_hash
+from fastntk_jax.experiments.config import ConfigError, backbone_record, config_hash
 
 __all__ = ["run_experiment", "environment"]
 
@@ -195,7 +195,8 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
                 idx[s], specs[s], num_classes, bar, log)
   finally:
     bar.close()
-  results = report.aggregate(out, cfg_all, environment())
+  results = report.aggregate(out, cfg_all, {**environment(),
+                                           "backbone": backbone_record(cfg)})
   report.write_all(out, results)
   return results
 
@@ -231,6 +232,7 @@ def _write_records(out: Path, cfg, specs, idx, arrays, class_names,
       "test": {"num": len(y_te), "images_sha256": _digest(x_te),
                "labels_sha256": _digest(y_te.astype(np.int32))},
       "forget": dict(sorted(forget_record.items(), key=lambda kv: int(kv[0]))),
+      "backbone": backbone_record(cfg),
   })
   return cfg_all
 

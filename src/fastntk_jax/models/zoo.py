@@ -40,7 +40,9 @@ __all__ = [
     "MODEL_NAMES",
     "ModelSpec",
     "NnxModel",
+    "DEFAULT_WEIGHTS_DATA",
     "PeftModel",
+    "backbone_training_data",
     "build",
     "init_variables",
     "load_backbone",
@@ -104,6 +106,18 @@ class PeftModel(NamedTuple):
   module: Any
   num_total: int
   num_peft: int
+
+
+#: What the weights :func:`load_backbone` finds by default were trained on
+#: (akamaster/pytorch_resnet_cifar10: all of CIFAR-10's train split).
+DEFAULT_WEIGHTS_DATA = {f"resnet{d}": "cifar10/train" for d in (20, 32, 44, 56)}
+
+
+def backbone_training_data(name: str, weights=None) -> str | None:
+  """``"dataset/split"`` the backbone was trained on, or None when unknown
+  (a random initialisation, or a weights file given by the user)."""
+  spec(name)
+  return DEFAULT_WEIGHTS_DATA.get(name) if weights in (None, "") else None
 
 
 def spec(name: str) -> ModelSpec:
