@@ -196,6 +196,10 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
               "kl_to_retrain", "avg_d", "seconds"):
       assert r[k]["mean"] is not None, (m, k)
   assert res["methods"]["retrain"]["kl_to_retrain"]["mean"] == 0.0
+  assert res["methods"]["retrain"]["js_to_retrain"]["mean"] == 0.0
+  js = res["methods"]["fast_ntk"]["js_to_retrain"]["mean"]
+  assert 0.0 <= js <= np.log(2.0)
+  assert "D_JS (D_f)" in (out / "table.md").read_text()
   assert res["methods"]["retrain"]["acc_forget"]["mean"] == pytest.approx(
       res["methods"]["retrain"]["acc_forget"]["values"][0])
   assert set(res["probe"]) == {"fast_ntk", "pretrained", "random_init"}

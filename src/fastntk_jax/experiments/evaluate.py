@@ -72,6 +72,8 @@ def evaluate(apply_fn, params, sets, *, forget_kind, forget_classes, recipe,
         retrain_logits["forget"], logits["forget"])))
     out["kl_to_retrain_test"] = float(np.mean(metrics.softmax_kl(
         retrain_logits["test"], logits["test"])))
+    out["js_to_retrain"] = float(np.mean(metrics.softmax_js(
+        retrain_logits["forget"], logits["forget"])))
   extra = {}
   if mcfg["relearn"]:
     rl = relearn.relearn_time(apply_fn, params, x_f, y_f, config=recipe,

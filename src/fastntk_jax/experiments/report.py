@@ -31,7 +31,7 @@ DISPLAY = {"full": "Full", "retrain": "Retrain", "fast_ntk": "Fast-NTK",
 METRICS = ("acc_retain", "acc_forget", "acc_test", "acc_test_retained",
            "acc_test_forgotten", "relearn_epochs", "mia", "mia_auc",
            "mia_attack_accuracy", "kl_to_retrain", "kl_to_retrain_test",
-           "avg_d", "seconds", "compile_seconds")
+           "js_to_retrain", "avg_d", "seconds", "compile_seconds")
 
 _AVG_D_KEYS = ("acc_forget", "acc_retain", "acc_test", "mia")
 
@@ -112,7 +112,7 @@ def aggregate(out: str | Path, cfg: dict, env: dict) -> dict:
           "seeds": list(cfg["seeds"]), "methods": methods, "probe": probe,
           "relearn_curves": curves,
           "units": {"acc_*": "%", "mia": "% of D_f predicted non-member",
-                    "mia_auc": "AUC", "kl_*": "nats", "seconds": "s"},
+                    "mia_auc": "AUC", "kl_*": "nats", "js_*": "nats", "seconds": "s"},
           **env}
 
 
@@ -182,10 +182,12 @@ def markdown(results: dict) -> str:
     row += f" {_fmt(r.get('relearn_epochs'))} |"
     lines.append(row)
   lines += ["", "## SFR-on paper layout: FA/RA/TA/MIA (%) with the gap to "
-            "Retrain in brackets, Avg.D, KL to Retrain (nats), runtime (s)", "",
+            "Retrain in brackets, Avg.D, KL and JS to Retrain (nats), runtime "
+            "(s)", "",
             "| Method | FA | RA | TA | MIA | Avg.D ↓ | D_KL (D_f) ↓ | "
-            "D_KL (test) ↓ | loss-AUC (D_f) | RTE (s) | of which compile |",
-            "|---|---|---|---|---|---|---|---|---|---|---|"]
+            "D_KL (test) ↓ | D_JS (D_f) ↓ | loss-AUC (D_f) | RTE (s) | "
+            "of which compile |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   ref = meth.get("retrain", {})
   gap = lambda r, k: (abs(r[k]["mean"] - ref[k]["mean"])
                       if r.get(k, {}).get("mean") is not None
@@ -198,7 +200,8 @@ def markdown(results: dict) -> str:
         f"{_fmt(r.get('acc_test'), 1, gap(r, 'acc_test'))} | "
         f"{_fmt(r.get('mia'), 1, gap(r, 'mia'))} | {_fmt(r.get('avg_d'))} | "
         f"{_fmt(r.get('kl_to_retrain'), 3)} | "
-        f"{_fmt(r.get('kl_to_retrain_test'), 3)} | {_fmt(r.get('mia_auc'), 3)}"
+        f"{_fmt(r.get('kl_to_retrain_test'), 3)} | "
+        f"{_fmt(r.get('js_to_retrain'), 3)} | {_fmt(r.get('mia_auc'), 3)}"
         f" | {_fmt(r.get('seconds'))} | {_fmt(r.get('compile_seconds'))} |")
   if results.get("probe"):
     lines += ["", "## Linear-probe risk analysis (Fast-NTK Table III): a linear "

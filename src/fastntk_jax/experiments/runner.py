@@ -313,6 +313,7 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
         retrain_logits = logits
         values["kl_to_retrain"] = 0.0
         values["kl_to_retrain_test"] = 0.0
+        values["js_to_retrain"] = 0.0
     _write_json(sdir / f"{name}.json", {
         "method": name, "seed": seed, "hyperparameters": hp,
         "metrics": values, **extra, **timing, "retrain_ref": retrain_ref,
