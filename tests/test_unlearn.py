@@ -542,3 +542,16 @@ def test_a_failed_solve_is_a_status_when_asked(small):
                   raise_on_failure=False)
   assert res.status == "failed" and not res.converged
   assert res.iterations == 2 and res.cg_steps == 2
+
+
+def test_a_solver_must_implement_its_cost_model_and_run():
+  class Partial(F.solvers.Solver):
+    name = "partial"
+
+    def memory_bytes(self, shape):
+      return 0
+
+  with pytest.raises(TypeError, match="abstract"):
+    Partial()
+  with pytest.raises(ValueError, match="solve_dtype must be one of"):
+    F.KernelSpace(solve_dtype="bfloat16").check()

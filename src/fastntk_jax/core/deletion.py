@@ -89,7 +89,6 @@ from fastntk_jax.core.unlearn import UnlearningError
 __all__ = ["DeletionResult", "PreparedState", "forget", "prepare",
            "state_bytes"]
 
-_SOLVE_DTYPES = {"float64": np.float64, "float32": np.float32}
 #: Steps of the frozen-Hessian iteration before a request switches to
 #: Newton-CG.
 _FROZEN_STEPS = 20
@@ -179,12 +178,6 @@ class DeletionResult(NamedTuple):
   relative_residual: float
   seconds: float
   solve: newton.NewtonReport | None = None
-
-
-def _check_solve_dtype(solve_dtype):
-  if solve_dtype not in _SOLVE_DTYPES:
-    raise ValueError(f"solve_dtype must be one of {tuple(_SOLVE_DTYPES)}, got "
-                     f"{solve_dtype!r}.")
 
 
 def _check_ids(name, ids, n):
@@ -282,7 +275,7 @@ def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
     raise ValueError("data: the training set is empty.")
   damping = validate.check_damping(damping, positive=True)
   loss = validate.check_loss(loss)
-  _check_solve_dtype(solve_dtype)
+  validate.check_solve_dtype(solve_dtype)
   validate.check_positive_int_or_none("block_size", block_size)
   validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
   validate.check_tolerance("newton_tol", newton_tol, allow_none=True)

@@ -72,6 +72,7 @@ from jax.flatten_util import ravel_pytree
 
 from fastntk_jax.core import cg
 from fastntk_jax.core import kernels
+from fastntk_jax.core import validate
 from fastntk_jax.core.objective import Loss
 
 __all__ = [
@@ -391,13 +392,6 @@ def _newton(op, b, y, weights, loss: Loss, damping: float, x0, tol: float,
                          cg_steps)
 
 
-def _solve_dtype_of(solve_dtype: str):
-  if solve_dtype not in ("float64", "float32"):
-    raise ValueError(f"solve_dtype must be 'float64' or 'float32', got "
-                     f"{solve_dtype!r}.")
-  return jnp.float64 if solve_dtype == "float64" else jnp.float32
-
-
 def solve_primal(op, b, y, loss: Loss, damping: float, *, weights=None,
                  x0=None, tol: float | None = None, max_iter: int = 100,
                  solve_dtype: str = "float64") -> tuple[jax.Array, NewtonReport]:
@@ -422,7 +416,7 @@ def solve_primal(op, b, y, loss: Loss, damping: float, *, weights=None,
     otherwise), one ``P×P`` Cholesky, one ``J v`` and one ``Jᵀ u``.
   """
   _check_problem(op, b, y, weights, damping, x0)
-  dtype = _solve_dtype_of(solve_dtype)
+  dtype = validate.check_solve_dtype(solve_dtype)
   tol = _tol(op, dtype, tol)
   with kernels.dtype_scope(solve_dtype):
     eye = damping * jnp.eye(op.p, dtype=dtype)
@@ -458,7 +452,7 @@ def solve_newton_cg(op, b, y, loss: Loss, damping: float, *, weights=None,
   ``Jᵀ u``.
   """
   _check_problem(op, b, y, weights, damping, x0)
-  dtype = _solve_dtype_of(solve_dtype)
+  dtype = validate.check_solve_dtype(solve_dtype)
   tol = _tol(op, dtype, tol)
   with kernels.dtype_scope(solve_dtype):
 
@@ -503,7 +497,7 @@ def solve_preconditioned(op, b, y, loss: Loss, damping: float, *,
   :func:`solve_newton_cg` from the returned point.
   """
   _check_problem(op, b, y, weights, damping, x0)
-  dtype = _solve_dtype_of(solve_dtype)
+  dtype = validate.check_solve_dtype(solve_dtype)
   tol = _tol(op, dtype, tol)
   with kernels.dtype_scope(solve_dtype):
 
@@ -587,7 +581,7 @@ def solve_dual(theta, b, y, loss: Loss, damping: float, *, beta0=None,
     ``(β, NewtonReport)``, ``β`` of shape ``(N·C,)``; ``x_S = J_Sᵀ β``. Cost
     per step: one ``N·C`` Cholesky (``(NC)³/3`` flops) and ``O(C·(NC)²)``.
   """
-  dtype = _solve_dtype_of(solve_dtype)
+  dtype = validate.check_solve_dtype(solve_dtype)
   tol = default_tol(solve_dtype == "float64") if tol is None else float(tol)
   n, c = _check_dual(theta, b, y, beta0, damping)
   with kernels.dtype_scope(solve_dtype):

@@ -28,6 +28,7 @@ A solver's :meth:`~Solver.run` takes a validated :class:`Problem` (built by
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import functools
 import math
@@ -67,7 +68,7 @@ __all__ = [
 
 #: Bytes the dense matrices of a solver may take before it is refused.
 DEFAULT_MEMORY_BUDGET = 4 * 2**30
-#: ``solve_dtype -> bytes per scalar``: the dtype of the ``P×P`` matrices and
+#: ``solve_dtype -> bytes per scalar`` (the names of :data:`fastntk_jax.core.validate.SOLVE_DTYPES`): the dtype of the ``P×P`` matrices and
 #: of the solves (Jacobians stay in the model's dtype).
 SOLVE_DTYPES = {"float64": 8, "float32": 4}
 
@@ -199,12 +200,6 @@ class Choice(NamedTuple):
   reason: str
 
 
-def _check_solve_dtype(value) -> None:
-  if value not in SOLVE_DTYPES:
-    raise ValueError(f"solve_dtype must be one of {tuple(SOLVE_DTYPES)}, got "
-                     f"{value!r}.")
-
-
 def _check_newton(tol, max_steps) -> None:
   validate.check_tolerance("tol", tol, allow_none=True)
   validate.check_positive_int_or_none("max_steps", max_steps)
@@ -213,10 +208,6 @@ def _check_newton(tol, max_steps) -> None:
 def _check_rcond(rcond) -> None:
   if rcond is not None and not (math.isfinite(float(rcond)) and rcond >= 0):
     raise ValueError(f"rcond must be a finite float ≥ 0 or None, got {rcond}.")
-
-
-def _dtype(solve_dtype: str):
-  return jnp.float64 if solve_dtype == "float64" else jnp.float32
 
 
 def _check_logits(f0, linearize_at) -> None:
@@ -244,7 +235,7 @@ def _raise_if_failed(infos, damping: float, solver: str) -> None:
           "True), or use damping=0 for the pseudo-inverse limit.")
 
 
-def _newton_opts(solver, prob: Problem) -> dict:
+def _newton_opts(solver) -> dict:
   return {"tol": solver.tol,
           "max_iter": 100 if solver.max_steps is None else solver.max_steps,
           "solve_dtype": solver.solve_dtype}
@@ -273,10 +264,11 @@ def _residuals_at_anchor(prob: Problem):
   return r_r, r_f
 
 
-class Solver:
+class Solver(abc.ABC):
   """A solver of the unlearning problem: its options, cost model and run.
 
-  Subclasses are frozen dataclasses; ``name`` is what
+  Subclasses are frozen dataclasses that implement :meth:`memory_bytes`,
+  :meth:`flops` and :meth:`run`; ``name`` is what
   :attr:`fastntk_jax.UnlearnResult.solver` reports.
   """
   name: ClassVar[str] = ""
@@ -284,24 +276,24 @@ class Solver:
 
   def check(self) -> None:
     """Validates the options (raises before any work)."""
-    _check_solve_dtype(self.solve_dtype)
+    validate.check_solve_dtype(self.solve_dtype)
 
+  @abc.abstractmethod
   def memory_bytes(self, shape: ProblemShape) -> int:
     """Memory of the solver's dense matrices (its dominant term)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def flops(self, shape: ProblemShape) -> float:
     """Leading-order flops beyond the Jacobian rows, which every solver needs
     (per Newton step for ``"ce"``)."""
-    raise NotImplementedError
 
   def estimate(self, shape: ProblemShape, memory_budget: int) -> Estimate:
     need = self.memory_bytes(shape)
     return Estimate(self.name, need, self.flops(shape), need <= memory_budget)
 
+  @abc.abstractmethod
   def run(self, prob: Problem) -> Outcome:
     """Solves ``prob``; see the class docstring for the method."""
-    raise NotImplementedError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -389,7 +381,7 @@ class KernelSpace(Solver):
       _, unravel = ravel_pytree(lin)
       b = f0 + kernels.jvp(apply_fn, lin, x_all, unravel(
           prob.shift.astype(f0.dtype)), **blk)
-    loss, opts = objective.cross_entropy, _newton_opts(self, prob)
+    loss, opts = objective.cross_entropy, _newton_opts(self)
     beta_d, rep_d = newton.solve_dual(theta, b, y_all, loss, prob.damping,
                                       **opts)
     k = n_r * c
@@ -555,7 +547,7 @@ def _run_ce_primal(solver, prob: Problem, solve, keep: bool) -> Outcome:
   then on ``D_r`` (``D_f`` weighted 0) warm-started from ``x_D``."""
   apply_fn, lin, blk = prob.apply_fn, prob.lin, prob.blk
   sd = solver.solve_dtype
-  dt = _dtype(sd)
+  dt = validate.check_solve_dtype(sd)
   x_all, y_all = _all_data(prob)
   f0 = kernels.predict(apply_fn, lin, x_all, mesh=prob.mesh)
   _check_logits(f0, prob.linearize_at)
@@ -572,7 +564,7 @@ def _run_ce_primal(solver, prob: Problem, solve, keep: bool) -> Outcome:
       b = b + op.matvec(prob.shift)
     weights = jnp.concatenate([jnp.ones((prob.n_r,), dt),
                                jnp.zeros((prob.n_f,), dt)])
-  loss, opts = objective.cross_entropy, _newton_opts(solver, prob)
+  loss, opts = objective.cross_entropy, _newton_opts(solver)
   x_d, rep_d = solve(op, b, y_all, loss, prob.damping, **opts)
   x_r, rep_r = solve(op, b, y_all, loss, prob.damping, weights=weights,
                      x0=x_d, **opts)
@@ -603,7 +595,7 @@ class Auto:
   solve_dtype: str = "float64"
 
   def check(self) -> None:
-    _check_solve_dtype(self.solve_dtype)
+    validate.check_solve_dtype(self.solve_dtype)
     if self.memory_budget is not None:
       validate.check_memory_budget(self.memory_budget)
 

@@ -322,7 +322,7 @@ def prepare_problem(apply_fn, params, retain, forget, *, anchor=None,
   shift = None
   if anc is not lin:
     sd = solver.solve_dtype
-    dt = jnp.float64 if sd == "float64" else jnp.float32
+    dt = validate.check_solve_dtype(sd)
     with kernels.dtype_scope(sd):
       shift = (ravel_pytree(anc)[0].astype(dt)
                - ravel_pytree(lin)[0].astype(dt))

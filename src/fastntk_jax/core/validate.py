@@ -111,6 +111,19 @@ def check_damping(damping, *, positive: bool = False) -> float:
   return damping
 
 
+#: The dtypes of the ``P×P`` matrices and of the solves, by name.
+SOLVE_DTYPES = ("float64", "float32")
+
+
+def check_solve_dtype(solve_dtype: str):
+  """The JAX dtype named by ``solve_dtype`` (``"float64"`` or
+  ``"float32"``); anything else is a ValueError."""
+  if solve_dtype not in SOLVE_DTYPES:
+    raise ValueError(f"solve_dtype must be one of {SOLVE_DTYPES}, got "
+                     f"{solve_dtype!r}.")
+  return jnp.float64 if solve_dtype == "float64" else jnp.float32
+
+
 def check_loss(loss) -> str:
   if loss not in LOSS_NAMES:
     raise ValueError(f"loss must be one of {LOSS_NAMES}, got {loss!r}.")

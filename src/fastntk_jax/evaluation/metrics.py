@@ -74,6 +74,21 @@ def class_forgetting_report(apply_fn, params, retain, forget, test,
   }
 
 
+def _logit_pair(logits_p, logits_q):
+  """Both logit arrays, checked to be ``(N, C)`` alike, in one float dtype
+  (at least float32)."""
+  logits_p = jnp.asarray(logits_p)
+  logits_q = jnp.asarray(logits_q)
+  if logits_p.ndim != 2 or logits_p.shape != logits_q.shape:
+    raise ValueError(
+        "logits_p and logits_q must both have shape (N, C); got "
+        f"{logits_p.shape} and {logits_q.shape}.")
+  dtype = jnp.result_type(logits_p.dtype, logits_q.dtype, jnp.float32)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    dtype = jnp.float32
+  return logits_p.astype(dtype), logits_q.astype(dtype)
+
+
 def _kl_rows(logits_p, logits_q):
   log_p = jax.nn.log_softmax(logits_p, axis=-1)
   log_q = jax.nn.log_softmax(logits_q, axis=-1)
@@ -99,16 +114,7 @@ def softmax_kl(logits_p, logits_q) -> jax.Array:
   Returns:
     ``(N,)`` KL divergences (≥ 0 up to rounding), float32 for float32 input.
   """
-  logits_p = jnp.asarray(logits_p)
-  logits_q = jnp.asarray(logits_q)
-  if logits_p.ndim != 2 or logits_p.shape != logits_q.shape:
-    raise ValueError(
-        "logits_p and logits_q must both have shape (N, C); got "
-        f"{logits_p.shape} and {logits_q.shape}.")
-  dtype = jnp.result_type(logits_p.dtype, logits_q.dtype, jnp.float32)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    dtype = jnp.float32
-  return _kl_rows_jit(logits_p.astype(dtype), logits_q.astype(dtype))
+  return _kl_rows_jit(*_logit_pair(logits_p, logits_q))
 
 
 def _js_rows(logits_p, logits_q):
@@ -131,16 +137,7 @@ def softmax_js(logits_p, logits_q) -> jax.Array:
   Returns:
     ``(N,)`` divergences in nats.
   """
-  logits_p = jnp.asarray(logits_p)
-  logits_q = jnp.asarray(logits_q)
-  if logits_p.ndim != 2 or logits_p.shape != logits_q.shape:
-    raise ValueError(
-        "logits_p and logits_q must both have shape (N, C); got "
-        f"{logits_p.shape} and {logits_q.shape}.")
-  dtype = jnp.result_type(logits_p.dtype, logits_q.dtype, jnp.float32)
-  if not jnp.issubdtype(dtype, jnp.floating):
-    dtype = jnp.float32
-  return _js_rows_jit(logits_p.astype(dtype), logits_q.astype(dtype))
+  return _js_rows_jit(*_logit_pair(logits_p, logits_q))
 
 
 def kl_to_reference(apply_fn: Callable[[Any, Any], Any], params, ref_params,
