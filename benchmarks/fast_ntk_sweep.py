@@ -50,7 +50,7 @@ def main(argv=None):
   m = cfg["model"]
   module, variables, _ = zoo.load_backbone(m["name"], m["weights"] or None,
                                            seed=0)
-  x_tr, y_tr, x_te, y_te, names, _ = runner._load_data(cfg)
+  x_tr, y_tr, x_te, y_te, names, _ = runner.load_data(cfg)
   spec = runner._forget_spec(cfg["data"]["forget"], args.seed)
   r_idx, f_idx = splits.apply_forget(spec, y_tr, names)
   model = zoo.peft_model(m["name"], module, variables, num_classes=len(names),

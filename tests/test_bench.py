@@ -110,8 +110,19 @@ def test_aggregate_mean_std_and_avg_d(tmp_path):
   assert res["methods"]["retrain"]["avg_d"]["mean"] == 0.0
   assert fn["seconds"]["mean"] == pytest.approx(2.5)
   assert res["seeds"] == [0, 1]
+  # 95 % CI of the mean, Student's t with 1 degree of freedom: 12.706·s/√2.
+  assert fn["acc_retain"]["ci95"] == pytest.approx(12.7062047 * np.sqrt(2)
+                                                   / np.sqrt(2), rel=1e-6)
+  assert fn["acc_forget"]["ci95"] == 0.0
+  # Paired to Retrain: per seed 88−90, 86−90.
+  paired = fn["paired_to_retrain"]
+  assert paired["acc_retain"]["values"] == [-2.0, -4.0]
+  assert paired["acc_retain"]["mean"] == pytest.approx(-3.0)
+  assert paired["relearn_epochs"]["values"] == [10.0, 11.0]
   md = report.markdown(res)
-  assert "| Fast-NTK | 87.0 ± 1.4 | 4.0 ± 0.0 | 80.0 ± 0.0 |" in md
+  assert "| Fast-NTK | 87.0 ± 12.7 | 4.0 ± 0.0 | 80.0 ± 0.0 |" in md
+  assert "## Paired differences to Retrain" in md
+  assert "| Fast-NTK | 4.0 ± 0.0 | -3.0 ± 12.7 | 0.0 ± 0.0 |" in md
   assert "| Retrain |" in md and "Avg.D" in md
   # One seed has no spread: the tables show the value alone.
   one = {**res, "seeds": [0], "methods": {

@@ -51,8 +51,11 @@ def _problem(apply_fn=mlp, init=None, *, loss="mse", augment=True):
                                 learning_rate=1e-2, augment=augment, seed=0)
   w_d = train.finetune(apply_fn, init, x, y, config=recipe).params
   f = y == 0
+  # Bad Teacher's incompetent teacher: the same architecture, another random
+  # initialisation.
   return methods.UnlearningProblem(apply_fn, init, w_d, (x[~f], y[~f]),
-                                   (x[f], y[f]), recipe, C)
+                                   (x[f], y[f]), recipe, C,
+                                   random_init=(mlp, _mlp_init(seed=7)))
 
 
 @pytest.fixture(scope="module")
@@ -154,9 +157,33 @@ def test_max_loss_increases_the_recipe_loss_on_forget(problem):
 
 
 def test_ga_increases_cross_entropy_on_forget(problem):
-  r = methods.run_method("ga", problem, epochs=5, learning_rate=1e-2)
+  r = methods.run_method("ga", problem, epochs=5, learning_rate=1e-2,
+                         clip_norm=None, batch_size=16)
   assert (_loss(r.params, problem, "forget", "ce")
           > _loss(problem.params, problem, "forget", "ce") + 0.1)
+
+
+def _ce_grad(p, x, y):
+  return jax.grad(lambda q: jnp.mean(
+      optax.softmax_cross_entropy_with_integer_labels(
+          mlp(q, jnp.asarray(x)), jnp.asarray(y))))(p)
+
+
+def _flat(t):
+  return np.asarray(ravel_pytree(t)[0], np.float64)
+
+
+@pytest.mark.parametrize("clip", [1e-3, None])
+def test_ga_step_is_the_clipped_ascent_step(problem_exact, clip):
+  # One full-batch SGD step without momentum or decay: w + lr·clip(∇CE).
+  prob, lr = problem_exact, 0.5
+  r = methods.run_method("ga", prob, epochs=1, learning_rate=lr, momentum=0.0,
+                         weight_decay=0.0, clip_norm=clip, batch_size=1000)
+  g = _flat(_ce_grad(prob.params, *prob.forget))
+  step = g if clip is None else g * min(1.0, clip / np.linalg.norm(g))
+  want = _flat(prob.params) + lr * step
+  np.testing.assert_allclose(_flat(r.params), want, rtol=1e-5, atol=1e-7)
+  assert clip is None or np.linalg.norm(g) > 10 * clip  # the clip is active
 
 
 def test_ft_decreases_retain_loss(problem):
@@ -180,15 +207,35 @@ def test_random_wrong_labels_never_true_and_uniform():
 
 def test_random_label_pushes_forget_predictions_off_the_true_class(problem):
   r = methods.run_method("random_label", problem, epochs=20,
-                         learning_rate=1e-2)
+                         learning_rate=1e-1, with_retain=False)
   x, y = problem.forget
   pred = np.argmax(np.asarray(mlp(r.params, jnp.asarray(x))), -1)
   before = np.argmax(np.asarray(mlp(problem.params, jnp.asarray(x))), -1)
   assert np.mean(pred == y) < np.mean(before == y)
-  both = methods.run_method("random_label", problem, epochs=2,
-                            with_retain=True)
+  both = methods.run_method("random_label", problem, epochs=2, batch_size=16)
   n = len(problem.forget[1]) + len(problem.retain[1])
   assert both.info["steps"] == 2 * -(-n // 16)
+
+
+def test_random_label_is_sfr_on_rl_on_retain_plus_relabelled_forget(
+    problem_exact):
+  # SFR-on's RL: D_r ∪ D_f with wrong labels drawn ONCE; two full-batch SGD
+  # epochs (no momentum/decay), cosine over epochs: rates lr, lr·½.
+  prob, lr = problem_exact, 0.3
+  r = methods.run_method("random_label", prob, epochs=2, learning_rate=lr,
+                         momentum=0.0, weight_decay=0.0, batch_size=1000)
+  rng = base.host_rng(jax.random.PRNGKey(0))
+  y_new = methods.random_wrong_labels(rng, prob.forget[1], C)
+  x = np.concatenate([prob.forget[0], prob.retain[0]])
+  y = np.concatenate([y_new, prob.retain[1]])
+  w = prob.params
+  for rate in (lr, lr * 0.5):
+    w = jax.tree_util.tree_map(lambda a, g: a - rate * g, w, _ce_grad(w, x, y))
+  np.testing.assert_allclose(_flat(r.params), _flat(w), rtol=1e-5, atol=1e-6)
+  every = methods.run_method("random_label", prob, epochs=2, learning_rate=lr,
+                             momentum=0.0, weight_decay=0.0, batch_size=1000,
+                             relabel="every_epoch")
+  assert not np.allclose(_flat(every.params), _flat(w), atol=1e-6)
 
 
 # ---- SalUn ------------------------------------------------------------------
@@ -208,6 +255,22 @@ def test_saliency_mask_is_the_top_fraction_of_the_summed_gradient(problem,
                         jax.tree_util.tree_leaves(mask)])
   assert got.dtype == bool and got.sum() == k
   assert flat[got].min() >= flat[~got].max() if k < flat.size else got.all()
+
+
+def test_salun_epoch_is_a_forget_pass_with_uniform_labels_then_retain(
+    problem_exact):
+  # SalUn's RL (CIFAR-10 branch): a D_f step with labels uniform over ALL
+  # classes, then a D_r step; mask_ratio = 1 updates every weight.
+  prob, lr = problem_exact, 0.2
+  r = methods.run_method("salun", prob, mask_ratio=1.0, epochs=1,
+                         learning_rate=lr, momentum=0.0, weight_decay=0.0,
+                         batch_size=1000)
+  rng = base.host_rng(jax.random.PRNGKey(0))
+  y_f = rng.integers(0, C, len(prob.forget[1])).astype(np.int32)
+  w = prob.params
+  for x, y in ((prob.forget[0], y_f), prob.retain):
+    w = jax.tree_util.tree_map(lambda a, g: a - lr * g, w, _ce_grad(w, x, y))
+  np.testing.assert_allclose(_flat(r.params), _flat(w), rtol=1e-5, atol=1e-6)
 
 
 def test_salun_keeps_unmasked_weights_bit_identical(problem):
@@ -282,8 +345,26 @@ def test_fisher_diagonal_and_mask_against_closed_form():
       keep = np.abs(ratio - gamma) > 1e-3  # away from the threshold
       np.testing.assert_array_equal(np.asarray(mask[k])[keep],
                                     (ratio >= gamma)[keep])
-  assert not bool(methods.fisher_mask({"a": jnp.zeros(2)},
-                                      {"a": jnp.zeros(2)}, 1.0)["a"].any())
+  # ε on both sides, as released: 0/0 is a ratio of 1, in the mask at γ = 1.
+  zero = {"a": jnp.zeros(2)}
+  assert bool(methods.fisher_mask(zero, zero, 1.0)["a"].all())
+  assert not bool(methods.fisher_mask(zero, zero, 1.5)["a"].any())
+
+
+def test_batch_fisher_is_the_mean_squared_batch_gradient():
+  rng = np.random.default_rng(4)
+  p = _mlp_init(3)
+  x, y = _data(5, n=23)
+  got = methods.batch_fisher_diagonal(mlp, p, x, y, batch_size=8)
+  batches = [slice(0, 8), slice(8, 16), slice(16, 23)]  # in order, short last
+  want = np.mean([_flat(_ce_grad(p, x[b], y[b])) ** 2 for b in batches], 0)
+  np.testing.assert_allclose(_flat(got), want, rtol=1e-4, atol=1e-9)
+  per_sample = _flat(methods.fisher_diagonal(mlp, p, x, y))
+  assert np.mean(per_sample) > 2 * np.mean(want)  # squaring means shrinks it
+  shuffled = methods.batch_fisher_diagonal(mlp, p, x, y, batch_size=8,
+                                           rng=np.random.default_rng(0))
+  assert not np.allclose(_flat(shuffled), want)
+  del rng
 
 
 def test_slow_update_hand_checked_sequence():
@@ -341,25 +422,33 @@ def test_kl_divergence_matches_numpy():
   np.testing.assert_allclose(methods.kl_divergence(t, t, 2.0), 0, atol=1e-6)
 
 
-@pytest.mark.parametrize("incompetent", ["init", "uniform"])
+@pytest.mark.parametrize("incompetent", ["random_init", "init", "uniform"])
 def test_bad_teacher_decreases_its_objective(problem_exact, incompetent):
   prob = problem_exact
   x = np.concatenate([prob.forget[0], prob.retain[0]])
   is_f = np.arange(len(x)) < len(prob.forget[0])
+  teacher = {"init": prob.init_params, "random_init": prob.random_init[1]}
 
   def objective(p):
     comp = np.asarray(mlp(prob.params, x))
-    bad = np.asarray(mlp(prob.init_params, x))
     kl_c = _np_kl(comp, np.asarray(mlp(p, x)), 1.0)
-    kl_b = (_np_kl(bad, np.asarray(mlp(p, x)), 1.0) if incompetent == "init"
-            else _np_kl(None, np.asarray(mlp(p, x)), 1.0,
-                        np.full((len(x), C), 1 / C)))
+    if incompetent == "uniform":
+      kl_b = _np_kl(None, np.asarray(mlp(p, x)), 1.0,
+                    np.full((len(x), C), 1 / C))
+    else:
+      kl_b = _np_kl(np.asarray(mlp(teacher[incompetent], x)),
+                    np.asarray(mlp(p, x)), 1.0)
     return np.mean(np.where(is_f, kl_b, kl_c))
 
   r = methods.run_method("bad_teacher", prob, retain_fraction=1.0, epochs=10,
                          learning_rate=1e-2, incompetent=incompetent)
   assert r.info["retain_used"] == len(prob.retain[0])
   assert objective(r.params) < 0.7 * objective(prob.params)
+
+
+def test_bad_teacher_random_init_needs_the_network(problem_exact):
+  with pytest.raises(ValueError, match="problem.random_init"):
+    methods.run_method("bad_teacher", problem_exact._replace(random_init=None))
 
 
 def test_scrub_min_pass_decreases_and_max_pass_diverges(problem_exact):
@@ -373,7 +462,8 @@ def test_scrub_min_pass_decreases_and_max_pass_diverges(problem_exact):
     ce = np.mean(np.log(np.exp(z).sum(1)) - z[np.arange(len(y)), y])
     return a * kl + g * ce
 
-  common = dict(epochs=8, learning_rate=0.1, alpha=a, gamma=g)
+  common = dict(epochs=8, learning_rate=0.1, alpha=a, gamma=g,
+                optimizer="adam", forget_batch_size=16, retain_batch_size=16)
   no_max = methods.run_method("scrub", prob, max_steps=0, **common)
   assert min_objective(no_max.params) < min_objective(prob.params)
   # The max passes start where student = teacher (zero KL gradient) and then

@@ -570,9 +570,40 @@ def cmd_experiment(args) -> dict:
   return results
 
 
+def cmd_tune(args) -> dict:
+  from fastntk_jax.experiments import tuning
+  from fastntk_jax.io import atomic
+  from fastntk_jax import experiments
+  cfg = experiments.load_config(args.config)
+  if args.methods is not None:
+    cfg["tune"]["methods"] = list(args.methods)
+  out = Path(args.out) if args.out else Path("results") / "tune" / cfg["name"]
+  if out.exists() and not out.is_dir():
+    raise UsageError(f"--out {out} is a file; give a directory.")
+  if args.write and not args.write.endswith(".toml"):
+    raise UsageError(f"--write {args.write}: give a path ending in .toml "
+                     "(the tuning record is written beside it as .json).")
+  _log(args, f"[tune] {cfg['name']} -> {out}")
+  record = tuning.tune(cfg, out, log=(lambda s: None) if args.quiet else None)
+  if args.write:
+    dest = Path(args.write)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    for src, dst in ((out / "chosen.toml", dest),
+                     (out / "tuning.json", dest.with_suffix(".json"))):
+      data = src.read_bytes()
+      atomic.atomic_write(dst, lambda f, d=data: f.write(d))
+  for m, hp in record["chosen"].items():
+    print(f"{m}: {hp}")
+  print(f"chosen values: {out / 'chosen.toml'}; every trial: "
+        f"{out / 'tuning.json'}"
+        + (f"; copied to {args.write}" if args.write else ""))
+  return record
+
+
 COMMANDS = {"params": cmd_params, "evaluate": cmd_evaluate,
             "pretrain": cmd_pretrain, "train": cmd_train,
-            "unlearn": cmd_unlearn, "experiment": cmd_experiment}
+            "unlearn": cmd_unlearn, "experiment": cmd_experiment,
+            "tune": cmd_tune}
 
 
 def main(argv=None) -> int:

@@ -37,6 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_train(sub)
   _add_unlearn(sub)
   _add_experiment(sub)
+  _add_tune(sub)
   return p
 
 
@@ -244,3 +245,21 @@ def _add_experiment(sub) -> None:
                  help="override the config's methods")
   q.add_argument("--quiet", action="store_true", help="no progress output")
   q.set_defaults(command="experiment")
+
+
+def _add_tune(sub) -> None:
+  q = sub.add_parser("tune", help="choose each method's hyperparameters on a "
+                     "validation split disjoint from every evaluation image "
+                     "(docs/tuning.md); resumable")
+  q.add_argument("config", metavar="CONFIG", help="the experiment "
+                 "configuration to tune for, e.g. configs/demo.toml")
+  q.add_argument("--out", metavar="DIR", help="tuning directory (default: "
+                 "results/tune/<config name>); rerun with the same DIR to "
+                 "resume")
+  q.add_argument("--methods", metavar="NAME", nargs="+",
+                 help="tune only these methods (default: every tunable one)")
+  q.add_argument("--write", metavar="PATH", help="also copy chosen.toml and "
+                 "tuning.json here (PATH.toml and PATH.json), the file an "
+                 "experiment config names with tuned = \"...\"")
+  q.add_argument("--quiet", action="store_true", help="no progress output")
+  q.set_defaults(command="tune")

@@ -200,6 +200,8 @@ class MIAResult(NamedTuple):
       the attack learnt nothing.
     num_shadow: shadow samples per side in the fit.
     feature_names: the features used, in order.
+    attack_auc: the AUC of the attack's score on the balanced set it was
+      fitted on (members against non-members); 0.5 = no signal.
   """
   efficacy: float
   member_rate: float
@@ -207,6 +209,7 @@ class MIAResult(NamedTuple):
   attack_balanced_accuracy: float
   num_shadow: int
   feature_names: tuple
+  attack_auc: float = float("nan")
 
 
 def _fit_logistic(x, t, l2: float, max_iter: int = 100, tol: float = 1e-10):
@@ -356,5 +359,7 @@ def mia_efficacy(logits_retain, y_retain, logits_test, y_test, logits_forget,
   num_all = len(feats["retain"]) + len(feats["test"])
   shadow_acc = float(shadow_correct / num_all)
   efficacy = float(np.mean(~is_member(feats["forget"])))
+  score = ((x - mean) / std) @ w
+  auc = loss_auc(-score[:per_side], -score[per_side:])  # higher = member
   return MIAResult(efficacy, 1.0 - efficacy, shadow_acc, balanced, per_side,
-                   features)
+                   features, float(auc))

@@ -28,7 +28,7 @@ import optax
 from fastntk_jax.core import kernels
 from fastntk_jax.training import train
 
-__all__ = ["RelearnResult", "epoch_keys", "relearn_time"]
+__all__ = ["RelearnResult", "epoch_keys", "forget_loss", "relearn_time"]
 
 
 class RelearnResult(NamedTuple):
@@ -123,6 +123,21 @@ def _relearn_fn(apply_fn, loss: str, tx: optax.GradientTransformation,
     return e, buf
 
   return jax.jit(run)
+
+
+@functools.lru_cache(maxsize=32)
+def _loss_fn(apply_fn, loss: str):
+  return jax.jit(lambda p, x, y: train.loss_fn(apply_fn(p, x), y, loss))
+
+
+def forget_loss(apply_fn, params, x, y, loss: str) -> float:
+  """The loss :func:`relearn_time` compares with its threshold: the mean
+  ``loss`` (``"mse"`` or ``"ce"``) of ``params`` on all of ``(x, y)``, without
+  augmentation, in one batch."""
+  if loss not in ("mse", "ce"):
+    raise ValueError(f"loss must be 'mse' or 'ce', got {loss!r}.")
+  return float(_loss_fn(apply_fn, loss)(params, jnp.asarray(x),
+                                        jnp.asarray(y, jnp.int32)))
 
 
 def _validate(apply_fn, params, x, y, config, threshold, max_epochs):

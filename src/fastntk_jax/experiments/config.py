@@ -35,7 +35,8 @@ __all__ = ["ConfigError", "DEFAULTS", "backbone_record", "config_hash",
            "load_config", "resolve", "METHOD_ORDER"]
 
 #: The methods of the bench, in the order the tables list them.
-METHOD_ORDER = ("full", "retrain", "fast_ntk", "max_loss", "random_label",
+METHOD_ORDER = ("full", "retrain", "retrain_other_seed",
+                "fast_ntk", "max_loss", "random_label",
                 "ft", "ga", "salun", "bad_teacher", "scrub", "sfr_on")
 
 DEFAULTS: dict[str, Any] = {
@@ -56,6 +57,7 @@ DEFAULTS: dict[str, Any] = {
         "train_split": "train",
         "test_split": "test",
         "ipc": 20,            # training images per class (first in source order)
+        "skip": 0,            # images per class passed over first (validation)
         "test_ipc": 100,      # 0 = the whole test split
         "classes": [],        # [] = all classes
         "forget": "class:0",  # splits.parse_forget syntax
@@ -64,19 +66,30 @@ DEFAULTS: dict[str, Any] = {
                  if k != "seed"},
     "metrics": {
         "relearn": True,
-        "relearn_threshold": 0.05,
+        "relearn_threshold": "full",  # or a loss, e.g. the paper's 0.05
         "relearn_max_epochs": 100,
         "mia": True,
         "probe": True,
         "probe_epochs": 100,
     },
     "method": {},             # per-method hyperparameters: [method.fast_ntk]
+    # A TOML file (relative to the config) of [method.X] tables written by
+    # `fastntk tune`; the config's own [method.X] keys override it.
+    "tuned": "",
+    "tune": {
+        "seeds": [100],       # tuning seeds: disjoint from the reported ones
+        "ipc": 0,             # validation D per class (0 = data.ipc)
+        "test_ipc": 0,        # validation held-out per class (0 = data.test_ipc)
+        "reference_seed_offset": 1000,  # Retrain of another recipe seed
+        "methods": [],        # [] = every tunable method of `methods`
+    },
 }
 
 # Keys whose change does not invalidate finished runs: seeds and methods may
 # be extended, the text is documentation, and each method's run records its
 # own hyperparameters (a changed [method.X] re-runs method X only).
-_RESUMABLE_KEYS = ("seeds", "methods", "description", "method")
+_RESUMABLE_KEYS = ("seeds", "methods", "description", "method", "tuned",
+                   "tune")
 
 
 class ConfigError(ValueError):
@@ -90,7 +103,7 @@ def _merge(defaults: Mapping, given: Mapping, where: str) -> dict:
     if key not in defaults:
       raise ConfigError(f"unknown key {path!r}; valid keys here: "
                         f"{sorted(defaults)}.")
-    if isinstance(defaults[key], dict) and key != "method":
+    if isinstance(defaults[key], dict) and key not in ("method",):
       if not isinstance(value, Mapping):
         raise ConfigError(f"{path!r} must be a table ([{path}]), got "
                           f"{type(value).__name__}.")
@@ -161,7 +174,27 @@ def resolve(raw: Mapping) -> dict:
   _check_data(cfg["data"])
   _check_finetune(cfg["finetune"])
   _check_metrics(cfg["metrics"])
+  _check_tune(cfg["tune"])
   return cfg
+
+
+def _check_tune(t: dict) -> None:
+  seeds = t["seeds"]
+  if (not isinstance(seeds, list) or not seeds
+      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
+                 for s in seeds) or len(set(seeds)) != len(seeds)):
+    raise ConfigError(f"tune.seeds must be a non-empty list of distinct "
+                      f"integers >= 0, got {seeds!r}.")
+  for k in ("ipc", "test_ipc", "reference_seed_offset"):
+    _check_type(f"tune.{k}", t[k], int, "an integer >= 0")
+    if t[k] < 0:
+      raise ConfigError(f"tune.{k} must be >= 0.")
+  if t["reference_seed_offset"] < 1:
+    raise ConfigError("tune.reference_seed_offset must be >= 1 (the reference "
+                      "Retrain uses another recipe seed).")
+  if not isinstance(t["methods"], list):
+    raise ConfigError("tune.methods must be a list of method names ([] = "
+                      "all).")
 
 
 def _check_model(m: dict) -> None:
@@ -185,8 +218,11 @@ def _check_data(d: dict) -> None:
   for k in ("train_split", "test_split"):
     if d[k] not in ("train", "test"):
       raise ConfigError(f"data.{k} must be 'train' or 'test', got {d[k]!r}.")
-  for k in ("ipc", "test_ipc"):
+  for k in ("ipc", "test_ipc", "skip"):
     _check_type(f"data.{k}", d[k], int, "an integer")
+  if d["skip"] < 0:
+    raise ConfigError("data.skip must be >= 0 (images per class passed over "
+                      "before the selection).")
   if d["ipc"] < 1:
     raise ConfigError("data.ipc must be >= 1 (training images per class).")
   if d["test_ipc"] < 0:
@@ -234,9 +270,12 @@ def _check_metrics(m: dict) -> None:
   for k in ("relearn", "mia", "probe"):
     _check_type(f"metrics.{k}", m[k], bool, "true or false")
   thr = m["relearn_threshold"]
-  _check_type("metrics.relearn_threshold", thr, (int, float), "a number > 0")
-  if not thr > 0:
-    raise ConfigError("metrics.relearn_threshold must be > 0.")
+  if thr != "full":
+    _check_type("metrics.relearn_threshold", thr, (int, float),
+                "\"full\" (calibrated to w_D's loss on D_f) or a number > 0")
+    if not thr > 0:
+      raise ConfigError("metrics.relearn_threshold must be \"full\" or a "
+                        "number > 0.")
   for k in ("relearn_max_epochs", "probe_epochs"):
     _check_type(f"metrics.{k}", m[k], int, "a positive integer")
     if m[k] < 1:
@@ -293,7 +332,29 @@ def load_config(path: str | Path, overrides: Mapping | None = None) -> dict:
   raw = dict(raw)
   for k, v in (overrides or {}).items():
     raw[k] = v
+  if raw.get("tuned"):
+    raw["method"] = _with_tuned(path, raw)
   return resolve(raw)
+
+
+def _with_tuned(path: Path, raw: Mapping) -> dict:
+  """``[method.X]`` of the ``tuned`` file, updated by the config's own."""
+  tuned = raw["tuned"]
+  if not isinstance(tuned, str):
+    raise ConfigError(f"'tuned' must be a path to a TOML file, got {tuned!r}.")
+  tpath = (path.parent / tuned) if not Path(tuned).is_absolute() else Path(
+      tuned)
+  if not tpath.is_file():
+    raise ConfigError(f"tuned: no file at {tpath}; run `fastntk tune "
+                      f"{path} --write {tpath}` first, or remove 'tuned'.")
+  try:
+    table = tomllib.loads(tpath.read_text())
+  except tomllib.TOMLDecodeError as e:
+    raise ConfigError(f"tuned {tpath}: cannot parse it: {e}") from None
+  methods = {m: dict(hp) for m, hp in table.get("method", {}).items()}
+  for m, hp in dict(raw.get("method", {})).items():
+    methods.setdefault(m, {}).update(hp)
+  return methods
 
 
 _LATER_FINETUNE_DEFAULTS = {"proximal": 0.0, "tangent": False}
@@ -314,5 +375,9 @@ def config_hash(cfg: Mapping) -> str:
     if k in ft and ft[k] == off:
       del ft[k]
   core["finetune"] = ft
+  data = dict(core.get("data", {}))
+  if data.get("skip") == 0:
+    del data["skip"]
+  core["data"] = data
   text = json.dumps(core, sort_keys=True, default=str)
   return hashlib.sha256(text.encode()).hexdigest()[:16]

@@ -14,6 +14,7 @@ import numpy as np
 from fastntk_jax.core import kernels
 from fastntk_jax.evaluation import metrics
 from fastntk_jax.evaluation import mia
+from fastntk_jax.evaluation import mia_papers
 from fastntk_jax import peft
 from fastntk_jax.evaluation import probe
 from fastntk_jax.evaluation import relearn
@@ -23,8 +24,26 @@ from fastntk_jax.experiments.features import head_input_fn
 __all__ = ["evaluate", "probe_report"]
 
 
+def relearn_threshold(apply_fn, w_d, forget, recipe, mcfg) -> float:
+  """The loss on D_f that counts as relearnt.
+
+  ``metrics.relearn_threshold = "full"`` (the default) calibrates it to the
+  model before unlearning: ``w_D``'s own recipe loss on D_f, so that a model
+  which forgot nothing (Full) needs 0 epochs by construction and every count
+  reads "epochs to get back to where ``w_D`` was". The factor ``1 + 1e-4``
+  absorbs the rounding between this evaluation and the relearn loop's. A
+  number is an absolute threshold (the Fast-NTK paper's 0.05).
+  """
+  thr = mcfg["relearn_threshold"]
+  if thr != "full":
+    return float(thr)
+  value = float(relearn.forget_loss(apply_fn, w_d, forget[0], forget[1],
+                                    recipe.loss))
+  return value * (1.0 + 1e-4)
+
+
 def evaluate(apply_fn, params, sets, *, forget_kind, forget_classes, recipe,
-              mcfg, seed, retrain_logits) -> tuple[dict, dict]:
+              mcfg, seed, retrain_logits, relearn_at=None) -> tuple[dict, dict]:
   """The metrics of one method on one seed.
 
   Args:
@@ -36,6 +55,8 @@ def evaluate(apply_fn, params, sets, *, forget_kind, forget_classes, recipe,
     mcfg: the ``[metrics]`` configuration.
     seed: the MIA's subsampling seed.
     retrain_logits: Retrain's ``{"forget", "test"}`` logits (None: no KL).
+    relearn_at: the relearn threshold (:func:`relearn_threshold`); None:
+      the configured number.
 
   Returns:
     ``(metrics, extra)``: the metric values (percent for accuracies and MIA)
@@ -61,6 +82,15 @@ def evaluate(apply_fn, params, sets, *, forget_kind, forget_classes, recipe,
                            y_t[nonmem], logits["forget"], y_f, seed=seed)
     out["mia"] = 100 * float(res.efficacy)
     out["mia_attack_accuracy"] = 100 * float(res.attack_balanced_accuracy)
+    out["mia_attack_auc"] = float(res.attack_auc)
+    shadow = (logits["retain"], y_r, logits["test"][nonmem], y_t[nonmem],
+              logits["forget"], y_f)
+    svc = mia_papers.svc_mia(*shadow, feature="confidence", seed=seed)
+    out["mia_svc"] = 100 * float(svc.efficacy)
+    out["mia_svc_auc"] = float(svc.attack_auc)
+    ent = mia_papers.entropy_mia(*shadow)
+    out["mia_entropy"] = 100 * float(ent.efficacy)
+    out["mia_entropy_auc"] = float(ent.attack_auc)
     # Loss-threshold AUC of D_f against unseen images of D_f's classes:
     # 0.5 = D_f looks unseen.
     same = in_forget if forget_kind == "class" else np.ones(len(y_t), bool)
@@ -76,10 +106,13 @@ def evaluate(apply_fn, params, sets, *, forget_kind, forget_classes, recipe,
         retrain_logits["forget"], logits["forget"])))
   extra = {}
   if mcfg["relearn"]:
+    thr = (float(mcfg["relearn_threshold"]) if relearn_at is None
+           else float(relearn_at))
     rl = relearn.relearn_time(apply_fn, params, x_f, y_f, config=recipe,
-                              threshold=mcfg["relearn_threshold"],
+                              threshold=thr,
                               max_epochs=mcfg["relearn_max_epochs"])
     out["relearn_epochs"] = int(rl.epochs)
+    out["relearn_threshold"] = thr
     extra["relearn_curve"] = np.asarray(rl.losses).tolist()
     extra["relearn_reached"] = bool(rl.reached)
   return out, {**extra, "_logits": logits}

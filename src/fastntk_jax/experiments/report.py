@@ -1,9 +1,15 @@
 """Aggregation of an experiment's runs: ``results.json``, tables, plots.
 
-Each metric is reported as mean ± sample standard deviation (``ddof=1``; 0
-with one seed) over seeds, with the per-seed values kept. Avg.D (SFR-on paper)
-is computed per seed against that seed's Retrain, then averaged. Accuracies
-and MIA are in percent, KL in nats, times in seconds.
+Each metric is reported over seeds as its mean, sample standard deviation
+(``ddof=1``) and the half-width of the 95 % confidence interval of the mean
+(Student's t with n − 1 degrees of freedom), with the per-seed values kept;
+the tables show mean ± that half-width. Gaps to Retrain are also reported as
+paired differences: per seed, method minus that seed's Retrain, then mean
+± 95 % CI over seeds. Avg.D (SFR-on paper) is computed per seed against that
+seed's Retrain, then averaged. The ``retrain_other_seed`` row is Retrain with
+another recipe seed: its gaps are the noise floor, the size of a difference
+that two equally good unlearned models show. Accuracies and MIA are in
+percent, KL and JS in nats, times in seconds.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from fastntk_jax.io import atomic
 from fastntk_jax.evaluation import metrics
@@ -22,18 +29,24 @@ from fastntk_jax.experiments.config import METHOD_ORDER
 __all__ = ["DISPLAY", "METRICS", "aggregate", "json_safe", "markdown",
            "write_all"]
 
-DISPLAY = {"full": "Full", "retrain": "Retrain", "fast_ntk": "Fast-NTK",
+DISPLAY = {"full": "Full", "retrain": "Retrain",
+           "retrain_other_seed": "Retrain, other seed (noise floor)",
+           "fast_ntk": "Fast-NTK",
            "max_loss": "Max Loss", "random_label": "Random Label",
            "ft": "FT", "ga": "GA", "salun": "SalUn",
            "bad_teacher": "Bad Teacher", "scrub": "SCRUB", "sfr_on": "SFR-on"}
 
 #: Metrics aggregated per method (those a run lacks are left out).
 METRICS = ("acc_retain", "acc_forget", "acc_test", "acc_test_retained",
-           "acc_test_forgotten", "relearn_epochs", "mia", "mia_auc",
-           "mia_attack_accuracy", "kl_to_retrain", "kl_to_retrain_test",
+           "acc_test_forgotten", "relearn_epochs", "relearn_threshold", "mia", "mia_auc",
+           "mia_attack_accuracy", "mia_attack_auc", "mia_svc", "mia_svc_auc",
+           "mia_entropy", "mia_entropy_auc", "kl_to_retrain", "kl_to_retrain_test",
            "js_to_retrain", "avg_d", "seconds", "compile_seconds")
 
 _AVG_D_KEYS = ("acc_forget", "acc_retain", "acc_test", "mia")
+#: Metrics whose paired difference to Retrain is reported.
+PAIRED_KEYS = ("acc_forget", "acc_retain", "acc_test", "mia", "mia_svc",
+               "mia_entropy", "relearn_epochs")
 
 
 def json_safe(obj):
@@ -55,14 +68,42 @@ def json_safe(obj):
 
 
 
+def ci95_halfwidth(values) -> float | None:
+  """Half-width of the 95 % confidence interval of the mean of ``values``:
+  ``t_{0.975, n−1} · s / √n`` (s: sample std). None for fewer than 2."""
+  v = np.asarray(values, float)
+  if v.size < 2:
+    return None
+  t = float(scipy_stats.t.ppf(0.975, v.size - 1))
+  return t * float(np.std(v, ddof=1)) / math.sqrt(v.size)
+
+
 def _stats(values: list[float]) -> dict[str, Any]:
   v = np.asarray([np.nan if x is None else x for x in values], float)
   ok = v[np.isfinite(v)]
   if ok.size == 0:
-    return {"mean": None, "std": None, "values": [None] * len(v)}
+    return {"mean": None, "std": None, "ci95": None, "n": 0,
+            "values": [None] * len(v)}
   std = float(np.std(ok, ddof=1)) if ok.size > 1 else 0.0
-  return {"mean": float(np.mean(ok)), "std": std,
+  return {"mean": float(np.mean(ok)), "std": std, "ci95": ci95_halfwidth(ok),
+          "n": int(ok.size),
           "values": [float(x) if math.isfinite(x) else None for x in v]}
+
+
+def _paired(runs: dict, method: str, seeds) -> dict[str, dict]:
+  """Per-seed ``method − retrain`` for :data:`PAIRED_KEYS`, with stats."""
+  out = {}
+  for k in PAIRED_KEYS:
+    diffs = []
+    for s in seeds:
+      a, b = runs[s].get(method), runs[s].get("retrain")
+      va = None if a is None else a["metrics"].get(k)
+      vb = None if b is None else b["metrics"].get(k)
+      if va is not None and vb is not None:
+        diffs.append(float(va) - float(vb))
+    if diffs:
+      out[k] = _stats(diffs)
+  return out
 
 
 def _load(path: Path):
@@ -100,6 +141,7 @@ def aggregate(out: str | Path, cfg: dict, env: dict) -> dict:
       curves[m].append(run.get("relearn_curve"))
     methods[m] = {k: _stats(v) for k, v in per_metric.items()}
     methods[m]["num_seeds"] = len(curves[m])
+    methods[m]["paired_to_retrain"] = _paired(runs, m, cfg["seeds"])
   probes = [_load(out / "runs" / f"seed{s}" / "probe.json")
             for s in cfg["seeds"]]
   probe = {}
@@ -120,10 +162,11 @@ def _fmt(stat: dict | None, digits: int = 1, gap: float | None = None) -> str:
   if not stat or stat.get("mean") is None:
     return "–"
   values = [v for v in stat.get("values", []) if v is not None]
-  if len(values) == 1:  # one seed: no spread to report
+  half = stat.get("ci95")
+  if len(values) < 2 or half is None:  # one seed: no interval to report
     s = f"{stat['mean']:.{digits}f}"
   else:
-    s = f"{stat['mean']:.{digits}f} ± {stat['std']:.{digits}f}"
+    s = f"{stat['mean']:.{digits}f} ± {half:.{digits}f}"
   if gap is not None and math.isfinite(gap):
     s += f" ({gap:.{digits}f})"
   return s
@@ -158,7 +201,8 @@ def markdown(results: dict) -> str:
       f"({d['ipc']} training images a class, test_ipc {d['test_ipc'] or 'all'}),"
       f" forget `{d['forget']}`, fine-tuning loss {cfg['finetune']['loss']}, "
       f"{cfg['finetune']['epochs']} epochs. Seeds {results['seeds']}; "
-      + ("mean ± std over seeds" if len(results["seeds"]) > 1
+      + ("mean ± 95 % CI half-width over seeds (Student's t)"
+         if len(results["seeds"]) > 1
          else "one seed, so no spread") + f". Device: {results.get('device')} "
       f"({results.get('platform')}), JAX {results['versions']['jax']}.", ""]
   lines += [_backbone_line(results.get("backbone")), ""]
@@ -203,6 +247,7 @@ def markdown(results: dict) -> str:
         f"{_fmt(r.get('kl_to_retrain_test'), 3)} | "
         f"{_fmt(r.get('js_to_retrain'), 3)} | {_fmt(r.get('mia_auc'), 3)}"
         f" | {_fmt(r.get('seconds'))} | {_fmt(r.get('compile_seconds'))} |")
+  lines += _mia_table(meth, order) + _paired_table(meth, order)
   if results.get("probe"):
     lines += ["", "## Linear-probe risk analysis (Fast-NTK Table III): a linear "
               "head trained on D on frozen features, accuracy (%)", "",
@@ -212,12 +257,59 @@ def markdown(results: dict) -> str:
     for b, r in results["probe"].items():
       lines.append(f"| {names.get(b, b)} | {_fmt(r.get('acc_retain'))} | "
                    f"{_fmt(r.get('acc_forget'))} |")
-  lines += ["", "MIA: share of D_f that an attack trained to tell D_r from "
+  lines += _footnote(cfg)
+  return "\n".join(lines)
+
+
+def _footnote(cfg: dict) -> list[str]:
+  thr = cfg.get("metrics", {}).get("relearn_threshold")
+  return ["", "MIA: share of D_f that an attack trained to tell D_r from "
             "held-out images (confidence, entropy, modified entropy; logistic "
             "regression) calls non-member. loss-AUC: AUC of the loss-threshold "
             "attack, D_f against held-out images of its classes (0.5 = looks "
-            "unseen). RTE includes preparation and compilation.", ""]
-  return "\n".join(lines)
+            "unseen). RTE includes preparation and compilation. Relearn: "
+            + ("epochs of the recipe on D_f until its loss is back to w_D's "
+               "(Full is 0 by construction)" if thr == "full" else
+               f"epochs of the recipe on D_f until its loss is below {thr}")
+            + ".", ""]
+
+
+def _mia_table(meth: dict, order: list) -> list[str]:
+  if not any("mia_svc" in meth[m] for m in order):
+    return []
+  lines = ["", "## Membership attacks (% of D_f called non-member; attack AUC "
+           "on its own shadow members vs non-members, 0.5 = no signal)", "",
+           "| Method | ours (LR, 3 features) | AUC | SalUn SVC (confidence) | "
+           "AUC | SFR-on LR (entropy) | AUC |", "|---|---|---|---|---|---|---|"]
+  for m in order:
+    r = meth[m]
+    lines.append(
+        f"| {DISPLAY[m]} | {_fmt(r.get('mia'))} | "
+        f"{_fmt(r.get('mia_attack_auc'), 3)} | {_fmt(r.get('mia_svc'))} | "
+        f"{_fmt(r.get('mia_svc_auc'), 3)} | {_fmt(r.get('mia_entropy'))} | "
+        f"{_fmt(r.get('mia_entropy_auc'), 3)} |")
+  return lines
+
+
+def _paired_table(meth: dict, order: list) -> list[str]:
+  keys = [("acc_forget", "FA"), ("acc_retain", "RA"), ("acc_test", "TA"),
+          ("mia", "MIA"), ("mia_svc", "MIA-SVC"), ("relearn_epochs",
+                                                  "Relearn")]
+  rows = [m for m in order if m != "retrain"
+          and meth[m].get("paired_to_retrain")]
+  if not rows:
+    return []
+  lines = ["", "## Paired differences to Retrain (method − Retrain per seed; "
+           "mean ± 95 % CI). The noise-floor row is a second Retrain with "
+           "another recipe seed: differences of that size are noise.", "",
+           "| Method | " + " | ".join(k[1] for k in keys) + " |",
+           "|---|" + "---|" * len(keys)]
+  noise = [m for m in rows if m == "retrain_other_seed"]
+  for m in noise + [m for m in rows if m not in noise]:
+    p = meth[m]["paired_to_retrain"]
+    lines.append(f"| {DISPLAY[m]} | "
+                 + " | ".join(_fmt(p.get(k)) for k, _ in keys) + " |")
+  return lines
 
 
 def _plots(out: Path, results: dict) -> None:
@@ -260,7 +352,11 @@ def _plots(out: Path, results: dict) -> None:
       mean = np.nanmean(arr, axis=0)
     ax.plot(np.arange(n), np.maximum(mean, 1e-6), label=DISPLAY[m])
   thr = results["config"]["metrics"]["relearn_threshold"]
-  ax.axhline(thr, color="k", ls="--", lw=0.8)
+  if thr == "full":  # calibrated per seed: the mean threshold is drawn
+    thr = next((meth[m]["relearn_threshold"]["mean"] for m in order
+                if meth[m].get("relearn_threshold", {}).get("mean")), None)
+  if thr is not None:
+    ax.axhline(thr, color="k", ls="--", lw=0.8)
   ax.set_yscale("log")
   ax.set_xlabel("relearning epoch on D_f")
   ax.set_ylabel(f"{results['config']['finetune']['loss']} loss on D_f")

@@ -46,7 +46,9 @@ from fastntk_jax.experiments import evaluate
 from fastntk_jax.experiments import report
 from fastntk_jax.experiments.config import ConfigError, backbone_record, config_hash
 
-__all__ = ["run_experiment", "environment"]
+__all__ = ["Progress", "environment", "finetuned", "forget_spec", "load_data",
+           "preprocess",
+           "random_init_model", "run_experiment", "shared_apply_fn"]
 
 
 def _digest(a: np.ndarray) -> str:
@@ -65,32 +67,49 @@ def _read_json(path: Path):
 
 
 # ----------------------------------------------------------------- data
-def _load_data(cfg: dict):
-  """Training and test images (uint8), labels and class names."""
+def _skipped(ds, skip: int):
+  """``ds`` without the first ``skip`` images of each class."""
+  if not skip:
+    return ds
+  drop = np.zeros(len(ds.y), bool)
+  drop[splits.first_per_class(ds.y, skip)] = True
+  return ds._replace(x=ds.x[~drop], y=ds.y[~drop])
+
+
+def load_data(cfg: dict):
+  """Training and test images (uint8), labels, class names and source.
+
+  ``data.skip`` passes over the first ``skip`` images of each class of the
+  training split (of the one split, when train and test share it) before the
+  selection: a validation pool disjoint from the evaluation's.
+  """
   from fastntk_jax import data as data_lib
   d, m = cfg["data"], cfg["model"]
   size = zoo.spec(m["name"]).image_size
   classes = d["classes"] or None
+  skip = int(d.get("skip", 0))
   if d["train_split"] == d["test_split"]:
     # One split only (e.g. ImageNet-R's): the first test_ipc images of each
     # class are the test set, the next ipc the training set.
-    ds = data_lib.load_dataset(d["source"], d["train_split"],
-                               ipc=d["ipc"] + d["test_ipc"], classes=classes,
-                               image_size=size)
+    ds = _skipped(data_lib.load_dataset(
+        d["source"], d["train_split"], ipc=skip + d["ipc"] + d["test_ipc"],
+        classes=classes, image_size=size), skip)
     test_idx = splits.first_per_class(ds.y, d["test_ipc"])
     is_test = np.zeros(len(ds.y), bool)
     is_test[test_idx] = True
     return (ds.x[~is_test], ds.y[~is_test], ds.x[is_test], ds.y[is_test],
             ds.class_names, ds.source)
-  tr = data_lib.load_dataset(d["source"], d["train_split"], ipc=d["ipc"],
-                             classes=classes, image_size=size)
+  tr = _skipped(data_lib.load_dataset(d["source"], d["train_split"],
+                                      ipc=skip + d["ipc"], classes=classes,
+                                      image_size=size), skip)
   te = data_lib.load_dataset(d["source"], d["test_split"],
                              ipc=d["test_ipc"] or None, classes=classes,
                              image_size=size)
   return tr.x, tr.y, te.x, te.y, tr.class_names, tr.source
 
 
-def _forget_spec(text: str, seed: int) -> splits.ForgetSpec:
+def forget_spec(text: str, seed: int) -> splits.ForgetSpec:
+  """The forget request of ``seed`` (a random one draws with seed ``K + seed``)."""
   spec = splits.parse_forget(text)
   if spec.kind == "random":
     spec = spec._replace(seed=spec.seed + seed)
@@ -98,7 +117,7 @@ def _forget_spec(text: str, seed: int) -> splits.ForgetSpec:
 
 
 # --------------------------------------------------------------- runner
-class _Progress:
+class Progress:
   """A tqdm bar on a terminal, one line per step otherwise."""
 
   def __init__(self, total: int, enabled: bool, log: Callable[[str], None]):
@@ -171,34 +190,39 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
         f"model.weights: there are no pretrained weights for {m['name']!r} "
         "here; pass a checkpoint from `fastntk pretrain` as model.weights, or "
         "set model.require_pretrained = false to run on a random backbone.")
-  x_tr, y_tr, x_te, y_te, class_names, source = _load_data(cfg)
+  x_tr, y_tr, x_te, y_te, class_names, source = load_data(cfg)
   num_classes = len(class_names)
-  specs = {s: _forget_spec(cfg["data"]["forget"], s) for s in cfg["seeds"]}
+  specs = {s: forget_spec(cfg["data"]["forget"], s) for s in cfg["seeds"]}
   idx = {s: splits.apply_forget(specs[s], y_tr, class_names)
          for s in cfg["seeds"]}
 
   cfg_all = _write_records(out, cfg, specs, idx, (x_tr, y_tr, x_te, y_te),
                            class_names, source)
 
-  prep = jax.jit(zoo.preprocess_fn(m["name"]))
-  xn = np.concatenate([np.asarray(prep(jnp.asarray(x_tr[i:i + 500])))
-                       for i in range(0, len(x_tr), 500)])
-  xt = np.concatenate([np.asarray(prep(jnp.asarray(x_te[i:i + 500])))
-                       for i in range(0, len(x_te), 500)])
-  bar = _Progress(len(cfg["seeds"]) * (len(cfg["methods"]) + 1), progress, log)
+  xn, xt = preprocess(m["name"], x_tr), preprocess(m["name"], x_te)
+  bar = Progress(len(cfg["seeds"]) * (len(cfg["methods"]) + 1), progress, log)
   try:
     for s in cfg["seeds"]:
-      model = _shared_apply_fn(zoo.peft_model(
+      model = shared_apply_fn(zoo.peft_model(
           m["name"], module, variables, num_classes=num_classes,
           mode=m["peft"], head_scale=m["head_scale"], seed=s), m["peft"])
+      random_init = (random_init_model(m, module, num_classes, s)
+                     if "bad_teacher" in cfg["methods"] else None)
       _run_seed(cfg, out / "runs" / f"seed{s}", s, model, xn, y_tr, xt, y_te,
-                idx[s], specs[s], num_classes, bar, log)
+                idx[s], specs[s], num_classes, bar, log, random_init)
   finally:
     bar.close()
   results = report.aggregate(out, cfg_all, {**environment(),
                                            "backbone": backbone_record(cfg)})
   report.write_all(out, results)
   return results
+
+
+def preprocess(name: str, x: np.ndarray) -> np.ndarray:
+  """The model's input preprocessing, in blocks of 500 images."""
+  prep = jax.jit(zoo.preprocess_fn(name))
+  return np.concatenate([np.asarray(prep(jnp.asarray(x[i:i + 500])))
+                         for i in range(0, len(x), 500)])
 
 
 def _write_records(out: Path, cfg, specs, idx, arrays, class_names,
@@ -225,7 +249,7 @@ def _write_records(out: Path, cfg, specs, idx, arrays, class_names,
       "source": source, "class_names": list(class_names),
       "selection": {k: cfg["data"][k] for k in
                     ("train_split", "test_split", "ipc", "test_ipc",
-                     "classes")},
+                     "classes", "skip")},
       "train": {"num": len(y_tr), "images_sha256": _digest(x_tr),
                 "labels_sha256": _digest(y_tr.astype(np.int32)),
                 "labels": y_tr.tolist()},
@@ -242,7 +266,7 @@ _APPLY_FNS: collections.OrderedDict = collections.OrderedDict()
 _APPLY_FNS_KEPT = 4
 
 
-def _shared_apply_fn(model, mode: str):
+def shared_apply_fn(model, mode: str):
   """``model`` with the ``apply_fn`` of an earlier model that is the same
   function: the same module and frozen variables. Seeds differ only in the
   new head (a PEFT leaf), and a resumed or extended experiment in the same
@@ -266,8 +290,19 @@ def _tree_digest(tree) -> str:
   return h.hexdigest()
 
 
+def random_init_model(m: dict, module, num_classes: int, seed: int):
+  """``(apply_fn, params)`` of a randomly initialised network of the same
+  architecture, with a head at Flax's default scale: Bad Teacher's
+  incompetent teacher, as its released code builds it (seeded per seed)."""
+  rand = zoo.init_variables(module, zoo.spec(m["name"]).image_size,
+                            10_000 + seed)
+  r = zoo.peft_model(m["name"], module, rand, num_classes=num_classes,
+                     mode=m["peft"], head_scale=1.0, seed=10_000 + seed)
+  return (r.apply_fn, r.init_params)
+
+
 def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
-              num_classes, bar, log) -> None:
+              num_classes, bar, log, random_init=None) -> None:
   mcfg = cfg["metrics"]
   recipe = train.FinetuneConfig(**cfg["finetune"], seed=seed)
   if recipe.tangent:
@@ -276,17 +311,19 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
     model = model._replace(apply_fn=tangent_model(model.apply_fn,
                                                   model.init_params))
     recipe = recipe._replace(tangent=False)
-  w_d, ft_info = _finetuned(sdir / "finetune.ckpt", model, xn, y_tr, recipe,
-                            seed, bar)
+  w_d, ft_info = finetuned(sdir / "finetune.ckpt", model, xn, y_tr, recipe,
+                           seed, bar)
   bar.step(f"seed {seed}: fine-tuned on D ({ft_info['seconds']:.0f} s)")
   r_idx, f_idx = idx
   sets = ((xn[r_idx], y_tr[r_idx]), (xn[f_idx], y_tr[f_idx]), (xt, y_te))
   problem = methods_lib.UnlearningProblem(
       model.apply_fn, model.init_params, w_d, sets[0], sets[1], recipe,
-      num_classes)
+      num_classes, random_init)
   forget_classes = (np.unique(y_tr[f_idx]) if spec.kind == "class"
                     else np.asarray([], int))
   retrain_logits, retrain_ref = None, None
+  relearn_at = (evaluate.relearn_threshold(model.apply_fn, w_d, sets[1], recipe,
+                                           mcfg) if mcfg["relearn"] else None)
   # Retrain first: every other method's KL is measured against it.
   order = sorted(cfg["methods"], key=lambda n: n != "retrain")
   for name in order:
@@ -307,7 +344,7 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
       values, extra = evaluate.evaluate(
           model.apply_fn, params, sets, forget_kind=spec.kind,
           forget_classes=forget_classes, recipe=recipe, mcfg=mcfg, seed=seed,
-          retrain_logits=retrain_logits)
+          retrain_logits=retrain_logits, relearn_at=relearn_at)
       logits = extra.pop("_logits")
       if name == "retrain":
         retrain_logits = logits
@@ -325,7 +362,7 @@ def _run_seed(cfg, sdir: Path, seed, model, xn, y_tr, xt, y_te, idx, spec,
     _probe(cfg, sdir, model, xn, y_tr, idx, num_classes, seed)
 
 
-def _finetuned(ft_path: Path, model, xn, y_tr, recipe, seed, bar):
+def finetuned(ft_path: Path, model, xn, y_tr, recipe, seed, bar):
   """``(w_D, info)``: from this seed's checkpoint, or fine-tuned and saved."""
   if ft_path.is_file():
     try:

@@ -20,6 +20,7 @@ from fastntk_jax.methods.distill import kl_divergence
 from fastntk_jax.methods.gradient import random_wrong_labels
 from fastntk_jax.methods.gradient import saliency_mask
 from fastntk_jax.methods.sfr_on import adaptive_weights
+from fastntk_jax.methods.sfr_on import batch_fisher_diagonal
 from fastntk_jax.methods.sfr_on import fisher_diagonal
 from fastntk_jax.methods.sfr_on import fisher_mask
 from fastntk_jax.methods.sfr_on import slow_update
@@ -31,6 +32,7 @@ __all__ = [
     "MethodResult",
     "UnlearningProblem",
     "adaptive_weights",
+    "batch_fisher_diagonal",
     "defaults",
     "fisher_diagonal",
     "fisher_mask",

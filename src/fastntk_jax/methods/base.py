@@ -29,13 +29,14 @@ from fastntk_jax.training import train
 __all__ = [
   "METHOD_NAMES", "MOMENTUM", "MethodResult", "MethodSpec", "NONNEGATIVE",
   "OPTIMIZER", "POSITIVE", "UnlearningProblem", "as_float32", "ascend",
-  "batch_size", "boolean", "check_problem", "descend", "float_in", "host_rng",
+  "batch_size", "boolean", "check_problem", "cosine", "descend", "float_in", "host_rng",
   "int_at_least", "make_step", "mask_from_flat", "one_of", "optimizer",
   "optional", "recipe_optimizer", "step_fn", "sum_over_blocks",
   "train_epochs",
 ]
 
-METHOD_NAMES = ("full", "retrain", "fast_ntk", "max_loss", "random_label", "ft",
+METHOD_NAMES = ("full", "retrain", "retrain_other_seed",
+                "fast_ntk", "max_loss", "random_label", "ft",
                 "ga", "salun", "bad_teacher", "scrub", "sfr_on")
 
 
@@ -53,6 +54,9 @@ class UnlearningProblem(NamedTuple):
     recipe: the :class:`~fastntk_jax.training.train.FinetuneConfig` that produced
       ``w_D`` (loss, optimiser, batch size, augmentation).
     num_classes: C.
+    random_init: optional ``(apply_fn, params)`` of a randomly initialised
+      network of the same architecture and head (Bad Teacher's incompetent
+      teacher, as its released code builds one); the bench supplies it.
   """
   apply_fn: Callable
   init_params: Any
@@ -61,6 +65,7 @@ class UnlearningProblem(NamedTuple):
   forget: tuple
   recipe: train.FinetuneConfig
   num_classes: int
+  random_init: tuple | None = None
 
 
 class MethodResult(NamedTuple):
@@ -268,9 +273,18 @@ def host_rng(key) -> np.random.Generator:
   return np.random.default_rng([int(v) for v in np.asarray(key).ravel()])
 
 
-def batch_size(problem: UnlearningProblem, n: int) -> int:
-  """The recipe's batch size, capped by the set size ``n``."""
-  return int(max(1, min(problem.recipe.batch_size, n)))
+def batch_size(problem: UnlearningProblem, n: int,
+               override: int | None = None) -> int:
+  """``override`` (a method's own batch size) or the recipe's, capped by the
+  set size ``n``."""
+  b = problem.recipe.batch_size if override is None else override
+  return int(max(1, min(int(b), n)))
+
+
+def cosine(t: int, total: int) -> float:
+  """``½(1 + cos(π t / total))``: PyTorch's ``CosineAnnealingLR`` factor
+  (to 0) at step or epoch ``t`` of ``total``."""
+  return 0.5 * (1.0 + math.cos(math.pi * t / max(total, 1)))
 
 
 def as_float32(x) -> np.ndarray:
@@ -373,6 +387,11 @@ def check_problem(problem) -> None:
     raise ValueError(f"problem.num_classes must be an integer >= 2, got {c!r}.")
   _check_pair("retain", problem.retain, c)
   _check_pair("forget", problem.forget, c)
+  ri = problem.random_init
+  if ri is not None and (not isinstance(ri, (tuple, list)) or len(ri) != 2
+                         or not callable(ri[0])):
+    raise TypeError("problem.random_init must be None or a pair (apply_fn, "
+                    "params) of a randomly initialised network.")
   tree = jax.tree_util.tree_structure
   if tree(problem.params) != tree(problem.init_params):
     raise ValueError("problem.init_params must have the tree structure of "

@@ -3,6 +3,9 @@
 * ``full`` — no unlearning: ``w_D``;
 * ``retrain`` — the gold standard: the fine-tuning recipe from ``w_0`` on
   ``D_r`` alone;
+* ``retrain_other_seed`` — the same with another recipe seed (data order and
+  augmentation; ``w_0`` is shared): its distance to ``retrain`` is the noise
+  floor of every gap, what two equally valid retrained models differ by;
 * ``fast_ntk`` — the one-shot NTK update of :func:`fastntk_jax.unlearn`.
 """
 
@@ -12,7 +15,7 @@ from fastntk_jax.core.unlearn import unlearn as ntk_unlearn
 from fastntk_jax.methods import base
 from fastntk_jax.training import train
 
-__all__ = ["METHODS", "fast_ntk", "full", "retrain"]
+__all__ = ["METHODS", "fast_ntk", "full", "retrain", "retrain_other_seed"]
 
 
 def full(problem, *, key):
@@ -29,6 +32,14 @@ def retrain(problem, *, key):
   return res.params, {"epochs": int(problem.recipe.epochs),
                       "recipe_seed": int(problem.recipe.seed),
                       "losses": [float(v) for v in res.losses]}
+
+
+def retrain_other_seed(problem, *, key, seed_offset):
+  """Retrain with the recipe seed shifted by ``seed_offset`` (≠ 0)."""
+  recipe = problem.recipe._replace(seed=int(problem.recipe.seed)
+                                   + int(seed_offset))
+  params, info = retrain(problem._replace(recipe=recipe), key=key)
+  return params, dict(info, seed_offset=int(seed_offset))
 
 
 def fast_ntk(problem, *, key, damping, solver, linearize_at, anchor, loss):
@@ -55,6 +66,9 @@ def fast_ntk(problem, *, key, damping, solver, linearize_at, anchor, loss):
 METHODS = {
   "full": base.MethodSpec(full, {}, {}),
   "retrain": base.MethodSpec(retrain, {}, {}),
+  "retrain_other_seed": base.MethodSpec(
+      retrain_other_seed, {"seed_offset": 1000},
+      {"seed_offset": base.int_at_least(1)}),
     "fast_ntk": base.MethodSpec(
         fast_ntk, {"damping": 1.0, "solver": "auto", "linearize_at": "w_D",
                    "anchor": "w_0", "loss": "recipe"},

@@ -1,0 +1,94 @@
+"""The tuning protocol: disjoint validation data, equal budgets, the fixed
+criterion, resumable runs, and the chosen values read back by configs."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from fastntk_jax import experiments
+from fastntk_jax.experiments import runner
+from fastntk_jax.experiments import tuning
+from fastntk_jax.experiments.config import ConfigError
+
+
+def _digests(x):
+  return {hashlib.sha256(np.ascontiguousarray(im).tobytes()).hexdigest()
+          for im in x}
+
+
+def _cfg(**data):
+  return experiments.resolve({
+      "name": "t", "seeds": [0, 1], "methods": ["full", "retrain", "fast_ntk"],
+      "data": {"source": "embedded", "ipc": 5, "test_ipc": 5, **data},
+      "finetune": {"epochs": 1, "batch_size": 50}})
+
+
+@pytest.mark.parametrize("layout", ["one_split", "two_splits"])
+def test_validation_images_are_disjoint_from_every_evaluation_image(layout):
+  split = ({"train_split": "test", "test_split": "test"}
+           if layout == "one_split" else {})
+  cfg = _cfg(**split)
+  x_tr, _, x_te, _, _, _ = runner.load_data(cfg)
+  vx_tr, vy_tr, vx_te, vy_te, _, _ = runner.load_data(
+      tuning.validation_config(cfg))
+  used = _digests(x_tr) | _digests(x_te)
+  val = _digests(vx_tr) | _digests(vx_te)
+  assert len(val) == len(vx_tr) + len(vx_te)  # no image twice
+  assert not used & val
+  assert np.bincount(vy_tr).tolist() == [5] * 10
+  assert np.bincount(vy_te).tolist() == [5] * 10
+  if layout == "two_splits":  # no image of the test split at all
+    v = tuning.validation_config(cfg)
+    assert v["data"]["train_split"] == v["data"]["test_split"] == "train"
+
+
+def test_every_method_gets_the_same_budget():
+  for m, g in tuning.GRIDS.items():
+    trials = tuning.grid(m)
+    assert len(trials) == tuning.TRIALS, m
+    assert len({json.dumps(t, sort_keys=True) for t in trials}) == len(trials)
+
+
+def test_tuning_seeds_must_not_be_reported_seeds():
+  cfg = _cfg()
+  cfg["tune"]["seeds"] = [1]
+  with pytest.raises(ConfigError, match="tune.seeds"):
+    tuning.validation_config(cfg)
+  with pytest.raises(ConfigError, match="tune.seeds"):
+    experiments.resolve({"name": "t", "tune": {"seeds": []}})
+
+
+def test_tune_picks_the_smallest_validation_gap_and_resumes(tmp_path):
+  cfg = _cfg(train_split="test", test_split="test")
+  cfg["tune"]["methods"] = ["fast_ntk"]
+  out = tmp_path / "tune"
+  lines = []
+  rec = tuning.tune(cfg, out, log=lines.append)
+  gaps = [t["avg_d"] for t in rec["trials"]["fast_ntk"]]
+  assert len(gaps) == tuning.TRIALS
+  best = tuning.grid("fast_ntk")[int(np.argmin(gaps))]
+  assert rec["chosen"] == {"fast_ntk": best}
+  # Resumed: no trial is run again (the files are not rewritten).
+  stamps = {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("*.json")}
+  rec2 = tuning.tune(cfg, out, log=lines.append)
+  assert rec2["chosen"] == rec["chosen"]
+  assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+  # The chosen values are what a config naming them runs with.
+  (tmp_path / "chosen.toml").write_text((out / "chosen.toml").read_text())
+  (tmp_path / "exp.toml").write_text(
+      'name = "e"\ntuned = "chosen.toml"\n[method.ga]\nepochs = 3\n')
+  loaded = experiments.load_config(tmp_path / "exp.toml")
+  assert loaded["method"]["fast_ntk"] == best
+  assert loaded["method"]["ga"] == {"epochs": 3}
+  # Another configuration in the same directory is refused.
+  other = _cfg(train_split="test", test_split="test", ipc=4)
+  with pytest.raises(ConfigError, match="another configuration"):
+    tuning.tune(other, out)
+
+
+def test_missing_tuned_file_names_the_fix(tmp_path):
+  (tmp_path / "exp.toml").write_text('name = "e"\ntuned = "nope.toml"\n')
+  with pytest.raises(ConfigError, match="fastntk tune"):
+    experiments.load_config(tmp_path / "exp.toml")
