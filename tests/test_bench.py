@@ -211,6 +211,17 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
   js = res["methods"]["fast_ntk"]["js_to_retrain"]["mean"]
   assert 0.0 <= js <= np.log(2.0)
   assert "D_JS (D_f)" in (out / "table.md").read_text()
+  # Relearn calibrated to w_D's own D_f loss: Full needs 0 epochs.
+  assert res["methods"]["full"]["relearn_epochs"]["values"] == [0.0]
+  thr = res["methods"]["full"]["relearn_threshold"]["values"][0]
+  assert thr == res["methods"]["fast_ntk"]["relearn_threshold"]["values"][0]
+  # The papers' attacks and the attack AUCs are measured for every method.
+  for m, r in res["methods"].items():
+    for k in ("mia_svc", "mia_entropy"):
+      assert 0.0 <= r[k]["mean"] <= 100.0, (m, k)
+    for k in ("mia_attack_auc", "mia_svc_auc", "mia_entropy_auc"):
+      assert 0.0 <= r[k]["mean"] <= 1.0, (m, k)
+  assert "SalUn SVC" in (out / "table.md").read_text()
   assert res["methods"]["retrain"]["acc_forget"]["mean"] == pytest.approx(
       res["methods"]["retrain"]["acc_forget"]["values"][0])
   assert set(res["probe"]) == {"fast_ntk", "pretrained", "random_init"}
@@ -231,6 +242,19 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
   cfg2 = experiments.resolve({**TINY, "method": {"ga": {"epochs": 2}}})
   experiments.run_experiment(cfg2, out, progress=False)
   assert calls == ["ga"]
+  # Extended by the noise-floor Retrain and Bad Teacher (its random-init
+  # teacher is built by the runner): only they run.
+  calls.clear()
+  cfg3 = experiments.resolve({**TINY, "method": {"ga": {"epochs": 2}},
+                              "methods": TINY["methods"] + [
+                                  "retrain_other_seed", "bad_teacher"]})
+  res3 = experiments.run_experiment(cfg3, out, progress=False)
+  assert calls == ["retrain_other_seed", "bad_teacher"]
+  noise = res3["methods"]["retrain_other_seed"]
+  assert noise["acc_forget"]["mean"] is not None
+  table = (out / "table.md").read_text()
+  assert "| Retrain, other seed (noise floor) |" in table
+  assert "## Paired differences to Retrain" in table
   # Another seed in the same directory extends the record instead of
   # replacing it: config, manifest and results cover seeds 0 and 1.
   calls.clear()

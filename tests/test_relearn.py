@@ -216,3 +216,32 @@ def test_smoke_on_the_pretrained_resnet():
   assert r.reached == (r.losses[-1] < 0.05) and np.all(np.isfinite(r.losses))
   assert r.reached or r.epochs == 2
   assert r.losses[1] < r.losses[0]
+
+
+def test_forget_loss_is_the_loop_s_loss_and_calibrates_full_to_zero():
+  # The calibrated threshold (experiments.evaluate.relearn_threshold) is
+  # w_D's own D_f loss: relearning from w_D itself takes 0 epochs, while a
+  # model further from D_f needs more.
+  from fastntk_jax.experiments import evaluate
+  rng = np.random.default_rng(5)
+  x = rng.normal(size=(12, 6)).astype(np.float32)
+  y = rng.integers(0, 3, 12).astype(np.int32)
+  cfg = train.FinetuneConfig(loss="ce", batch_size=4, learning_rate=0.05,
+                             augment=False, seed=0)
+  w_d = {"w": jnp.asarray(rng.normal(size=(6, 3)), jnp.float32),
+         "b": jnp.zeros(3, jnp.float32)}
+  loss = relearn.forget_loss(_linear, w_d, x, y, "ce")
+  r0 = relearn.relearn_time(_linear, w_d, x, y, config=cfg, threshold=1e9)
+  assert loss == pytest.approx(float(r0.losses[0]), rel=1e-6)
+  thr = evaluate.relearn_threshold(_linear, w_d, (x, y), cfg,
+                                   {"relearn_threshold": "full"})
+  assert thr == pytest.approx(loss * (1 + 1e-4))
+  assert relearn.relearn_time(_linear, w_d, x, y, config=cfg,
+                              threshold=thr).epochs == 0
+  far = jax.tree_util.tree_map(lambda a: -3.0 * a, w_d)
+  assert relearn.relearn_time(_linear, far, x, y, config=cfg,
+                              threshold=thr).epochs > 0
+  assert evaluate.relearn_threshold(_linear, w_d, (x, y), cfg,
+                                    {"relearn_threshold": 0.05}) == 0.05
+  with pytest.raises(ValueError, match="'mse' or 'ce'"):
+    relearn.forget_loss(_linear, w_d, x, y, "hinge")

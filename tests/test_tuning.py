@@ -60,12 +60,25 @@ def test_tuning_seeds_must_not_be_reported_seeds():
     experiments.resolve({"name": "t", "tune": {"seeds": []}})
 
 
-def test_tune_picks_the_smallest_validation_gap_and_resumes(tmp_path):
+def test_tune_picks_the_smallest_validation_gap_and_resumes(tmp_path, capsys):
   cfg = _cfg(train_split="test", test_split="test")
   cfg["tune"]["methods"] = ["fast_ntk"]
   out = tmp_path / "tune"
   lines = []
-  rec = tuning.tune(cfg, out, log=lines.append)
+  # Through the command line: `fastntk tune CONFIG --write PATH`.
+  path = tmp_path / "t.toml"
+  path.write_text('name = "t"\nseeds = [0, 1]\nmethods = ["full", "retrain", '
+                  '"fast_ntk"]\n[data]\nsource = "embedded"\nipc = 5\n'
+                  'test_ipc = 5\ntrain_split = "test"\ntest_split = "test"\n'
+                  '[finetune]\nepochs = 1\nbatch_size = 50\n')
+  from fastntk_jax.cli import main
+  assert main(["tune", str(path), "--out", str(out), "--methods", "fast_ntk",
+               "--write", str(tmp_path / "tuned" / "t.toml"), "--quiet"]) == 0
+  assert "fast_ntk: {'damping':" in capsys.readouterr().out
+  rec = json.loads((out / "tuning.json").read_text())
+  assert (tmp_path / "tuned" / "t.toml").read_text() == (
+      out / "chosen.toml").read_text()
+  assert json.loads((tmp_path / "tuned" / "t.json").read_text()) == rec
   gaps = [t["avg_d"] for t in rec["trials"]["fast_ntk"]]
   assert len(gaps) == tuning.TRIALS
   best = tuning.grid("fast_ntk")[int(np.argmin(gaps))]

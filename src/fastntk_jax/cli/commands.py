@@ -574,7 +574,9 @@ def cmd_tune(args) -> dict:
   from fastntk_jax.experiments import tuning
   from fastntk_jax.io import atomic
   from fastntk_jax import experiments
-  cfg = experiments.load_config(args.config)
+  # Tuning starts from the released defaults (and the config's explicit
+  # [method.X] keys), never from an earlier tuning's choices.
+  cfg = experiments.load_config(args.config, {"tuned": ""})
   if args.methods is not None:
     cfg["tune"]["methods"] = list(args.methods)
   out = Path(args.out) if args.out else Path("results") / "tune" / cfg["name"]

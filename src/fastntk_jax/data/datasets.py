@@ -37,6 +37,7 @@ from PIL import Image
 
 from fastntk_jax.data import splits
 from fastntk_jax.data import cifar10
+from fastntk_jax.data import fashion_mnist
 from fastntk_jax.data.cifar10 import CIFAR10_CLASSES
 from fastntk_jax.data.cifar10 import UNREADABLE_IMAGE_ERRORS
 from fastntk_jax.data.cifar10 import check_split
@@ -61,8 +62,8 @@ _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 _TFDS_ENV = "FASTNTK_TFDS_DATA_DIR"
 _SOURCE_FORMS = (
   "'embedded', 'cifar10-jpeg', 'cifar10-jpeg:PATH', a path ending in .zip, "
-  "'cifar10-lossless', 'cifar10-lossless:PATH', 'folder:ROOT', an existing directory, "
-  "or 'tfds:NAME'"
+  "'cifar10-lossless', 'cifar10-lossless:PATH', 'fashion-mnist', 'fashion-mnist:PATH', "
+  "'folder:ROOT', an existing directory, or 'tfds:NAME'"
 )
 
 class ImageDataset(NamedTuple):
@@ -233,9 +234,9 @@ def _parse_source(source) -> _Source:
   if not isinstance(source, str) or not source:
     raise ValueError(f"source must be a non-empty string: {_SOURCE_FORMS}; got {source!r}.")
   prefix, sep, rest = source.partition(":")
-  if source in ("embedded", "cifar10-jpeg", "cifar10-lossless"):
+  if source in ("embedded", "cifar10-jpeg", "cifar10-lossless", "fashion-mnist"):
     return _Source(source, None)
-  if sep and prefix in ("cifar10-jpeg", "cifar10-lossless", "folder", "tfds"):
+  if sep and prefix in ("cifar10-jpeg", "cifar10-lossless", "fashion-mnist", "folder", "tfds"):
     if not rest:
       raise ValueError(f"source {source!r} names no {'dataset' if prefix == 'tfds' else 'path'}.")
     return _Source(prefix, rest)
@@ -391,6 +392,14 @@ def load_dataset(
     return _load_folder(Path(src.arg).expanduser(), split, classes, ipc, image_size)
   if src.kind == "tfds":
     return _load_tfds_source(src.arg, split, classes, ipc, image_size, tfds_data_dir, tfds_download)
+  if src.kind == "fashion-mnist":
+    x, y, where = fashion_mnist.load_split(src.arg, split)
+    names = fashion_mnist.FASHION_MNIST_CLASSES
+    idx, y, names = _select(y, names, None if classes is None else _class_ids(classes, names), ipc)
+    x = x[idx]
+    if image_size is not None and image_size != x.shape[1]:
+      x = _stack(((im, where) for im in x), x.shape[0], image_size)
+    return _finish(x, y, names, where)
   ids = None if classes is None else _class_ids(classes, CIFAR10_CLASSES)
   x, y, where = cifar10.load_split(src.kind, src.arg, split, first, cache_dir)
   idx, y, names = _select(y, CIFAR10_CLASSES, ids, ipc)

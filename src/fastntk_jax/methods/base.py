@@ -29,7 +29,8 @@ from fastntk_jax.training import train
 __all__ = [
   "METHOD_NAMES", "MOMENTUM", "MethodResult", "MethodSpec", "NONNEGATIVE",
   "OPTIMIZER", "POSITIVE", "UnlearningProblem", "as_float32", "ascend",
-  "batch_size", "boolean", "check_problem", "cosine", "descend", "float_in", "host_rng",
+  "batch_size", "boolean", "ce_grad_fn", "check_problem", "cosine",
+  "descend", "float_in", "host_rng",
   "int_at_least", "make_step", "mask_from_flat", "one_of", "optimizer",
   "optional", "recipe_optimizer", "step_fn", "sum_over_blocks",
   "train_epochs",
@@ -243,6 +244,20 @@ def step_fn(apply_fn, objective, loss: str, tx, augment: bool,
     return optax.apply_updates(params, updates), opt_state, value, aux
 
   return jax.jit(step)
+
+
+@functools.lru_cache(maxsize=64)
+def ce_grad_fn(apply_fn, reduction: str):
+  """Jitted ``grad(params, x, y)`` of the cross-entropy over a batch,
+  ``reduction`` ``"sum"`` or ``"mean"`` over its samples (cached per
+  ``apply_fn``)."""
+  reduce = {"sum": jnp.sum, "mean": jnp.mean}[reduction]
+
+  def grad(params, x, y):
+    return jax.grad(lambda p: reduce(
+        optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y)))(
+            params)
+  return jax.jit(grad)
 
 
 def make_step(problem: UnlearningProblem, objective, tx, loss: str | None = None):

@@ -25,12 +25,10 @@ validation split (docs/tuning.md).
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax.flatten_util import ravel_pytree
 
 from fastntk_jax.methods import base
@@ -55,15 +53,6 @@ def random_wrong_labels(rng: np.random.Generator, y,
   return ((y + shift) % num_classes).astype(np.int32)
 
 
-@functools.lru_cache(maxsize=32)
-def _summed_ce_grad_fn(apply_fn):
-  def grad(params, x, y):
-    return jax.grad(lambda p: jnp.sum(
-        optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y)))(
-            params)
-  return jax.jit(grad)
-
-
 def saliency_mask(apply_fn, params, x, y, *, ratio: float,
                   block_size: int = 256):
   """SalUn's weight saliency: the top ``ratio`` of ``|∇_w Σ_{D_f} CE|``.
@@ -81,8 +70,8 @@ def saliency_mask(apply_fn, params, x, y, *, ratio: float,
   Returns:
     A boolean pytree shaped like ``params`` (True = updated).
   """
-  total = base.sum_over_blocks(_summed_ce_grad_fn(apply_fn), params, x, y,
-                            block_size)
+  total = base.sum_over_blocks(base.ce_grad_fn(apply_fn, "sum"), params, x, y,
+                               block_size)
   flat = np.abs(np.asarray(ravel_pytree(total)[0]))
   k = max(1, int(round(ratio * flat.size)))
   keep = np.zeros(flat.size, bool)

@@ -90,15 +90,6 @@ def fisher_diagonal(apply_fn, params, x, y, *, block_size: int = 64):
   return jax.tree_util.tree_map(lambda v: v / len(y), total)
 
 
-@functools.lru_cache(maxsize=32)
-def _batch_grad_fn(apply_fn):
-  def grad(params, x, y):
-    return jax.grad(lambda p: jnp.mean(
-        optax.softmax_cross_entropy_with_integer_labels(apply_fn(p, x), y)))(
-            params)
-  return jax.jit(grad)
-
-
 def batch_fisher_diagonal(apply_fn, params, x, y, *, batch_size: int = 128,
                           rng: np.random.Generator | None = None):
   """SFR-on's released Fisher: ``(1/B) Σ_b (∇ mean_{i∈b} CE_i)²`` over the
@@ -121,7 +112,7 @@ def batch_fisher_diagonal(apply_fn, params, x, y, *, batch_size: int = 128,
   """
   x, y = base.as_float32(x), np.asarray(y, np.int32)
   order = np.arange(len(y)) if rng is None else rng.permutation(len(y))
-  fn, total, count = _batch_grad_fn(apply_fn), None, 0
+  fn, total, count = base.ce_grad_fn(apply_fn, "mean"), None, 0
   for s in range(0, len(y), batch_size):
     idx = order[s:s + batch_size]
     g = jax.tree_util.tree_map(jnp.square, fn(params, x[idx], y[idx]))

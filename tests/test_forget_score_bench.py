@@ -1,0 +1,47 @@
+"""benchmarks/forget_score.py end to end on a tiny configuration: M models a
+side, the scores computed from the stored per-model confidences, resume."""
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+_BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(_BENCH))
+import forget_score as bench  # noqa: E402  pylint: disable=wrong-import-position
+
+from fastntk_jax.evaluation import forget_score as fs
+
+
+def test_forget_score_bench_tiny(tmp_path):
+  cfg = tmp_path / "tiny.toml"
+  cfg.write_text('name = "tiny"\nseeds = [0]\n[data]\nsource = "embedded"\n'
+                 'train_split = "test"\ntest_split = "test"\nipc = 3\n'
+                 'test_ipc = 3\n[finetune]\nepochs = 1\nbatch_size = 30\n')
+  out = tmp_path / "fs.json"
+  res = bench.run(str(cfg), 3, ["full", "retrain_other_seed"], out, 200)
+  assert res["models_per_side"] == 3
+  recs = [json.loads((tmp_path / "fs" / f"model{k}.json").read_text())
+          for k in range(3)]
+  # The scores are the library's, from the stored confidences.
+  ref = np.asarray([r["retrain"]["confidence"] for r in recs])
+  for name in ("full", "retrain_other_seed"):
+    u = np.asarray([r[name]["confidence"] for r in recs])
+    want = fs.forget_score(u, ref).score
+    got = res["scores"][name]
+    assert got["forget_score"] == pytest.approx(want)
+    ra = np.mean([r[name]["acc_retain"] for r in recs])
+    ra_r = np.mean([r["retrain"]["acc_retain"] for r in recs])
+    ta = np.mean([r[name]["acc_test"] for r in recs])
+    ta_r = np.mean([r["retrain"]["acc_test"] for r in recs])
+    assert got["final_score"] == pytest.approx(want * ra / ra_r * ta / ta_r)
+  assert len(recs[0]["full"]["confidence"]) == 3  # class 0, 3 images
+  # Resumed: the stored models are not recomputed.
+  stamps = [(tmp_path / "fs" / f"model{k}.json").stat().st_mtime_ns
+            for k in range(3)]
+  again = bench.run(str(cfg), 3, ["full", "retrain_other_seed"], out, 200)
+  assert again["scores"] == res["scores"]
+  assert stamps == [(tmp_path / "fs" / f"model{k}.json").stat().st_mtime_ns
+                    for k in range(3)]
