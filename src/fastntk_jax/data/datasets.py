@@ -337,20 +337,18 @@ def load_dataset(
   The options apply in this order: ``first``, then ``classes``, then ``ipc``,
   then ``image_size``. Every argument is checked before any image is decoded.
 
-  The ``cifar10-jpeg`` source decodes a whole split once (measured on 2 CPU
-  cores: train, 50,000 images, 6 s; test, 10,000, 1.7 s) and caches it as an
-  uncompressed ``.npz`` (154 MB / 31 MB; a hit loads in 0.13 s / 0.06 s) in
-  ``cache_dir`` (default: ``$FASTNTK_CACHE`` or ``~/.cache/fastntk_jax``), named
-  after the SHA-256 of the archive's bytes: hashing its 54 MB takes under 0.1 s,
-  little next to the decode, and unlike size and mtime it cannot mistake an
-  edited or replaced archive for the cached one, nor miss a copied one. The
-  cache is written atomically; a cache file that fails to load (truncated, bad
-  CRC, wrong shapes or key) is reported with a warning and rebuilt.
+  The ``cifar10-jpeg`` source decodes a whole split once (2 CPU cores: train
+  6 s, test 1.7 s) and caches it as an uncompressed ``.npz`` in ``cache_dir``
+  (default: ``$FASTNTK_CACHE`` or ``~/.cache/fastntk_jax``), named after the
+  SHA-256 of the archive's bytes (unlike size and mtime, it cannot mistake an
+  edited archive for the cached one), written atomically, rebuilt with a
+  warning when it fails to load.
 
   Args:
     source: ``"embedded"``, ``"cifar10-jpeg"``, ``"cifar10-jpeg:PATH"`` or a
       path ending in ``.zip``, ``"cifar10-lossless"``, ``"cifar10-lossless:PATH"``,
-      ``"folder:ROOT"`` or a directory (``ROOT/<split>/<class>/**/*.{jpg,jpeg,png}``;
+      ``"fashion-mnist"``, ``"fashion-mnist:PATH"`` (the IDX files; padded to
+      32 × 32, 3 channels), ``"folder:ROOT"`` or a directory (``ROOT/<split>/<class>/**/*.{jpg,jpeg,png}``;
       classes are the sorted folder names, files in natural order, so ``2.jpg``
       comes before ``10.jpg``), or ``"tfds:NAME"`` (a prepared TFDS dataset).
     split: ``"train"`` or ``"test"``.
@@ -380,10 +378,8 @@ def load_dataset(
       unreadable images).
     FileNotFoundError: a missing file, folder, split folder or TFDS dataset.
 
-  Example::
-
-    ds = load_dataset("cifar10-jpeg", "train", ipc=100)  # 1000 images, class-major
-    vit = load_dataset("embedded", "test", classes=["cat", "dog"], image_size=224)
+  Example: ``load_dataset("cifar10-jpeg", "train", ipc=100)`` (1000 images);
+  ``load_dataset("embedded", "test", classes=["cat", "dog"], image_size=224)``.
   """
   ipc, image_size, first, src, cache_dir = _check_options(
     source, split, ipc, classes, image_size, first, cache_dir, tfds_data_dir, tfds_download
@@ -395,14 +391,11 @@ def load_dataset(
   if src.kind == "fashion-mnist":
     x, y, where = fashion_mnist.load_split(src.arg, split)
     names = fashion_mnist.FASHION_MNIST_CLASSES
-    idx, y, names = _select(y, names, None if classes is None else _class_ids(classes, names), ipc)
-    x = x[idx]
-    if image_size is not None and image_size != x.shape[1]:
-      x = _stack(((im, where) for im in x), x.shape[0], image_size)
-    return _finish(x, y, names, where)
-  ids = None if classes is None else _class_ids(classes, CIFAR10_CLASSES)
-  x, y, where = cifar10.load_split(src.kind, src.arg, split, first, cache_dir)
-  idx, y, names = _select(y, CIFAR10_CLASSES, ids, ipc)
+  else:
+    x, y, where = cifar10.load_split(src.kind, src.arg, split, first, cache_dir)
+    names = CIFAR10_CLASSES
+  ids = None if classes is None else _class_ids(classes, names)
+  idx, y, names = _select(y, names, ids, ipc)
   x = x[idx]
   if image_size is not None and image_size != x.shape[1]:
     x = _stack(((im, where) for im in x), x.shape[0], image_size)
