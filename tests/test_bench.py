@@ -222,6 +222,11 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
     for k in ("mia_attack_auc", "mia_svc_auc", "mia_entropy_auc"):
       assert 0.0 <= r[k]["mean"] <= 1.0, (m, k)
   assert "SalUn SVC" in (out / "table.md").read_text()
+  assert ("| GA | yes: K1nght/Unified-Unlearning-w-Remain-Geometry, "
+          "Classification/unlearn/gradient_ascent.py |") in (
+              out / "table.md").read_text()
+  assert "| Fast-NTK | no released code to follow |" in (
+      out / "table.md").read_text()
   assert res["methods"]["retrain"]["acc_forget"]["mean"] == pytest.approx(
       res["methods"]["retrain"]["acc_forget"]["values"][0])
   assert set(res["probe"]) == {"fast_ntk", "pretrained", "random_init"}

@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from scipy import stats as scipy_stats
 
+from fastntk_jax import methods as methods_lib
 from fastntk_jax.io import atomic
 from fastntk_jax.evaluation import metrics
 from fastntk_jax.experiments.config import METHOD_ORDER
@@ -247,7 +248,8 @@ def markdown(results: dict) -> str:
         f"{_fmt(r.get('kl_to_retrain_test'), 3)} | "
         f"{_fmt(r.get('js_to_retrain'), 3)} | {_fmt(r.get('mia_auc'), 3)}"
         f" | {_fmt(r.get('seconds'))} | {_fmt(r.get('compile_seconds'))} |")
-  lines += _mia_table(meth, order) + _paired_table(meth, order)
+  lines += (_mia_table(meth, order) + _paired_table(meth, order)
+            + _reference_table(order))
   if results.get("probe"):
     lines += ["", "## Linear-probe risk analysis (Fast-NTK Table III): a linear "
               "head trained on D on frozen features, accuracy (%)", "",
@@ -272,6 +274,17 @@ def _footnote(cfg: dict) -> list[str]:
                "(Full is 0 by construction)" if thr == "full" else
                f"epochs of the recipe on D_f until its loss is below {thr}")
             + ".", ""]
+
+
+def _reference_table(order: list) -> list[str]:
+  lines = ["", "## Does each row follow released code? (what still differs, "
+           "and why: docs/methods.md)", "", "| Method | follows |", "|---|---|"]
+  for m in order:
+    code = methods_lib.released_code(m)
+    lines.append(f"| {DISPLAY[m]} | "
+                 + (f"yes: {code}" if code else "no released code to follow")
+                 + " |")
+  return lines
 
 
 def _mia_table(meth: dict, order: list) -> list[str]:

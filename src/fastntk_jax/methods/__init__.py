@@ -25,6 +25,7 @@ from fastntk_jax.methods.sfr_on import fisher_diagonal
 from fastntk_jax.methods.sfr_on import fisher_mask
 from fastntk_jax.methods.sfr_on import slow_update
 from fastntk_jax.methods.registry import defaults
+from fastntk_jax.methods.registry import released_code
 from fastntk_jax.methods.registry import run_method
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
     "fisher_mask",
     "kl_divergence",
     "random_wrong_labels",
+    "released_code",
     "run_method",
     "saliency_mask",
     "slow_update",

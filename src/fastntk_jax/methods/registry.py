@@ -17,12 +17,34 @@ from fastntk_jax.methods.base import MethodSpec
 from fastntk_jax.methods.base import UnlearningProblem
 from fastntk_jax.methods.base import check_problem
 
-__all__ = ["REGISTRY", "defaults", "run_method"]
+__all__ = ["REGISTRY", "RELEASED_CODE", "defaults", "released_code",
+           "run_method"]
 
 _MERGED = {**reference.METHODS, **gradient.METHODS, **distill.METHODS,
            **sfr_on.METHODS}
 #: ``name -> MethodSpec``, in :data:`METHOD_NAMES` order.
 REGISTRY: dict[str, MethodSpec] = {name: _MERGED[name] for name in METHOD_NAMES}
+
+
+_SFR = "K1nght/Unified-Unlearning-w-Remain-Geometry, Classification/unlearn/"
+#: ``name -> the released code a row follows`` (docs/methods.md lists what
+#: still differs, and why); rows without released code are absent.
+RELEASED_CODE: dict[str, str] = {
+    "random_label": _SFR + "random_label.py",
+    "ga": _SFR + "gradient_ascent.py",
+    "sfr_on": _SFR + "sfron.py",
+    "salun": ("OPTML-Group/Unlearn-Saliency, Classification/generate_mask.py "
+              "and unlearn/RL.py"),
+    "bad_teacher": "vikram2000b/bad-teaching-unlearning, unlearn.py",
+    "scrub": "meghdadk/SCRUB, large_scale_unlearning.ipynb",
+}
+
+
+def released_code(name: str) -> str | None:
+  """The released code method ``name`` follows, or None (no released code:
+  the references, Fast-NTK itself, Max Loss and FT)."""
+  _spec(name)
+  return RELEASED_CODE.get(name)
 
 
 def _spec(name) -> MethodSpec:
