@@ -53,21 +53,21 @@ PRESETS = {
 
 def _model_record(cfg, k_seed, module, variables, data, work: Path,
                   names) -> dict:
-  """Every method's D_f confidences and accuracies for pipeline seed k."""
+  """Every method's D_f confidences and accuracies for pipeline seed k
+  (``data``: preprocessed train and test inputs, labels, class names)."""
   m = cfg["model"]
-  x_tr, y_tr, x_te, y_te, class_names, _ = data
+  xn, y_tr, xt, y_te, class_names = data
   c = len(class_names)
   model = runner.shared_apply_fn(zoo.peft_model(
       m["name"], module, variables, num_classes=c, mode=m["peft"],
       head_scale=m["head_scale"], seed=k_seed), m["peft"])
-  xn, xt = runner.preprocess(m["name"], x_tr), runner.preprocess(m["name"],
-                                                                 x_te)
   spec = runner.forget_spec(cfg["data"]["forget"], k_seed)
   r_idx, f_idx = splits.apply_forget(spec, y_tr, class_names)
   recipe = train.FinetuneConfig(**cfg["finetune"], seed=k_seed)
   w_d, _ = runner.finetuned(work / f"finetune{k_seed}.ckpt", model, xn, y_tr,
                             recipe, k_seed, runner.Progress(0, False, print))
-  rand = runner.random_init_model(m, module, c, k_seed)
+  rand = (runner.random_init_model(m, module, c, k_seed)
+          if "bad_teacher" in names else None)
   problem = methods_lib.UnlearningProblem(
       model.apply_fn, model.init_params, w_d, (xn[r_idx], y_tr[r_idx]),
       (xn[f_idx], y_tr[f_idx]), recipe, c, rand)
@@ -119,7 +119,9 @@ def run(config: str, models: int, names, out: Path, base_seed: int) -> dict:
       m["name"], m["weights"] or None,
       num_prompts=m["num_prompts"] if zoo.spec(m["name"]).family == "vit" else 0,
       seed=0)
-  data = runner.load_data(cfg)
+  x_tr, y_tr, x_te, y_te, class_names, _ = runner.load_data(cfg)
+  data = (runner.preprocess(m["name"], x_tr), y_tr,
+          runner.preprocess(m["name"], x_te), y_te, class_names)
   work = out.with_suffix("")
   work.mkdir(parents=True, exist_ok=True)
   records, t0 = [], time.perf_counter()

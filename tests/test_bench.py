@@ -247,14 +247,13 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
   cfg2 = experiments.resolve({**TINY, "method": {"ga": {"epochs": 2}}})
   experiments.run_experiment(cfg2, out, progress=False)
   assert calls == ["ga"]
-  # Extended by the noise-floor Retrain and Bad Teacher (its random-init
-  # teacher is built by the runner): only they run.
+  # Extended by the noise-floor Retrain: only it runs.
   calls.clear()
   cfg3 = experiments.resolve({**TINY, "method": {"ga": {"epochs": 2}},
                               "methods": TINY["methods"] + [
-                                  "retrain_other_seed", "bad_teacher"]})
+                                  "retrain_other_seed"]})
   res3 = experiments.run_experiment(cfg3, out, progress=False)
-  assert calls == ["retrain_other_seed", "bad_teacher"]
+  assert calls == ["retrain_other_seed"]
   noise = res3["methods"]["retrain_other_seed"]
   assert noise["acc_forget"]["mean"] is not None
   table = (out / "table.md").read_text()
@@ -276,6 +275,26 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
   with pytest.raises(experiments.ConfigError, match="different configuration"):
     experiments.run_experiment(experiments.resolve({**TINY, "data": {
         "source": "embedded", "ipc": 4, "test_ipc": 3}}), out, progress=False)
+
+
+def test_random_init_teacher_is_a_fresh_network_of_the_same_architecture():
+  # Bad Teacher's incompetent teacher, as the runner builds it.
+  from fastntk_jax.experiments import runner
+  from fastntk_jax.models import zoo
+  m = experiments.resolve(TINY)["model"]
+  module, variables, _ = zoo.load_backbone("resnet20", None, seed=0)
+  fn, params = runner.random_init_model(m, module, 10, seed=0)
+  p = params["params"]
+  # Fresh BatchNorm (scale 1), unlike the pretrained backbone's.
+  np.testing.assert_array_equal(np.asarray(p["bn_init"]["scale"]), 1.0)
+  assert not np.allclose(np.asarray(variables["params"]["bn_init"]["scale"]),
+                         1.0)
+  # A head at Flax's default (LeCun normal, fan-in 64: std ~ 0.125 before
+  # truncation), not the new head's 0.1 scale.
+  assert 0.08 < float(np.std(np.asarray(p["head"]["kernel"]))) < 0.16
+  out = np.asarray(jax.jit(fn)(params, np.full((2, 32, 32, 3), 0.1,
+                                                np.float32)))
+  assert out.shape == (2, 10) and np.all(np.isfinite(out))
 
 
 def test_runner_refuses_a_random_backbone_unless_allowed(tmp_path):

@@ -15,6 +15,10 @@ import forget_score as bench  # noqa: E402  pylint: disable=wrong-import-positio
 from fastntk_jax.evaluation import forget_score as fs
 
 
+# About 25 s (three pipelines of ResNet-20 fine-tuning and Retrain); slow-marked
+# to keep the default suite under 10 minutes. The score itself is tested on
+# hand-made cases in tests/test_forget_score.py.
+@pytest.mark.slow
 def test_forget_score_bench_tiny(tmp_path):
   cfg = tmp_path / "tiny.toml"
   cfg.write_text('name = "tiny"\nseeds = [0]\n[data]\nsource = "embedded"\n'

@@ -62,7 +62,7 @@ def test_tuning_seeds_must_not_be_reported_seeds():
 
 def test_tune_picks_the_smallest_validation_gap_and_resumes(tmp_path, capsys):
   cfg = _cfg(train_split="test", test_split="test")
-  cfg["tune"]["methods"] = ["fast_ntk"]
+  cfg["tune"]["methods"] = ["max_loss"]
   out = tmp_path / "tune"
   lines = []
   # Through the command line: `fastntk tune CONFIG --write PATH`.
@@ -72,17 +72,17 @@ def test_tune_picks_the_smallest_validation_gap_and_resumes(tmp_path, capsys):
                   'test_ipc = 5\ntrain_split = "test"\ntest_split = "test"\n'
                   '[finetune]\nepochs = 1\nbatch_size = 50\n')
   from fastntk_jax.cli import main
-  assert main(["tune", str(path), "--out", str(out), "--methods", "fast_ntk",
+  assert main(["tune", str(path), "--out", str(out), "--methods", "max_loss",
                "--write", str(tmp_path / "tuned" / "t.toml"), "--quiet"]) == 0
-  assert "fast_ntk: {'damping':" in capsys.readouterr().out
+  assert "max_loss: {'learning_rate':" in capsys.readouterr().out
   rec = json.loads((out / "tuning.json").read_text())
   assert (tmp_path / "tuned" / "t.toml").read_text() == (
       out / "chosen.toml").read_text()
   assert json.loads((tmp_path / "tuned" / "t.json").read_text()) == rec
-  gaps = [t["avg_d"] for t in rec["trials"]["fast_ntk"]]
+  gaps = [t["avg_d"] for t in rec["trials"]["max_loss"]]
   assert len(gaps) == tuning.TRIALS
-  best = tuning.grid("fast_ntk")[int(np.argmin(gaps))]
-  assert rec["chosen"] == {"fast_ntk": best}
+  best = tuning.grid("max_loss")[int(np.argmin(gaps))]
+  assert rec["chosen"] == {"max_loss": best}
   # Resumed: no trial is run again (the files are not rewritten).
   stamps = {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("*.json")}
   rec2 = tuning.tune(cfg, out, log=lines.append)
@@ -93,7 +93,7 @@ def test_tune_picks_the_smallest_validation_gap_and_resumes(tmp_path, capsys):
   (tmp_path / "exp.toml").write_text(
       'name = "e"\ntuned = "chosen.toml"\n[method.ga]\nepochs = 3\n')
   loaded = experiments.load_config(tmp_path / "exp.toml")
-  assert loaded["method"]["fast_ntk"] == best
+  assert loaded["method"]["max_loss"] == best
   assert loaded["method"]["ga"] == {"epochs": 3}
   # Another configuration in the same directory is refused.
   other = _cfg(train_split="test", test_split="test", ipc=4)

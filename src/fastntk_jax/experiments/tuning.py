@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import jax
 import numpy as np
 
 from fastntk_jax import methods as methods_lib
@@ -173,10 +174,9 @@ class _Problem:
     self.problem = methods_lib.UnlearningProblem(
         model.apply_fn, model.init_params, w_d, self.sets[0], self.sets[1],
         recipe, self.num_classes, rand)
-    ref = methods_lib.run_method(
-        "retrain_other_seed", self.problem, seed=seed,
-        seed_offset=int(vcfg["tune"]["reference_seed_offset"]))
-    self.reference = self.evaluate(ref.params)
+    self.reference = self.evaluate(_reference_params(
+        out / "runs" / f"seed{seed}" / "reference.ckpt", self.problem, seed,
+        int(vcfg["tune"]["reference_seed_offset"])))
 
   def evaluate(self, params) -> dict:
     values, _ = evaluate.evaluate(
@@ -185,6 +185,23 @@ class _Problem:
         mcfg={"mia": True, "relearn": False}, seed=self.seed,
         retrain_logits=None)
     return values
+
+
+def _reference_params(path: Path, problem, seed: int, offset: int):
+  """The reference Retrain (recipe seed + ``offset``): from its checkpoint
+  when a resumed run has one, else trained and saved."""
+  if path.is_file():
+    try:
+      ck = checkpoint.load(path, expect_kind="tune-reference")
+      if ck.config.get("seed_offset") == offset:
+        return checkpoint.restore_like(problem.init_params, ck.trees["params"])
+    except (checkpoint.CheckpointError, KeyError, ValueError, OSError):
+      pass
+  res = methods_lib.run_method("retrain_other_seed", problem, seed=seed,
+                               seed_offset=offset)
+  checkpoint.save(path, {"params": jax.device_get(res.params)},
+                  config={"seed_offset": offset}, kind="tune-reference")
+  return res.params
 
 
 def _tunable(cfg: dict) -> list[str]:
