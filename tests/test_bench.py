@@ -277,6 +277,10 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
         "source": "embedded", "ipc": 4, "test_ipc": 3}}), out, progress=False)
 
 
+# About 20 s (two ResNet-20 initialisations); slow-marked to keep the default
+# suite under 10 minutes. Bad Teacher's use of problem.random_init is tested on
+# a small network in tests/test_methods.py.
+@pytest.mark.slow
 def test_random_init_teacher_is_a_fresh_network_of_the_same_architecture():
   # Bad Teacher's incompetent teacher, as the runner builds it.
   from fastntk_jax.experiments import runner

@@ -60,6 +60,11 @@ def test_tuning_seeds_must_not_be_reported_seeds():
     experiments.resolve({"name": "t", "tune": {"seeds": []}})
 
 
+# About 35 s (ResNet-20 fine-tuning, the reference Retrain and six trials);
+# slow-marked to keep the default suite under 10 minutes. The protocol's parts
+# (disjoint validation data, equal budgets, seed checks, the tuned-file
+# errors) are tested by default above and below.
+@pytest.mark.slow
 def test_tune_picks_the_smallest_validation_gap_and_resumes(tmp_path, capsys):
   cfg = _cfg(train_split="test", test_split="test")
   cfg["tune"]["methods"] = ["max_loss"]

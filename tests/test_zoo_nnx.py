@@ -28,6 +28,11 @@ def _both(name, **kw):
   return lin, net, peft_nnx.make_apply_fn(net.model, net.peft_filter)
 
 
+# About 40 s (the full ResNet-20 twice, Linen and NNX); slow-marked to keep the
+# default suite under 10 minutes. tests/test_peft_nnx.py checks NNX BatchNorm +
+# head kernels and updates against explicit Jacobians, and the loader is
+# checked by test_loading_linen_variables_names_what_is_missing_or_misshapen.
+@pytest.mark.slow
 def test_nnx_resnet20_is_the_linen_resnet20(images):
   lin, net, nn_peft = _both("resnet20")
   assert isinstance(net.model, resnet_nnx.CifarResNet) and net.pretrained
