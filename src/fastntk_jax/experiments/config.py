@@ -141,12 +141,7 @@ def resolve(raw: Mapping) -> dict:
   if not cfg["name"] or not isinstance(cfg["name"], str):
     raise ConfigError("'name' is required: a short identifier for the "
                       "experiment, e.g. name = \"table1_ipc50_mse\".")
-  seeds = cfg["seeds"]
-  if (not isinstance(seeds, list) or not seeds
-      or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
-                 for s in seeds) or len(set(seeds)) != len(seeds)):
-    raise ConfigError(f"'seeds' must be a non-empty list of distinct integers "
-                      f">= 0, got {seeds!r}.")
+  _check_seeds("'seeds'", cfg["seeds"])
   methods = cfg["methods"]
   if not isinstance(methods, list) or not methods:
     raise ConfigError("'methods' must be a non-empty list of method names "
@@ -178,13 +173,16 @@ def resolve(raw: Mapping) -> dict:
   return cfg
 
 
-def _check_tune(t: dict) -> None:
-  seeds = t["seeds"]
+def _check_seeds(what: str, seeds) -> None:
   if (not isinstance(seeds, list) or not seeds
       or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0
                  for s in seeds) or len(set(seeds)) != len(seeds)):
-    raise ConfigError(f"tune.seeds must be a non-empty list of distinct "
-                      f"integers >= 0, got {seeds!r}.")
+    raise ConfigError(f"{what} must be a non-empty list of distinct integers "
+                      f">= 0, got {seeds!r}.")
+
+
+def _check_tune(t: dict) -> None:
+  _check_seeds("tune.seeds", t["seeds"])
   for k in ("ipc", "test_ipc", "reference_seed_offset"):
     _check_type(f"tune.{k}", t[k], int, "an integer >= 0")
     if t[k] < 0:
