@@ -1,10 +1,44 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and a compilation cache for this test session.
 
+Most of the suite's time is XLA compiling the same ResNet and kernel
+programs again: every test builds its own closures, so ``jax.jit`` cannot
+reuse what an earlier test compiled. A persistent compilation cache, keyed on
+the program text, can. Each test process gets its own empty one for this
+session only (JAX writes cache files without a lock, so two processes never
+share one); it is deleted when the process exits. Child Python processes that
+tests start inherit it through the environment. Set
+``JAX_COMPILATION_CACHE_DIR`` yourself to use another, or to ``""`` for none.
+"""
+
+import atexit
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
+import jax
 import pytest
 
 _SHARED_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+
+
+def _session_compilation_cache() -> None:
+  if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+    return  # the user's choice, "" included (no cache)
+  worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+  path = tempfile.mkdtemp(prefix=f"fastntk-test-xla-{worker}-")
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  # Every program is cached, however small or quick to compile.
+  settings = {"JAX_COMPILATION_CACHE_DIR": path,
+              "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+              "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1"}
+  os.environ.update(settings)
+  jax.config.update("jax_compilation_cache_dir", path)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
+
+
+_session_compilation_cache()
 
 
 @pytest.fixture(scope="session")

@@ -174,12 +174,20 @@ def test_pretrain_refuses_to_overwrite_and_checks_resume(tmp_path, capsys):
 
 
 def test_every_flag_has_help():
+  import argparse
   parser = cli.build_parser()
   sub = next(a for a in parser._actions if a.dest == "command")
-  for name, p in sub.choices.items():
+  todo = [(f"fastntk {n}", p) for n, p in sub.choices.items()]
+  seen = 0
+  while todo:
+    name, p = todo.pop()
     for a in p._actions:
       if a.dest != "help":
-        assert a.help, f"fastntk {name} {a.option_strings} has no help text"
+        assert a.help, f"{name} {a.option_strings} has no help text"
+      if isinstance(a, argparse._SubParsersAction):  # fastntk deletion ...
+        todo += [(f"{name} {n}", q) for n, q in a.choices.items()]
+    seen += 1
+  assert seen >= len(sub.choices) + 6
 
 
 # Three ResNet CLI runs (~45 s); bn_stats is tested directly in

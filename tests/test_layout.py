@@ -8,7 +8,7 @@ import fastntk_jax
 
 ROOT = pathlib.Path(fastntk_jax.__file__).resolve().parent
 EDGE = ("cli", "data", "evaluation", "experiments", "io", "methods", "models",
-        "training")
+        "store", "training")
 
 
 def _modules():

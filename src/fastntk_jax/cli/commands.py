@@ -25,6 +25,11 @@ from typing import Any
 
 import numpy as np
 
+from fastntk_jax.cli.common import UsageError
+from fastntk_jax.cli.deletion import cmd_deletion
+from fastntk_jax.cli.common import checkpoint_data
+from fastntk_jax.cli.common import load_images
+from fastntk_jax.cli.common import model_from_checkpoint
 from fastntk_jax.cli.parser import build_parser
 
 __all__ = ["COMMANDS", "main"]
@@ -33,9 +38,6 @@ __all__ = ["COMMANDS", "main"]
 # 0.05–4.88 % of the parameters, ViTs with prompts < 0.4 %.
 PAPER_RATIOS = {"batchnorm": "0.05–4.88 %", "prompts": "< 0.4 %"}
 
-
-class UsageError(ValueError):
-  """A bad flag or flag combination: printed without a traceback."""
 
 
 def _log(args, msg: str) -> None:
@@ -69,13 +71,6 @@ def _positive(name: str, value, allow_none: bool = True) -> None:
     return
   if value is None or value < 1:
     raise UsageError(f"{name} must be a positive integer, got {value!r}.")
-
-
-def _load(args, split: str, *, image_size: int, ipc=None, first=None,
-          classes=None):
-  from fastntk_jax import data
-  return data.load_dataset(args.data, split, ipc=ipc, first=first,
-                           classes=classes, image_size=image_size)
 
 
 def _predict(apply_fn, params, x, preprocess, batch_size: int = 250):
@@ -123,30 +118,6 @@ def cmd_params(args) -> dict:
 
 
 # -------------------------------------------------------------- evaluate
-def _model_from_checkpoint(path, which: str = "w_D"):
-  """(name, apply_fn, params, preprocess, config) from a ``train`` checkpoint."""
-  from fastntk_jax import peft
-  from fastntk_jax.io import checkpoint
-  from fastntk_jax.models import zoo
-  ckpt = checkpoint.load(path, expect_kind="peft")
-  cfg = ckpt.config
-  name = cfg["model"]
-  module = zoo.build(name, num_classes=int(cfg["num_classes"]),
-                     num_prompts=int(cfg.get("num_prompts", 0)))
-  frozen = ckpt.trees["frozen"]
-  if which not in ckpt.trees:
-    raise UsageError(f"--params: {path} has no {which!r}; it has "
-                     f"{sorted(k for k in ckpt.trees if k != 'frozen')}.")
-
-  def apply_fn(p, x):
-    return module.apply(peft.merge(p, frozen), x, train=False)
-
-  if cfg.get("finetune", {}).get("tangent"):
-    # Fine-tuned in tangent mode: the model is f(w_0) + J(w_0)(w − w_0).
-    from fastntk_jax.core.tangent import tangent_model
-    apply_fn = tangent_model(apply_fn, ckpt.trees["w_0"])
-  return name, module, apply_fn, ckpt, zoo.preprocess_fn(name)
-
 
 def cmd_evaluate(args) -> dict:
   from fastntk_jax.models import zoo
@@ -156,7 +127,7 @@ def cmd_evaluate(args) -> dict:
     raise UsageError("give --checkpoint (a `fastntk train` result) or "
                      "--weights (a backbone), not both.")
   if args.checkpoint:
-    name, _, apply_fn, ckpt, prep = _model_from_checkpoint(args.checkpoint,
+    name, _, apply_fn, ckpt, prep = model_from_checkpoint(args.checkpoint,
                                                            args.params)
     params = ckpt.trees[args.params]
     classes = ckpt.config.get("data", {}).get("classes")
@@ -176,7 +147,7 @@ def cmd_evaluate(args) -> dict:
     apply_fn = lambda v, x: module.apply(v, x, train=False)
     prep = zoo.preprocess_fn(name)
     classes = None
-  ds = _load(args, args.split, image_size=zoo.spec(name).image_size,
+  ds = load_images(args, args.split, image_size=zoo.spec(name).image_size,
              ipc=args.ipc, first=args.first, classes=classes)
   t0 = time.perf_counter()
   logits = _predict(apply_fn, params, ds.x, prep)
@@ -268,10 +239,10 @@ def cmd_pretrain(args) -> dict:
   cfg = _pretrain_config(args, s.family)
   out_path = Path(args.out)
   resume = _pretrain_resume(args, out_path, cfg)
-  ds = _load(args, "train", image_size=s.image_size)
+  ds = load_images(args, "train", image_size=s.image_size)
   idx = _pretrain_split(ds.y, args.holdout_ipc, args.max_ipc)
   x, y = ds.x[idx], ds.y[idx]
-  test = _load(args, "test", image_size=s.image_size, ipc=args.test_ipc)
+  test = load_images(args, "test", image_size=s.image_size, ipc=args.test_ipc)
   num_classes = len(ds.class_names)
   # Pre-training is of the plain backbone: ViT prompts are added at fine-tuning.
   module = zoo.build(args.model, num_classes=num_classes, num_prompts=0)
@@ -367,9 +338,9 @@ def cmd_train(args) -> dict:
   exclude = splits.parse_forget(args.exclude) if args.exclude else None
   classes = _csv_classes(args.classes)
   num_prompts = args.num_prompts if s.family == "vit" else 0
-  ds = _load(args, "train", image_size=s.image_size, ipc=args.ipc,
+  ds = load_images(args, "train", image_size=s.image_size, ipc=args.ipc,
              classes=classes)
-  test = _load(args, "test", image_size=s.image_size, ipc=args.test_ipc,
+  test = load_images(args, "test", image_size=s.image_size, ipc=args.test_ipc,
                classes=classes)
   module, variables, pretrained = zoo.load_backbone(
       args.model, args.weights, num_prompts=num_prompts, seed=args.seed)
@@ -430,21 +401,6 @@ def cmd_train(args) -> dict:
 
 
 # --------------------------------------------------------------- unlearn
-def _checkpoint_data(args, cfg, image_size: int):
-  """The training set a checkpoint was fine-tuned on, and its test set."""
-  from fastntk_jax.data import splits
-  d = cfg["data"]
-  ds = _load(args, "train", image_size=image_size, ipc=d.get("ipc"),
-             classes=d.get("classes"))
-  test = _load(args, "test", image_size=image_size,
-               ipc=args.test_ipc or d.get("test_ipc"), classes=d.get("classes"))
-  if cfg.get("exclude"):
-    keep, _ = splits.apply_forget(splits.parse_forget(cfg["exclude"]), ds.y,
-                                  ds.class_names)
-    ds = ds._replace(x=ds.x[keep], y=ds.y[keep])
-  return ds, test
-
-
 def _bn_mode(flag: str, cfg, ckpt, name: str) -> str:
   """``"keep"`` or ``"retain"``: what happens to the BatchNorm statistics."""
   mode = flag
@@ -486,12 +442,12 @@ def cmd_unlearn(args) -> dict:
     raise UsageError("--out must differ from --checkpoint (keep the trained "
                      "model).")
   spec = splits.parse_forget(args.forget)
-  name, module, apply_fn, ckpt, prep = _model_from_checkpoint(args.checkpoint)
+  name, module, apply_fn, ckpt, prep = model_from_checkpoint(args.checkpoint)
   cfg = ckpt.config
   d = cfg["data"]
   data_source = args.data or d["source"]
   args.data = data_source
-  ds, test = _checkpoint_data(args, cfg, zoo.spec(name).image_size)
+  ds, test = checkpoint_data(args, cfg, zoo.spec(name).image_size)
   r_idx, f_idx = splits.apply_forget(spec, ds.y, ds.class_names)
   bn_mode = _bn_mode(args.bn_stats, cfg, ckpt, name)
   w_d, w_0 = ckpt.trees["w_D"], ckpt.trees["w_0"]
@@ -605,7 +561,7 @@ def cmd_tune(args) -> dict:
 COMMANDS = {"params": cmd_params, "evaluate": cmd_evaluate,
             "pretrain": cmd_pretrain, "train": cmd_train,
             "unlearn": cmd_unlearn, "experiment": cmd_experiment,
-            "tune": cmd_tune}
+            "tune": cmd_tune, "deletion": cmd_deletion}
 
 
 def main(argv=None) -> int:

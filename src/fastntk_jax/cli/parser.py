@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
   _add_unlearn(sub)
   _add_experiment(sub)
   _add_tune(sub)
+  _add_deletion(sub)
   return p
 
 
@@ -263,3 +264,63 @@ def _add_tune(sub) -> None:
                  "experiment config names with tuned = \"...\"")
   q.add_argument("--quiet", action="store_true", help="no progress output")
   q.set_defaults(command="tune")
+
+
+def _add_deletion(sub) -> None:
+  q = sub.add_parser("deletion", help="a deletion store: prepare once, answer "
+                     "requests for months (init, forget, status, log, verify, "
+                     "export)")
+  q.set_defaults(command="deletion")
+  ds = q.add_subparsers(dest="deletion_command", metavar="ACTION",
+                        required=True, help="what to do with the store")
+
+  def action(name, text):
+    a = ds.add_parser(name, help=text)
+    a.add_argument("store", metavar="STORE", help="the store's folder")
+    a.add_argument("--json", metavar="PATH", help="also write the result "
+                   "to PATH")
+    return a
+
+  a = action("init", "prepare a store from a `fastntk train` checkpoint and "
+             "its training set")
+  a.add_argument("--checkpoint", required=True, metavar="PATH",
+                 help="a `fastntk train` checkpoint (w_0, w_D, frozen)")
+  a.add_argument("--samples", metavar="NPZ", help="the training set as an "
+                 ".npz with x (uint8 images), y and ids (default: the "
+                 "checkpoint's training set; ids are positions in it)")
+  a.add_argument("--data", help="override the checkpoint's data source")
+  a.add_argument("--damping", type=float, default=DEFAULT_DAMPING,
+                 help=f"λ > 0 (default {DEFAULT_DAMPING})")
+  a.add_argument("--loss", choices=["mse", "ce"], help="default: the "
+                 "checkpoint's fine-tuning loss")
+  a.add_argument("--linearize-at", default="w_D", choices=["w_D", "w_0"],
+                 help="where J and f are taken (default w_D)")
+  a.add_argument("--anchor", default="w_0", choices=["w_0", "w_D"],
+                 help="the ridge term's centre (default w_0, the "
+                 "checkpoint's parameters before fine-tuning)")
+  a.add_argument("--memory-budget", type=float,
+                 default=DEFAULT_MEMORY_BUDGET / 2**30,
+                 help="GiB the prepared state may take; refused before any "
+                 f"work when over (default {DEFAULT_MEMORY_BUDGET / 2**30:g})")
+  a = action("forget", "apply one deletion request (all or nothing; a "
+             "request applied before changes nothing)")
+  a.add_argument("--ids", required=True, metavar="FILE",
+                 help="the sample ids: a file ('-' for standard input) of "
+                 "integers separated by spaces, commas or newlines, or a "
+                 "JSON list")
+  a.add_argument("--request-id", metavar="ID", help="the request's name in "
+                 "the log (default: a digest of the sorted ids)")
+  a.add_argument("--allow-empty-class", action="store_true",
+                 help="allow removing the last samples of a class")
+  a.add_argument("--allow-other-version", action="store_true",
+                 help="use a store written by another fastntk_jax version")
+  action("status", "counts, sizes, the last request and verification")
+  action("log", "every applied request")
+  a = action("verify", "recompute from scratch on the kept samples and "
+             "compare (recorded in the store)")
+  a.add_argument("--allow-other-version", action="store_true",
+                 help="use a store written by another fastntk_jax version")
+  a = action("export", "the current model as a checkpoint the other "
+             "commands read")
+  a.add_argument("--out", required=True, metavar="PATH",
+                 help="the checkpoint to write")

@@ -1,0 +1,171 @@
+"""A deletion store answering a sequence of requests, against from scratch.
+
+ResNet-20 (CIFAR-10 weights from ../shared), BatchNorm scale/shift + a new
+head as PEFT parameters (P = 2,026), fine-tuned for ``--finetune-epochs`` on
+``--n-train`` CIFAR-10 training images with the ``--loss`` recipe; then
+
+1. ``DeletionStore.init`` over D (prepare + write the store);
+2. ``--requests`` requests of ``--size`` random images in sequence, each
+   through the store (compute, the new state's files, fsync and the SQLite
+   commit), timed one by one in this process after ``init``; one more
+   request after reopening the store, as a new process would;
+3. ``verify``: ``unlearn`` from scratch on what is left, against the
+   store's parameters (relative difference, accuracy on the forgotten).
+
+Writes JSON atomically (device, versions, configuration, every request's
+time)::
+
+    python benchmarks/deletion_store.py --loss mse
+    python benchmarks/deletion_store.py --loss ce \
+        --out benchmarks/results/deletion_store_ce_cpu.json
+    python benchmarks/deletion_store.py --n-train 2000 --requests 3   # smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fastntk_jax import data
+from fastntk_jax.io import atomic
+from fastntk_jax.io.environment import environment
+from fastntk_jax.models import zoo
+from fastntk_jax.store import DeletionStore
+from fastntk_jax.training import train
+
+
+def _peak_rss_gib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+def _write(path: Path, obj) -> None:
+  text = json.dumps(obj, indent=1)
+  atomic.atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def _data(n: int, seed: int):
+  tr = data.load_dataset("cifar10-jpeg", "train")
+  rng = np.random.default_rng(seed)
+  take = np.sort(rng.choice(len(tr.y), n, replace=False))
+  prep = jax.jit(zoo.preprocess_fn("resnet20"))
+  x = np.concatenate([np.asarray(prep(jnp.asarray(tr.x[take[i:i + 1000]])))
+                      for i in range(0, n, 1000)])
+  return x, tr.y[take].astype(np.int64)
+
+
+def _requests(rng, n: int, count: int, size: int):
+  order = rng.permutation(n)
+  if count * size >= n:
+    raise SystemExit(f"--requests x --size must be < --n-train ({n}).")
+  return [np.sort(order[i * size:(i + 1) * size]) for i in range(count)]
+
+
+def _stats(v) -> dict:
+  v = np.asarray(v, float)
+  return {"median": float(np.median(v)), "max": float(np.max(v)),
+          "min": float(np.min(v)), "mean": float(np.mean(v))}
+
+
+def run(args) -> dict:
+  out = {"benchmark": "deletion_store", **environment(),
+         "cpu_count": os.cpu_count(),
+         "config": {k: (str(v) if isinstance(v, Path) else v)
+                    for k, v in vars(args).items()}}
+  x, y = _data(args.n_train, args.seed)
+  module, variables, _ = zoo.load_backbone("resnet20")
+  model = zoo.peft_model("resnet20", module, variables, num_classes=10,
+                         mode="peft", seed=args.seed)
+  recipe = train.FinetuneConfig(loss=args.loss, epochs=args.finetune_epochs,
+                                batch_size=250, learning_rate=1e-2,
+                                seed=args.seed)
+  t = time.perf_counter()
+  w_d = train.finetune(model.apply_fn, model.init_params, x, y,
+                       config=recipe).params
+  out["finetune_seconds"] = time.perf_counter() - t
+  ids = np.arange(len(y), dtype=np.int64)
+  root = Path(tempfile.mkdtemp(prefix="fastntk-store-", dir=args.tmp))
+  path = root / "store"
+  try:
+    t = time.perf_counter()
+    store = DeletionStore.init(path, model.apply_fn, w_d, (x, y), ids=ids,
+                               anchor=model.init_params, loss=args.loss,
+                               damping=args.damping)
+    out["init_seconds"] = time.perf_counter() - t
+    out["prepare_seconds"] = store.meta["prepare_seconds"]
+    reqs = _requests(np.random.default_rng(args.seed + 1), len(y),
+                     args.requests + 1, args.size)
+    rows = []
+    for i, r in enumerate(reqs[:-1]):
+      t = time.perf_counter()
+      res = store.forget(model.apply_fn, (x[r], y[r]), ids=r,
+                         request_id=f"r{i}")
+      wall = time.perf_counter() - t
+      rows.append({"wall_seconds": wall, "core_seconds": res.row["seconds"],
+                   "write_seconds": res.row["extra"]["write_seconds"],
+                   "relative_residual": res.row["relative_residual"],
+                   "acc_before": res.row["before"]["accuracy"],
+                   "acc_after": res.row["after"]["accuracy"]})
+      print(f"request {i}: {wall:.2f} s (solve {res.row['seconds']:.2f} s, "
+            f"write {res.row['extra']['write_seconds']:.2f} s)", flush=True)
+    store.close()
+    t = time.perf_counter()
+    store = DeletionStore.open(path)
+    reopen = time.perf_counter() - t
+    r = reqs[-1]
+    t = time.perf_counter()
+    store.forget(model.apply_fn, (x[r], y[r]), ids=r, request_id="after-open")
+    out["after_reopen"] = {"open_seconds": reopen,
+                           "request_seconds": time.perf_counter() - t}
+    out["requests"] = {"per_request": rows, "wall": _stats(
+        [q["wall_seconds"] for q in rows]), "write": _stats(
+            [q["write_seconds"] for q in rows]),
+        "first_excluded": _stats([q["wall_seconds"] for q in rows[1:]])}
+    t = time.perf_counter()
+    out["verify"] = store.verify(model.apply_fn, (x, y, ids))
+    out["verify_seconds"] = time.perf_counter() - t
+    out["store_bytes"] = store.status()["bytes_on_disk"]
+    store.close()
+  finally:
+    shutil.rmtree(root, ignore_errors=True)
+  out["peak_rss_gib"] = _peak_rss_gib()
+  return out
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--n-train", type=int, default=10000)
+  ap.add_argument("--requests", type=int, default=50)
+  ap.add_argument("--size", type=int, default=100)
+  ap.add_argument("--loss", choices=["mse", "ce"], default="mse")
+  ap.add_argument("--damping", type=float, default=1.0)
+  ap.add_argument("--finetune-epochs", type=int, default=1)
+  ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--tmp", type=Path, default=None,
+                  help="folder for the store (default: the system's temp)")
+  ap.add_argument("--out", type=Path, default=None)
+  args = ap.parse_args(argv)
+  if min(args.n_train, args.requests, args.size) < 1:
+    ap.error("--n-train, --requests and --size must be >= 1")
+  if args.out is None:
+    args.out = Path(f"benchmarks/results/deletion_store_{args.loss}_cpu.json")
+  out = run(args)
+  _write(args.out, out)
+  v = out["verify"]
+  print(f"{args.requests} requests of {args.size}: median "
+        f"{out['requests']['wall']['median']:.2f} s, max "
+        f"{out['requests']['wall']['max']:.2f} s; from scratch vs store: "
+        f"{v['relative_difference']:.3g}; wrote {args.out}")
+
+
+if __name__ == "__main__":
+  main()

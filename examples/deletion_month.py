@@ -1,0 +1,86 @@
+"""A month of deletion requests against one deployed model, with the CLI.
+
+Runs on a fresh clone with the shipped data only: the embedded CIFAR-10
+subset and the shipped ResNet-20 weights. Every step is a separate
+``fastntk`` process, as it would be in a deployment:
+
+1. day 0: fine-tune ResNet-20 (BatchNorm + head) and ``fastntk deletion
+   init`` a store from the checkpoint;
+2. days 1-30: a request every few days, of a few images each; one is sent
+   twice (a retry after a timeout: reported as already applied), one names an
+   image forgotten before (refused, nothing changes);
+3. day 30: ``status``, ``log``, ``verify`` (the auditor's from-scratch
+   check) and ``export`` (the model to deploy), then ``evaluate`` on it.
+
+    python examples/deletion_month.py --out results/deletion_month
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+
+def fastntk(*args: str, check: bool = True, stdin: str | None = None) -> int:
+  cmd = [sys.executable, "-m", "fastntk_jax.cli", *args]
+  print("$ fastntk " + " ".join(args), flush=True)
+  r = subprocess.run(cmd, input=stdin, text=True)
+  if check and r.returncode != 0:
+    raise SystemExit(f"fastntk {args[0]} failed with status {r.returncode}")
+  return r.returncode
+
+
+def main(argv=None) -> None:
+  ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  ap.add_argument("--out", type=Path, default=Path("results/deletion_month"))
+  ap.add_argument("--ipc", type=int, default=20,
+                  help="training images per class (embedded set: <= 100)")
+  ap.add_argument("--epochs", type=int, default=10)
+  ap.add_argument("--seed", type=int, default=0)
+  args = ap.parse_args(argv)
+  if args.out.exists():
+    shutil.rmtree(args.out)
+  args.out.mkdir(parents=True)
+  ckpt, store = args.out / "model.ckpt", args.out / "model.store"
+  fastntk("train", "--model", "resnet20", "--data", "embedded", "--ipc",
+          str(args.ipc), "--test-ipc", "20", "--epochs", str(args.epochs),
+          "--loss", "ce", "--out", str(ckpt), "--quiet")
+  fastntk("deletion", "init", str(store), "--checkpoint", str(ckpt))
+  n = 10 * args.ipc
+  rng = np.random.default_rng(args.seed)
+  order = rng.permutation(n)
+  days = sorted(rng.choice(np.arange(1, 31), size=8, replace=False))
+  used = 0
+  for k, day in enumerate(days):
+    size = int(rng.integers(1, 6))
+    ids = " ".join(str(i) for i in order[used:used + size])
+    used += size
+    print(f"\n# day {day}: request ticket-{k} ({size} images)")
+    fastntk("deletion", "forget", str(store), "--ids", "-", "--request-id",
+            f"ticket-{k}", stdin=ids)
+    if k == 2:
+      print("\n# the same request again, after a client timeout")
+      fastntk("deletion", "forget", str(store), "--ids", "-", "--request-id",
+              f"ticket-{k}", stdin=ids)
+    if k == 4:
+      print("\n# a request naming an image forgotten on an earlier day")
+      status = fastntk("deletion", "forget", str(store), "--ids", "-",
+                       stdin=f"{order[0]} {order[used]}", check=False)
+      print(f"(refused with status {status}; nothing changed)")
+  print("\n# day 30: the audit and the model to deploy")
+  fastntk("deletion", "status", str(store))
+  fastntk("deletion", "log", str(store))
+  fastntk("deletion", "verify", str(store))
+  fastntk("deletion", "export", str(store), "--out",
+          str(args.out / "current.ckpt"))
+  fastntk("evaluate", "--checkpoint", str(args.out / "current.ckpt"),
+          "--data", "embedded", "--split", "test", "--ipc", "20")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,696 @@
+"""A deletion store: one folder per deployed model, requests for months.
+
+``DeletionStore.init`` prepares the state once (:func:`fastntk_jax.core.
+deletion.prepare`); every later process opens the folder and answers requests
+with :func:`fastntk_jax.core.deletion.forget`. The folder holds::
+
+  STORE/store.sqlite   the request log, the generations and the head (log.py)
+  STORE/objects/       immutable, checksummed arrays and trees (objects.py)
+  STORE/lock           held (flock) by the one process that may write
+
+**A request is applied entirely or not at all.** The new parameters and the
+changed state arrays are written as new object files (fsynced, renamed, the
+folder fsynced); then one SQLite transaction inserts the new generation and
+the request's log row and moves the head. Until that commit the head names
+the old generation, whose files are untouched; after it, the new one. Files
+of a generation that never committed (a killed process) or that is no longer
+the head are deleted by the next writer. Arrays a request does not change
+(the Cross-entropy Jacobian rows, the linearisation point) are not written
+again.
+
+**Idempotent.** A request id is applied once: sending it again, or sending
+the same ids under another id, is reported as already applied and changes
+nothing. Unknown ids, ids forgotten by an earlier request, duplicates, an
+empty request, one that would remove a whole class or all of D, inputs that
+are not the samples prepared under those ids (per-sample SHA-256), and a
+store of another format or software version are refused before any work,
+with the fix.
+
+Example::
+
+  store = DeletionStore.init("model.store", apply_fn, w_D, (x, y), ids=ids,
+                             anchor=w_0, loss="ce")
+  r = store.forget(apply_fn, (x[k], y[k]), ids=ids[k], request_id="req-1")
+  store.close()
+  DeletionStore.open("model.store", readonly=True).status()
+"""
+
+from __future__ import annotations
+
+import datetime
+import fcntl
+import hashlib
+import os
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+from fastntk_jax.core import deletion
+from fastntk_jax.core import kernels
+from fastntk_jax.core import unlearn as unlearn_lib
+from fastntk_jax.io.environment import environment
+from fastntk_jax.store import log as db
+from fastntk_jax.store.objects import CorruptObjectError
+from fastntk_jax.store.objects import ObjectFiles
+from fastntk_jax.store.objects import fsync_dir
+
+__all__ = ["CorruptStoreError", "DeletionStore", "RequestResult",
+           "StoreError", "StoreLockedError", "ids_key", "params_sha256",
+           "sample_digests", "take"]
+
+_NUMPY_FIELDS = ("ids", "labels", "active", "row_ids")
+_SCALAR_FIELDS = ("num_samples", "num_outputs", "damping", "loss",
+                  "solve_dtype", "input_shape", "input_dtype", "anchored_at",
+                  "linearized_at")
+
+
+class StoreError(ValueError):
+  """A request or a use of the store that is refused; nothing was changed."""
+
+
+class StoreLockedError(StoreError):
+  """Another process is writing to the store."""
+
+
+class CorruptStoreError(StoreError):
+  """The store's files fail their checksums or do not fit together."""
+
+
+class RequestResult(NamedTuple):
+  """What :meth:`DeletionStore.forget` did.
+
+  Attributes:
+    request_id: the request's id.
+    status: ``"applied"``, or ``"already_applied"`` (nothing changed).
+    row: the request's log row (for ``"already_applied"``, the earlier one).
+  """
+  request_id: str
+  status: str
+  row: dict
+
+
+def _now() -> str:
+  return datetime.datetime.now(datetime.timezone.utc).isoformat(
+      timespec="milliseconds")
+
+
+def sample_digests(x, y) -> np.ndarray:
+  """``(N, 32)`` uint8: the SHA-256 of each sample's input bytes, shape,
+  dtype and label, to check later that a request's inputs are these samples."""
+  x, y = np.asarray(x), np.asarray(y)
+  head = f"{x.shape[1:]}|{x.dtype.str}|".encode()
+  out = np.empty((len(y), 32), np.uint8)
+  for i in range(len(y)):
+    h = hashlib.sha256(head)
+    h.update(np.ascontiguousarray(x[i]).tobytes())
+    h.update(np.int64(y[i]).tobytes())
+    out[i] = np.frombuffer(h.digest(), np.uint8)
+  return out
+
+
+def params_sha256(params) -> str:
+  """SHA-256 of a pytree's leaves (paths, dtypes, shapes and bytes)."""
+  h = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(jax.device_get(params))[0]
+  for path, leaf in leaves:
+    a = np.ascontiguousarray(leaf)
+    h.update(f"{jax.tree_util.keystr(path)}|{a.dtype.str}|{a.shape}|".encode())
+    h.update(a.tobytes())
+  return h.hexdigest()
+
+
+def ids_key(ids: np.ndarray) -> str:
+  """The default request id: a digest of the sorted sample ids."""
+  return "ids-" + hashlib.sha256(np.sort(ids).astype("<i8").tobytes()
+                                 ).hexdigest()[:24]
+
+
+class _Lock:
+  """An exclusive ``flock`` on ``STORE/lock``, released when the process dies."""
+
+  def __init__(self, path: Path):
+    self.path = path
+    self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(self.fd, 200, 0).decode(errors="replace").strip()
+      os.close(self.fd)
+      raise StoreLockedError(
+          f"{path.parent}: another process is writing to this store "
+          f"({holder or 'holder unknown'}); wait for it to finish, or use a "
+          "read-only command (status, log). One writer at a time.") from None
+    os.ftruncate(self.fd, 0)
+    os.pwrite(self.fd, f"pid {os.getpid()} since {_now()}".encode(), 0)
+
+  def release(self) -> None:
+    if self.fd is not None:
+      fcntl.flock(self.fd, fcntl.LOCK_UN)
+      os.close(self.fd)
+      self.fd = None
+
+
+# ------------------------------------------------------------ serialisation
+def _write_state(objs: ObjectFiles, state: deletion.PreparedState,
+                 previous: Mapping[str, tuple]) -> tuple[dict, dict]:
+  """Writes the state's arrays; a field that is the object loaded (or last
+  written) under a key is not written again. Returns ``(keys, scalars)``."""
+  keys = {}
+  for f in deletion.PreparedState._fields:
+    if f in _SCALAR_FIELDS:
+      continue
+    v = getattr(state, f)
+    old = previous.get(f)
+    if v is None:
+      keys[f] = None
+    elif old is not None and old[0] is v:
+      keys[f] = old[1]
+    else:
+      keys[f] = objs.put_tree(v) if f == "lin_params" else objs.put_array(v)
+  scalars = {f: getattr(state, f) for f in _SCALAR_FIELDS}
+  scalars["input_shape"] = [int(d) for d in state.input_shape]
+  for f in ("num_samples", "num_outputs"):
+    scalars[f] = int(scalars[f])
+  scalars["damping"] = float(scalars["damping"])
+  return keys, scalars
+
+
+def _read_state(objs: ObjectFiles, keys: Mapping, scalars: Mapping
+                ) -> tuple[deletion.PreparedState, dict]:
+  vals = {}
+  with kernels.dtype_scope("float64"):  # keep float64 arrays float64
+    for f, k in keys.items():
+      if k is None:
+        vals[f] = None
+      elif f == "lin_params":
+        vals[f] = jax.tree_util.tree_map(jnp.asarray, objs.get_tree(k))
+      elif f in _NUMPY_FIELDS:
+        vals[f] = objs.get_array(k)
+      else:
+        vals[f] = jnp.asarray(objs.get_array(k))
+  sc = dict(scalars)
+  sc["input_shape"] = tuple(sc["input_shape"])
+  state = deletion.PreparedState(**vals, **sc)
+  return state, {f: (vals[f], keys[f]) for f in keys if keys[f] is not None}
+
+
+def _tree(objs: ObjectFiles, key: str):
+  return jax.tree_util.tree_map(jnp.asarray, objs.get_tree(key))
+
+
+def take(samples, wanted, digests=None, name: str = "samples"):
+  """``(x, y)`` of the samples with ids ``wanted``, in that order.
+
+  Args:
+    samples: ``(x, y, ids)`` holding at least every wanted id.
+    wanted: int ids.
+    digests: optional ``(ids_sorted, digests)`` of the prepared samples: the
+      taken ones must match (:func:`sample_digests`).
+  """
+  x, y, sid = samples
+  sid = np.asarray(sid)
+  order = np.argsort(sid, kind="stable")
+  pos = np.searchsorted(sid, wanted, sorter=order)
+  pos = np.minimum(pos, len(sid) - 1)
+  rows = order[pos]
+  bad = sid[rows] != wanted
+  if bad.any():
+    raise StoreError(f"{name}: {int(bad.sum())} requested ids are not in the "
+                     f"data given (e.g. {np.asarray(wanted)[bad][:5].tolist()}"
+                     "); pass the dataset the store was prepared from.")
+  xs, ys = np.asarray(x)[rows], np.asarray(y)[rows]
+  if digests is not None:
+    ref_ids, ref = digests
+    got = sample_digests(xs, ys)
+    want = ref[np.searchsorted(ref_ids, wanted)]
+    diff = np.any(got != want, axis=1)
+    if diff.any():
+      raise StoreError(
+          f"{name}: {int(diff.sum())} samples differ from those prepared "
+          f"under their ids (e.g. id {int(np.asarray(wanted)[diff][0])}); "
+          "pass each sample with its own id, as given to init.")
+  return xs, ys
+
+
+def _request_metrics(apply_fn, params, x, y, loss: str) -> dict:
+  """Accuracy and mean loss on a request (``"mse"``: ½‖f − onehot‖²)."""
+  z = np.asarray(kernels.predict(apply_fn, params, x), np.float64)
+  y = np.asarray(y)
+  acc = float(np.mean(np.argmax(z, -1) == y))
+  if loss == "ce":
+    m = z.max(-1, keepdims=True)
+    lse = (m[:, 0] + np.log(np.exp(z - m).sum(-1)))
+    value = float(np.mean(lse - z[np.arange(len(y)), y]))
+  else:
+    value = float(np.mean(0.5 * np.sum((z - np.eye(z.shape[1])[y]) ** 2, -1)))
+  return {"accuracy": acc, "loss": value}
+
+
+def _check_ids(name: str, ids) -> np.ndarray:
+  ids = np.asarray(ids)
+  if ids.ndim != 1 or ids.size == 0:
+    raise StoreError(f"{name}: expected a non-empty 1-D list of sample ids, "
+                     f"got shape {ids.shape}.")
+  if not np.issubdtype(ids.dtype, np.integer):
+    raise StoreError(f"{name}: ids must be integers, got dtype {ids.dtype}.")
+  uniq, counts = np.unique(ids, return_counts=True)
+  if (counts > 1).any():
+    raise StoreError(f"{name}: ids repeat (e.g. {uniq[counts > 1][:5].tolist()}"
+                     "); list each sample once.")
+  return ids.astype(np.int64)
+
+
+def _ids_sha(ids: np.ndarray) -> str:
+  return hashlib.sha256(np.sort(ids).astype("<i8").tobytes()).hexdigest()
+
+
+def _check_request_id(request_id) -> str:
+  if not isinstance(request_id, str) or not request_id.strip() or len(
+      request_id) > 200:
+    raise StoreError(f"request_id must be a non-empty string of at most 200 "
+                     f"characters, got {request_id!r}.")
+  return request_id
+
+
+class DeletionStore:
+  """A deletion store folder (module docstring). Use :meth:`init` or
+  :meth:`open`; close it (or use ``with``) to release the writer's lock."""
+
+  def __init__(self, root: Path, con, lock: _Lock | None):
+    self.root, self.con, self._lock = root, con, lock
+    self.objects = ObjectFiles(root / "objects")
+    self.meta = db.meta(con)
+
+  # ------------------------------------------------------------- opening
+  @classmethod
+  def init(cls, path, apply_fn: Callable, params, data, *, ids, anchor=None,
+           extra: Mapping[str, Any] | None = None,
+           description: Mapping[str, Any] | None = None,
+           **prepare_kw) -> "DeletionStore":
+    """Prepares the state over ``data`` and writes a new store at ``path``.
+
+    Args:
+      path: a folder that does not exist, or is empty (or left by an ``init``
+        that did not finish).
+      apply_fn, params, data, anchor, prepare_kw: as in
+        :func:`fastntk_jax.core.deletion.prepare` (``memory_budget`` there
+        refuses a state that would not fit, before any work).
+      ids: a unique integer id per sample of ``data``.
+      extra: named pytrees kept with the store (e.g. the frozen variables and
+        ``w_0`` a checkpoint needs); :meth:`extra` returns them.
+      description: JSON kept in ``meta`` (e.g. the checkpoint's config and
+        where the data comes from).
+    """
+    root = Path(path)
+    if (root / "store.sqlite").exists():
+      raise StoreError(f"path: {root} already holds a deletion store; open it "
+                       "(fastntk deletion status) or choose another folder.")
+    if root.exists() and any(p.name not in ("objects", "lock")
+                             for p in root.iterdir()):
+      raise StoreError(f"path: {root} exists and is not empty; choose a new "
+                       "folder for the store.")
+    x, y = data
+    ids = _check_ids("ids", ids)
+    if len(ids) != len(np.asarray(y)):
+      raise StoreError(f"ids: {len(ids)} ids for {len(np.asarray(y))} samples;"
+                       " give one id per sample.")
+    root.mkdir(parents=True, exist_ok=True)
+    lock = _Lock(root / "lock")
+    try:
+      return cls._create(root, lock, apply_fn, params, (x, y), ids, anchor,
+                         dict(extra or {}), dict(description or {}),
+                         prepare_kw)
+    except BaseException:
+      lock.release()
+      raise
+
+  @classmethod
+  def _create(cls, root, lock, apply_fn, params, data, ids, anchor, extra,
+              description, prepare_kw):
+    objs = ObjectFiles(root / "objects")
+    objs.remove_except(())  # what a killed init left
+    t0 = time.perf_counter()
+    state = deletion.prepare(apply_fn, params, data, anchor=anchor, ids=ids,
+                             **prepare_kw)
+    seconds = time.perf_counter() - t0
+    order = np.argsort(ids)
+    x, y = np.asarray(data[0]), np.asarray(data[1])
+    keys, scalars = _write_state(objs, state, {})
+    fixed = {"trained": objs.put_tree(params),
+             "sample_ids": objs.put_array(ids[order]),
+             "digests": objs.put_array(sample_digests(x[order], y[order])),
+             "sample_labels": objs.put_array(y[order].astype(np.int64)),
+             "anchor": None if anchor is None else objs.put_tree(anchor),
+             "extra": {k: objs.put_tree(v) for k, v in extra.items()}}
+    gen0 = {"created": _now(), "num_samples": int(len(ids)),
+            "params_sha256": params_sha256(params),
+            "objects": {"params": fixed["trained"], "state": keys,
+                        "scalars": scalars, "fixed": fixed}}
+    env = environment()
+    meta = {"created": gen0["created"],
+            "fastntk_jax": env["versions"]["fastntk_jax"], "environment": env,
+            "prepare": {k: v for k, v in prepare_kw.items()
+                        if isinstance(v, (int, float, str, bool, type(None)))},
+            "prepare_seconds": seconds, "description": description}
+    db.create(root / "store.sqlite", meta, gen0)
+    fsync_dir(root)
+    return cls._load(root, db.connect(root / "store.sqlite"), lock)
+
+  @classmethod
+  def open(cls, path, *, readonly: bool = False,
+           allow_other_version: bool = False) -> "DeletionStore":
+    """Opens a store. ``readonly`` takes no lock and writes nothing (status,
+    log, verify); otherwise this process becomes the one writer.
+
+    A store written by another fastntk_jax version is refused unless
+    ``allow_other_version`` (the numerics of a request could differ from
+    those of the requests before it); a newer store format always is.
+    """
+    root = Path(path)
+    if not (root / "store.sqlite").is_file():
+      raise StoreError(f"path: no deletion store at {root}; create one with "
+                       "`fastntk deletion init` (DeletionStore.init).")
+    lock = None if readonly else _Lock(root / "lock")
+    try:
+      con = db.connect(root / "store.sqlite", readonly=readonly)
+      meta = db.meta(con)
+      _check_format(root, meta, allow_other_version)
+      store = cls._load(root, con, lock)
+      if lock is not None:  # files of uncommitted or old generations
+        store.objects.remove_except(store._live_keys())
+      return store
+    except BaseException:
+      if lock is not None:
+        lock.release()
+      raise
+
+  @classmethod
+  def _load(cls, root, con, lock) -> "DeletionStore":
+    store = cls(root, con, lock)
+    for attempt in range(3):
+      store.head = db.head(con)
+      store.generation = db.generation(con, store.head)
+      try:
+        store._read_generation()
+        return store
+      except CorruptObjectError as err:
+        # A writer may have moved on and removed this generation's files
+        # while a read-only reader was reading them: read the new head.
+        if lock is not None or db.head(con) == store.head or attempt == 2:
+          raise CorruptStoreError(str(err)) from None
+    raise AssertionError("unreachable")
+
+  def _read_generation(self) -> None:
+    o, objs = self.generation["objects"], self.objects
+    fixed = o["fixed"]
+    self.state, self._previous = _read_state(objs, o["state"], o["scalars"])
+    self.params = _tree(objs, o["params"])
+    self.trained_params = _tree(objs, fixed["trained"])
+    self.anchor = None if fixed["anchor"] is None else _tree(
+        objs, fixed["anchor"])
+    self.sample_ids = objs.get_array(fixed["sample_ids"])
+    self.sample_labels = objs.get_array(fixed["sample_labels"])
+    self.digests = objs.get_array(fixed["digests"])
+    if params_sha256(self.params) != self.generation["params_sha256"]:
+      raise CorruptStoreError(
+          f"{self.root}: the parameters of generation {self.head} do not "
+          "match their recorded SHA-256; restore the store from a backup.")
+    if self.state.ids is None or len(self.state.ids) != self.state.num_samples:
+      raise CorruptStoreError(f"{self.root}: the state's ids and sample count "
+                              "disagree; restore the store from a backup.")
+
+  def _live_keys(self) -> set[str]:
+    o = self.generation["objects"]
+    keys = {o["params"], *[k for k in o["state"].values() if k]}
+    fixed = o["fixed"]
+    keys |= {v for k, v in fixed.items() if k != "extra" and v}
+    return keys | set(fixed["extra"].values())
+
+  def extra(self, name: str):
+    """A pytree given to :meth:`init` as ``extra[name]``."""
+    keys = self.generation["objects"]["fixed"]["extra"]
+    if name not in keys:
+      raise StoreError(f"extra: the store has no {name!r}; it has "
+                       f"{sorted(keys)}.")
+    return self.objects.get_tree(keys[name])
+
+  @property
+  def forgotten_ids(self) -> np.ndarray:
+    return np.setdiff1d(self.sample_ids, self.state.ids, assume_unique=True)
+
+  def close(self) -> None:
+    self.con.close()
+    if self._lock is not None:
+      self._lock.release()
+      self._lock = None
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, *exc):
+    self.close()
+
+
+  # ------------------------------------------------------------ requests
+  def forget(self, apply_fn: Callable, forget_set, *, ids,
+             request_id: str | None = None, allow_empty_class: bool = False,
+             **forget_kw) -> RequestResult:
+    """Applies one deletion request, entirely or not at all.
+
+    Args:
+      apply_fn: the ``apply_fn`` the store was prepared with.
+      forget_set: ``(x_f, y_f)``, the samples with ids ``ids``, in that order
+        (checked against their SHA-256 from ``init``).
+      ids: the samples' ids.
+      request_id: the request's name in the log (default: a digest of the
+        sorted ids). A request id already in the log with the same ids, or
+        the same ids under any id, returns ``status="already_applied"`` and
+        changes nothing.
+      allow_empty_class: allow a request that removes the last samples of a
+        class (refused by default: it is usually a wrong id list).
+      forget_kw: passed to :func:`fastntk_jax.core.deletion.forget`.
+
+    Raises:
+      StoreError: a refused request (nothing changed).
+    """
+    if self._lock is None:
+      raise StoreError("this store was opened read-only; open it with "
+                       "readonly=False to apply requests.")
+    ids = _check_ids("ids", ids)
+    rid = ids_key(ids) if request_id is None else _check_request_id(
+        request_id)
+    done = self._already_applied(rid, ids)
+    if done is not None:
+      return RequestResult(done["request_id"], "already_applied", done)
+    self._check_applicable(ids, allow_empty_class)
+    x_f, y_f = take((forget_set[0], forget_set[1], ids), ids,
+                    (self.sample_ids, self.digests), name="forget_set")
+    t0 = time.perf_counter()
+    loss = self.state.loss
+    before = _request_metrics(apply_fn, self.params, x_f, y_f, loss)
+    res = deletion.forget(self.state, apply_fn, self.params, (x_f, y_f),
+                          ids=ids, **forget_kw)
+    after = _request_metrics(apply_fn, res.params, x_f, y_f, loss)
+    row = self._commit(rid, ids, res, before, after, t0)
+    return RequestResult(rid, "applied", row)
+
+  def _already_applied(self, rid: str, ids: np.ndarray) -> dict | None:
+    prev = db.find_request(self.con, rid)
+    sha = _ids_sha(ids)
+    if prev is not None:
+      if prev["ids_sha256"] == sha:
+        return prev
+      raise StoreError(
+          f"request_id {rid!r} was applied on {prev['time']} to other ids "
+          f"({prev['num_forget']} samples); a request id names one request. "
+          "Send this one under a new id.")
+    return db.find_request_by_ids(self.con, sha)
+
+  def _check_applicable(self, ids: np.ndarray, allow_empty_class: bool):
+    unknown = np.setdiff1d(ids, self.sample_ids)
+    if unknown.size:
+      raise StoreError(f"ids: {unknown.size} ids were never in this store's "
+                       f"training set (e.g. {unknown[:5].tolist()}); check "
+                       "the id list.")
+    gone = np.intersect1d(ids, self.forgotten_ids)
+    if gone.size:
+      by = sorted({r["request_id"] for r in db.requests(self.con)
+                   if np.intersect1d(r["ids"], gone).size})
+      raise StoreError(
+          f"ids: {gone.size} of these samples were already forgotten, by "
+          f"request(s) {by[:5]} (e.g. id {int(gone[0])}); send only the ids "
+          "not yet forgotten.")
+    if ids.size >= self.state.num_samples:
+      raise StoreError(f"ids: the request would forget all {ids.size} samples "
+                       "left; at least one must remain. To forget everything, "
+                       "go back to the pretrained model w_0.")
+    labels = self.sample_labels[np.searchsorted(self.sample_ids,
+                                                self.state.ids)]
+    left = np.setdiff1d(self.state.ids, ids, assume_unique=True)
+    left_labels = self.sample_labels[np.searchsorted(self.sample_ids, left)]
+    emptied = sorted(set(labels.tolist()) - set(left_labels.tolist()))
+    if emptied and not allow_empty_class:
+      raise StoreError(
+          f"ids: the request would remove every remaining sample of class(es) "
+          f"{emptied}; if that is intended, pass allow_empty_class=True "
+          "(--allow-empty-class).")
+
+  def _commit(self, rid, ids, res, before, after, t0) -> dict:
+    t_write = time.perf_counter()
+    keys, scalars = _write_state(self.objects, res.state, self._previous)
+    pkey = self.objects.put_tree(res.params)
+    sha_before = self.generation["params_sha256"]
+    sha_after = params_sha256(res.params)
+    new_gen = {"created": _now(), "num_samples": int(res.state.num_samples),
+               "params_sha256": sha_after,
+               "objects": {**self.generation["objects"], "params": pkey,
+                           "state": keys, "scalars": scalars}}
+    solve = None if res.solve is None else {
+        k: (v if isinstance(v, (int, float, str, bool)) else str(v))
+        for k, v in res.solve._asdict().items()}
+    row = {"request_id": rid, "time": new_gen["created"],
+           "ids": sorted(int(i) for i in ids), "ids_sha256": _ids_sha(ids),
+           "num_forget": int(res.num_forget),
+           "delta_norm": float(res.delta_norm),
+           "relative_residual": float(res.relative_residual),
+           "forget_residual_norm": float(res.forget_residual_norm),
+           "seconds": float(res.seconds), "before": before, "after": after,
+           "params_sha256_before": sha_before,
+           "params_sha256_after": sha_after, "gen_before": self.head,
+           "gen_after": self.head + 1,
+           "versions": {**environment()["versions"],
+                        "store_written_by": self.meta.get("fastntk_jax")},
+           "extra": {"solve": solve,
+                     "write_seconds": time.perf_counter() - t_write,
+                     "request_seconds": time.perf_counter() - t0}}
+    db.commit_request(self.con, row, new_gen)
+    # Visible from here on; the old generation's changed files are removed.
+    self.head, self.generation = self.head + 1, db.generation(
+        self.con, self.head + 1)
+    self.params, self.state = res.params, res.state
+    self._previous = {**{f: (getattr(res.state, f), k) for f, k in keys.items()
+                         if k is not None}}
+    self.objects.remove_except(self._live_keys())
+    return db.find_request(self.con, rid)
+
+  # ------------------------------------------------------------- reading
+  def log(self) -> list[dict]:
+    """Every applied request, oldest first (the log's rows)."""
+    return db.requests(self.con)
+
+  def status(self) -> dict:
+    """The store at a glance: sizes, counts, the last request and audit."""
+    st = self.state
+    labels = self.sample_labels[np.searchsorted(self.sample_ids, st.ids)]
+    reqs = db.requests(self.con)
+    ver = db.verifications(self.con)
+    held = 0 if st.active is None else int(np.sum(~st.active))
+    size = sum(p.stat().st_size for p in self.root.rglob("*") if p.is_file())
+    return {
+        "path": str(self.root), "format": self.meta.get("version"),
+        "written_by": self.meta.get("fastntk_jax"),
+        "created": self.meta.get("created"), "loss": st.loss,
+        "damping": st.damping, "solve_dtype": st.solve_dtype,
+        "linearized_at": st.linearized_at, "anchored_at": st.anchored_at,
+        "num_prepared": int(len(self.sample_ids)),
+        "num_samples": int(st.num_samples),
+        "num_forgotten": int(len(self.sample_ids) - st.num_samples),
+        "per_class": {int(c): int(n) for c, n in zip(
+            *np.unique(labels, return_counts=True))},
+        "num_requests": len(reqs), "generation": self.head,
+        "params_sha256": self.generation["params_sha256"],
+        "last_request": None if not reqs else {
+            k: reqs[-1][k] for k in ("request_id", "time", "num_forget")},
+        "last_verification": None if not ver else ver[-1],
+        "jacobian_rows_of_forgotten_samples": held,
+        "bytes_on_disk": int(size)}
+
+  # ---------------------------------------------------------------- audit
+  def verify(self, apply_fn: Callable, samples, *, record: bool = True,
+             **unlearn_kw) -> dict:
+    """Recomputes the current model from scratch and compares (the audit).
+
+    ``unlearn(w_trained, D_r, D_f)`` with the store's settings, ``D_r`` the
+    samples still in the store and ``D_f`` every forgotten one, against the
+    store's parameters: the relative difference ``‖w_store − w_scratch‖ /
+    ‖w_scratch‖``, the same relative to the update ``‖w_scratch − w_D‖``,
+    and the accuracy of both on the forgotten samples and on ``D_r``.
+
+    Args:
+      apply_fn: the ``apply_fn`` the store was prepared with.
+      samples: ``(x, y, ids)`` holding at least every prepared sample
+        (checked against their SHA-256).
+      record: append the result to the store's verification log.
+      unlearn_kw: passed to :func:`fastntk_jax.core.unlearn.unlearn`.
+    """
+    t0 = time.perf_counter()
+    st = self.state
+    kept, gone = st.ids, self.forgotten_ids
+    dig = (self.sample_ids, self.digests)
+    x_r, y_r = take(samples, kept, dig, name="samples")
+    if gone.size:
+      x_f, y_f = take(samples, gone, dig, name="samples")
+      res = unlearn_lib.unlearn(
+          apply_fn, self.trained_params, (x_r, y_r), (x_f, y_f),
+          anchor=self.anchor if st.anchored_at == "w_0" else None,
+          linearize_at=st.linearized_at, damping=st.damping, loss=st.loss,
+          **unlearn_kw)
+      scratch = res.params
+    else:
+      scratch = self.trained_params
+    flat = lambda t: np.asarray(ravel_pytree(t)[0], np.float64)
+    ws, wx, wd = flat(self.params), flat(scratch), flat(self.trained_params)
+    diff = float(np.linalg.norm(ws - wx))
+    out = {
+        "generation": self.head, "num_retain": int(kept.size),
+        "num_forgotten": int(gone.size),
+        "relative_difference": diff / max(float(np.linalg.norm(wx)), 1e-30),
+        "relative_to_update": (diff / float(np.linalg.norm(wx - wd))
+                               if gone.size else 0.0),
+        "retain_accuracy": {
+            "store": _request_metrics(apply_fn, self.params, x_r, y_r,
+                                      st.loss)["accuracy"],
+            "scratch": _request_metrics(apply_fn, scratch, x_r, y_r,
+                                        st.loss)["accuracy"]},
+        "seconds": None}
+    if gone.size:
+      out["forget_accuracy"] = {
+          k: _request_metrics(apply_fn, p, x_f, y_f, st.loss)["accuracy"]
+          for k, p in (("store", self.params), ("scratch", scratch),
+                       ("trained", self.trained_params))}
+    out["seconds"] = time.perf_counter() - t0
+    if record:
+      con = db.connect(self.root / "store.sqlite")
+      try:
+        db.record_verification(con, self.head, out, environment()["versions"],
+                               _now())
+      finally:
+        con.close()
+    return out
+
+  def verifications(self) -> list[dict]:
+    return db.verifications(self.con)
+
+def _check_format(root: Path, meta: Mapping, allow_other_version: bool):
+  __version__ = environment()["versions"]["fastntk_jax"]
+  if meta.get("format") != db.FORMAT:
+    raise CorruptStoreError(f"{root}: store.sqlite is not a fastntk_jax "
+                            "deletion store.")
+  if int(meta.get("version", -1)) != db.VERSION:
+    raise StoreError(
+        f"{root}: store format {meta.get('version')}, but this fastntk_jax "
+        f"({__version__}) reads format {db.VERSION}. Install fastntk_jax=="
+        f"{meta.get('fastntk_jax')} to use it, or export the model with that "
+        "version and init a new store.")
+  if meta.get("fastntk_jax") != __version__ and not allow_other_version:
+    raise StoreError(
+        f"{root}: written by fastntk_jax {meta.get('fastntk_jax')}, this is "
+        f"{__version__}. Install fastntk_jax=={meta.get('fastntk_jax')}, or "
+        "pass allow_other_version=True (--allow-other-version) to go on "
+        "(it is recorded in each request's log row).")

@@ -1,0 +1,77 @@
+"""Tests of ``fastntk deletion`` (fastntk_jax.cli.deletion)."""
+
+import json
+
+import numpy as np
+import pytest
+
+from fastntk_jax.cli import commands as cli
+from fastntk_jax.cli.common import UsageError
+from fastntk_jax.cli.deletion import read_ids
+from fastntk_jax.io import checkpoint
+
+
+def test_ids_are_read_from_text_or_json():
+  np.testing.assert_array_equal(read_ids("3 1,2\n# a comment\n7 # more\n"),
+                                [3, 1, 2, 7])
+  np.testing.assert_array_equal(read_ids("[4, 5]"), [4, 5])
+  for bad, msg in (("", "empty"), ("# only a comment", "empty"),
+                   ("1 x", "integer"), ("[1.5]", "integer"),
+                   ("[true]", "integer")):
+    with pytest.raises(UsageError, match=msg):
+      read_ids(bad)
+
+
+def test_bad_inputs_are_reported_before_work(tmp_path, capsys):
+  assert cli.main(["deletion", "status", str(tmp_path / "none")]) == 2
+  assert "no deletion store" in capsys.readouterr().err
+  assert cli.main(["deletion", "forget", str(tmp_path / "none"), "--ids",
+                   str(tmp_path / "ids.txt")]) == 2
+  assert "--ids: no file" in capsys.readouterr().err
+  assert cli.main(["deletion", "init", str(tmp_path / "s"), "--checkpoint",
+                   str(tmp_path / "m.ckpt"), "--damping", "0"]) == 2
+  assert "--damping must be > 0" in capsys.readouterr().err
+
+
+@pytest.mark.slow  # fine-tunes a ResNet-20 and compiles its Jacobians: ~2 min
+def test_a_month_of_requests_through_the_cli(tmp_path, capsys, monkeypatch):
+  ck, st = tmp_path / "m.ckpt", tmp_path / "m.store"
+  assert cli.main(["train", "--model", "resnet20", "--data", "embedded",
+                   "--ipc", "4", "--test-ipc", "2", "--epochs", "2",
+                   "--out", str(ck), "--quiet"]) == 0
+  assert cli.main(["deletion", "init", str(st), "--checkpoint", str(ck),
+                   "--json", str(tmp_path / "init.json")]) == 0
+  assert json.loads((tmp_path / "init.json").read_text())["num_samples"] == 40
+  (tmp_path / "r1.txt").write_text("5 6\n")
+  assert cli.main(["deletion", "forget", str(st), "--ids",
+                   str(tmp_path / "r1.txt"), "--request-id", "ticket-1",
+                   "--json", str(tmp_path / "r1.json")]) == 0
+  r1 = json.loads((tmp_path / "r1.json").read_text())
+  assert r1["status"] == "applied" and r1["ids"] == [5, 6]
+  # The same ids again, from standard input, under no request id.
+  import io
+  monkeypatch.setattr("sys.stdin", io.StringIO("[6, 5]"))
+  assert cli.main(["deletion", "forget", str(st), "--ids", "-"]) == 0
+  assert "already applied" in capsys.readouterr().out
+  (tmp_path / "r2.txt").write_text("6 7")
+  assert cli.main(["deletion", "forget", str(st), "--ids",
+                   str(tmp_path / "r2.txt")]) == 2
+  assert "already forgotten" in capsys.readouterr().err
+  assert cli.main(["deletion", "log", str(st)]) == 0
+  assert "| 1 | ticket-1 |" in capsys.readouterr().out
+  assert cli.main(["deletion", "verify", str(st), "--json",
+                   str(tmp_path / "v.json")]) == 0
+  v = json.loads((tmp_path / "v.json").read_text())
+  assert v["relative_difference"] < 1e-4 and v["num_forgotten"] == 2
+  out = tmp_path / "now.ckpt"
+  assert cli.main(["deletion", "export", str(st), "--out", str(out)]) == 0
+  c = checkpoint.load(out, expect_kind="peft")
+  assert c.config["deletion_store"]["generation"] == 1
+  assert cli.main(["deletion", "status", str(st), "--json",
+                   str(tmp_path / "s.json")]) == 0
+  s = json.loads((tmp_path / "s.json").read_text())
+  assert s["params_sha256"] == c.config["deletion_store"]["params_sha256"]
+  assert s["num_forgotten"] == 2 and s["last_verification"]["gen"] == 1
+  # The exported model is what the other commands read.
+  assert cli.main(["evaluate", "--checkpoint", str(out), "--data", "embedded",
+                   "--split", "train", "--ipc", "4"]) == 0

@@ -1,0 +1,380 @@
+"""Tests of fastntk_jax.store: the deletion store on disk.
+
+A two-layer MLP stands in for the network (the store sees only
+``apply_fn``); the ResNet path through the CLI is in test_deletion_cli.py.
+"""
+
+import os
+import sqlite3
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fastntk_jax.core import deletion
+from fastntk_jax.core import unlearn as unlearn_lib
+from fastntk_jax.store import CorruptStoreError
+from fastntk_jax.store import DeletionStore
+from fastntk_jax.store import StoreError
+from fastntk_jax.store import StoreLockedError
+from fastntk_jax.store import params_sha256
+from fastntk_jax.store import log as db
+from fastntk_jax.store import store as store_lib
+
+
+def apply_fn(p, x):
+  h = jnp.tanh(x @ p["w1"] + p["b1"])
+  return h @ p["w2"] + p["b2"]
+
+
+def _problem():
+  k = jax.random.split(jax.random.PRNGKey(0), 4)
+  p = {"w1": 0.5 * jax.random.normal(k[0], (6, 8)), "b1": jnp.zeros(8),
+       "w2": 0.5 * jax.random.normal(k[1], (8, 3)), "b2": jnp.zeros(3)}
+  w0 = jax.tree_util.tree_map(lambda a: 0.9 * a, p)
+  x = np.asarray(jax.random.normal(k[2], (30, 6)), np.float32)
+  y = np.arange(30) % 3
+  ids = np.arange(1000, 1030)  # not positions: ids are names
+  return p, w0, x, y, ids
+
+
+P, W0, X, Y, IDS = _problem()
+REQS = [[1000, 1004], [1010, 1011], [1020, 1025]]  # one request shape
+
+
+def _init(path, loss, **kw):
+  return DeletionStore.init(path, apply_fn, P, (X, Y), ids=IDS, anchor=W0,
+                            loss=loss, damping=0.5, **kw)
+
+
+def _sel(ids):
+  pos = np.searchsorted(IDS, ids)
+  return X[pos], Y[pos]
+
+
+def _flat(t):
+  return np.concatenate([np.ravel(np.asarray(a, np.float64))
+                         for a in jax.tree_util.tree_leaves(t)])
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_requests_across_processes_equal_in_memory_and_from_scratch(
+    tmp_path, loss):
+  # In memory: prepare + forget, the reference.
+  state = deletion.prepare(apply_fn, P, (X, Y), anchor=W0, ids=IDS,
+                           loss=loss, damping=0.5)
+  params = P
+  for r in REQS:
+    res = deletion.forget(state, apply_fn, params, _sel(r), ids=np.array(r))
+    state, params = res.state, res.params
+  # The store: closed and reopened between requests, as separate processes
+  # would.
+  s = _init(tmp_path / "s", loss)
+  s.close()
+  for i, r in enumerate(REQS):
+    with DeletionStore.open(tmp_path / "s") as s:
+      out = s.forget(apply_fn, _sel(r), ids=np.array(r), request_id=f"r{i}")
+      assert out.status == "applied"
+  with DeletionStore.open(tmp_path / "s", readonly=True) as s:
+    np.testing.assert_array_equal(_flat(s.params), _flat(params))
+    np.testing.assert_array_equal(s.state.ids, state.ids)
+    assert s.head == 3 and len(s.log()) == 3
+    log = s.log()
+    assert [r["request_id"] for r in log] == ["r0", "r1", "r2"]
+    assert log[0]["params_sha256_before"] == params_sha256(P)
+    assert log[-1]["params_sha256_after"] == params_sha256(s.params)
+    assert log[1]["params_sha256_before"] == log[0]["params_sha256_after"]
+    assert log[0]["ids"] == [1000, 1004]
+    for row in log:
+      assert set(row["before"]) == {"accuracy", "loss"}
+      assert row["versions"]["jax"] == jax.__version__
+    # The audit: from scratch on what is left.
+    v = s.verify(apply_fn, (X, Y, IDS))
+    gone = np.concatenate([np.array(r) for r in REQS])
+    keep = np.setdiff1d(IDS, gone)
+    ref = unlearn_lib.unlearn(apply_fn, P, _sel(keep), _sel(np.sort(gone)),
+                              anchor=W0, loss=loss, damping=0.5)
+    np.testing.assert_allclose(_flat(s.params), _flat(ref.params),
+                               rtol=1e-4, atol=1e-5)
+    assert v["relative_difference"] < 1e-4
+    assert v["num_forgotten"] == 6 and v["num_retain"] == 24
+    assert s.verifications()[-1]["result"]["relative_difference"] == (
+        v["relative_difference"])
+    # The audit sees a store whose parameters are off.
+    s.params = jax.tree_util.tree_map(lambda a: a + 1e-2, s.params)
+    bad = s.verify(apply_fn, (X, Y, IDS), record=False)
+    assert bad["relative_difference"] > 100 * max(v["relative_difference"],
+                                                  1e-6)
+    assert len(s.verifications()) == 1  # record=False writes nothing
+
+
+def test_resending_a_request_changes_nothing(tmp_path):
+  with _init(tmp_path / "s", "mse") as s:
+    a = s.forget(apply_fn, _sel(REQS[0]), ids=np.array(REQS[0]),
+                 request_id="t-1")
+    sha, gen = s.generation["params_sha256"], s.head
+    again = s.forget(apply_fn, _sel(REQS[0]), ids=np.array(REQS[0]),
+                     request_id="t-1")
+    assert again.status == "already_applied" and again.row == a.row
+    # The same ids under another request id (in another order).
+    other = s.forget(apply_fn, _sel(REQS[0][::-1]),
+                     ids=np.array(REQS[0][::-1]), request_id="t-2")
+    assert other.status == "already_applied" and other.request_id == "t-1"
+    # The same request id for other ids is refused.
+    with pytest.raises(StoreError, match="names one request"):
+      s.forget(apply_fn, _sel([1001]), ids=np.array([1001]), request_id="t-1")
+    assert s.generation["params_sha256"] == sha and s.head == gen
+    assert len(s.log()) == 1
+    # Without a request id, the ids name the request.
+    b = s.forget(apply_fn, _sel([1002]), ids=np.array([1002]))
+    assert b.status == "applied" and b.request_id.startswith("ids-")
+    assert s.forget(apply_fn, _sel([1002]), ids=np.array([1002])
+                    ).status == "already_applied"
+
+
+def test_bad_requests_are_refused_and_change_nothing(tmp_path):
+  with _init(tmp_path / "s", "mse") as s:
+    s.forget(apply_fn, _sel([1000]), ids=np.array([1000]))
+    sha = s.generation["params_sha256"]
+    cases = [
+        ([999], "never in this store"),
+        ([1000, 1001], "already forgotten"),
+        ([], "non-empty"),
+        ([1001, 1001], "repeat"),
+    ]
+    for ids, msg in cases:
+      with pytest.raises(StoreError, match=msg):
+        s.forget(apply_fn, _sel(np.array(ids, int)), ids=np.array(ids, int))
+    # A whole class (class 1: ids 1001, 1004, ...), then everything.
+    cls1 = IDS[Y == 1]
+    with pytest.raises(StoreError, match=r"class\(es\) \[1\]"):
+      s.forget(apply_fn, _sel(cls1), ids=cls1)
+    rest = np.setdiff1d(IDS, [1000])
+    with pytest.raises(StoreError, match="at least one must remain"):
+      s.forget(apply_fn, _sel(rest), ids=rest)
+    # Inputs that are not the samples prepared under these ids.
+    x_f, y_f = _sel([1001, 1002])
+    with pytest.raises(StoreError, match="differ from those prepared"):
+      s.forget(apply_fn, (x_f[::-1], y_f), ids=np.array([1001, 1002]))
+    with pytest.raises(StoreError, match="differ from those prepared"):
+      s.forget(apply_fn, (x_f + 1e-3, y_f), ids=np.array([1001, 1002]))
+    assert s.generation["params_sha256"] == sha and len(s.log()) == 1
+    # allow_empty_class lets the class go.
+    assert s.forget(apply_fn, _sel(cls1), ids=cls1,
+                    allow_empty_class=True).status == "applied"
+  with DeletionStore.open(tmp_path / "s", readonly=True) as s:
+    with pytest.raises(StoreError, match="read-only"):
+      s.forget(apply_fn, _sel([1002]), ids=np.array([1002]))
+
+
+def test_one_writer_at_a_time(tmp_path):
+  s = _init(tmp_path / "s", "mse")
+  with pytest.raises(StoreLockedError, match="another process"):
+    DeletionStore.open(tmp_path / "s")
+  with DeletionStore.open(tmp_path / "s", readonly=True) as r:
+    assert r.status()["num_samples"] == 30  # readers are not blocked
+  s.close()
+  DeletionStore.open(tmp_path / "s").close()
+
+
+def test_init_refuses_an_existing_store_and_a_full_folder(tmp_path):
+  _init(tmp_path / "s", "mse").close()
+  with pytest.raises(StoreError, match="already holds a deletion store"):
+    _init(tmp_path / "s", "mse")
+  (tmp_path / "f").mkdir()
+  (tmp_path / "f" / "notes.txt").write_text("x")
+  with pytest.raises(StoreError, match="not empty"):
+    _init(tmp_path / "f", "mse")
+  with pytest.raises(StoreError, match="no deletion store"):
+    DeletionStore.open(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="memory_budget"):
+    _init(tmp_path / "m", "ce", memory_budget=1000)
+  assert not (tmp_path / "m" / "store.sqlite").exists()
+
+
+def test_corrupt_or_missing_files_are_detected_not_loaded(tmp_path):
+  with _init(tmp_path / "s", "ce") as s:
+    s.forget(apply_fn, _sel([1000]), ids=np.array([1000]))
+    keys = sorted(s._live_keys())
+  objs = tmp_path / "s" / "objects"
+  for i, how in enumerate(("flip", "truncate", "remove")):
+    f = objs / keys[i]
+    data = f.read_bytes()
+    os.chmod(f, 0o644)
+    if how == "flip":
+      f.write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    elif how == "truncate":
+      f.write_bytes(data[: len(data) // 2])
+    else:
+      f.unlink()
+    with pytest.raises(CorruptStoreError, match="checksum|missing"):
+      DeletionStore.open(tmp_path / "s", readonly=True)
+    f.write_bytes(data)  # put it back
+  with DeletionStore.open(tmp_path / "s") as s:
+    assert s.head == 1
+
+
+def test_another_format_or_version_is_refused_with_the_fix(tmp_path):
+  _init(tmp_path / "s", "mse").close()
+  con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
+  con.execute("UPDATE meta SET value = '\"0.0.1\"' WHERE key = 'fastntk_jax'")
+  con.commit()
+  with pytest.raises(StoreError, match="fastntk_jax==0.0.1"):
+    DeletionStore.open(tmp_path / "s")
+  with DeletionStore.open(tmp_path / "s", allow_other_version=True) as s:
+    r = s.forget(apply_fn, _sel([1000]), ids=np.array([1000]))
+    assert r.row["versions"]["store_written_by"] == "0.0.1"
+  con.execute("UPDATE meta SET value = '99' WHERE key = 'version'")
+  con.commit()
+  con.close()
+  with pytest.raises(StoreError, match="store format 99"):
+    DeletionStore.open(tmp_path / "s", allow_other_version=True)
+
+
+def test_the_request_log_is_append_only(tmp_path):
+  with _init(tmp_path / "s", "mse") as s:
+    s.forget(apply_fn, _sel([1000]), ids=np.array([1000]))
+  con = sqlite3.connect(tmp_path / "s" / "store.sqlite")
+  for sql in ("UPDATE requests SET num_forget = 0",
+              "DELETE FROM requests"):
+    with pytest.raises(sqlite3.DatabaseError, match="append-only"):
+      con.execute(sql)
+  con.close()
+
+
+def test_a_failure_before_the_commit_leaves_the_old_state(tmp_path,
+                                                          monkeypatch):
+  with _init(tmp_path / "s", "mse") as s:
+    sha0 = s.generation["params_sha256"]
+
+    def crash(*a, **k):
+      raise KeyboardInterrupt("killed between the files and the commit")
+
+    monkeypatch.setattr(db, "commit_request", crash)
+    with pytest.raises(KeyboardInterrupt):
+      s.forget(apply_fn, _sel([1000]), ids=np.array([1000]))
+    monkeypatch.undo()
+  n_files = len(list((tmp_path / "s" / "objects").iterdir()))
+  with DeletionStore.open(tmp_path / "s") as s:  # the writer cleans up
+    assert s.head == 0 and s.generation["params_sha256"] == sha0
+    assert len(list((tmp_path / "s" / "objects").iterdir())) < n_files
+    assert s.forget(apply_fn, _sel([1000]), ids=np.array([1000])
+                    ).status == "applied"
+
+
+def test_unchanged_arrays_are_not_written_again(tmp_path, monkeypatch):
+  with _init(tmp_path / "s", "ce") as s:
+    written = []
+    real = store_lib.ObjectFiles.put_array
+    monkeypatch.setattr(store_lib.ObjectFiles, "put_array",
+                        lambda self, a: (written.append(np.shape(a)),
+                                         real(self, a))[1])
+    s.forget(apply_fn, _sel([1000]), ids=np.array([1000]))
+    jac = s.state.jacobian.shape
+  assert jac not in written  # the N·C × P Jacobian rows stay where they are
+  assert written  # the factor, solution, ids and mask are new
+
+
+# ------------------------------------------------------------- kill test
+# A child process answers requests k0, k1, ... from the store until killed.
+# In the 20-trial test the model is wide enough (P = 3,003: two 72 MB P×P
+# matrices a request) that writing the state is a real share of a request,
+# so kills land in the compute, the writes and the commit alike.
+_CHILD = """
+import sys
+import jax.numpy as jnp
+import numpy as np
+from fastntk_jax.store import DeletionStore
+import kill_problem as kp
+store = DeletionStore.open(sys.argv[1])
+for i, r in enumerate(kp.REQUESTS):
+  store.forget(kp.apply_fn, kp.sel(r), ids=np.array(r), request_id=f"k{i}")
+print("all applied", flush=True)
+"""
+
+_PROBLEM = """
+HIDDEN = {hidden}
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+def apply_fn(p, x):
+  return jnp.tanh(x @ p["w1"] + p["b1"]) @ p["w2"] + p["b2"]
+
+k = jax.random.split(jax.random.PRNGKey(1), 3)
+PARAMS = {{"w1": 0.3 * jax.random.normal(k[0], (6, HIDDEN)),
+          "b1": jnp.zeros(HIDDEN),
+          "w2": 0.1 * jax.random.normal(k[1], (HIDDEN, 3)),
+          "b2": jnp.zeros(3)}}
+X = np.asarray(jax.random.normal(k[2], (60, 6)), np.float32)
+Y = np.arange(60) % 3
+IDS = np.arange(60)
+REQUESTS = [[2 * i, 2 * i + 1] for i in range(25)]
+
+def sel(ids):
+  return X[np.asarray(ids)], Y[np.asarray(ids)]
+"""
+
+
+def _kill_trials(tmp_path, trials, seed, hidden):
+  import runpy
+  import subprocess
+  import sys
+  import time
+  import types
+  (tmp_path / "kill_problem.py").write_text(_PROBLEM.format(hidden=hidden))
+  (tmp_path / "child.py").write_text(_CHILD)
+  kp = types.SimpleNamespace(**runpy.run_path(str(tmp_path /
+                                                 "kill_problem.py")))
+  path = tmp_path / "s"
+  DeletionStore.init(path, kp.apply_fn, kp.PARAMS, (kp.X, kp.Y), ids=kp.IDS,
+                     damping=1.0).close()
+  # The reference chain: the parameters' SHA-256 after 0, 1, 2, ... requests.
+  state = deletion.prepare(kp.apply_fn, kp.PARAMS, (kp.X, kp.Y), ids=kp.IDS,
+                           damping=1.0)
+  params, chain = kp.PARAMS, [params_sha256(kp.PARAMS)]
+  for r in kp.REQUESTS:
+    res = deletion.forget(state, kp.apply_fn, params, kp.sel(r),
+                          ids=np.array(r))
+    state, params = res.state, res.params
+    chain.append(params_sha256(params))
+  rng = np.random.default_rng(seed)
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+      [str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+  seen = []
+  for _ in range(trials):
+    with DeletionStore.open(path, readonly=True) as s:
+      done = len(s.log())
+    if done == len(kp.REQUESTS):
+      break
+    child = subprocess.Popen([sys.executable, str(tmp_path / "child.py"),
+                              str(path)], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE)
+    time.sleep(rng.uniform(1.0, 3.0))
+    child.kill()  # SIGKILL
+    err = child.communicate()[1].decode()
+    assert child.returncode in (-9, 0), err
+    # The store opens for writing, and is exactly some prefix of the chain.
+    with DeletionStore.open(path) as s:
+      n = len(s.log())
+      assert s.head == n
+      assert s.generation["params_sha256"] == chain[n]
+      assert params_sha256(s.params) == chain[n]
+      assert s.state.num_samples == len(kp.IDS) - 2 * n
+      assert [r["request_id"] for r in s.log()] == [f"k{i}" for i in range(n)]
+      live = s._live_keys()
+      assert set(s.objects.keys()) == live  # nothing stray left
+    seen.append(n - done)
+  return seen, len(kp.REQUESTS)
+
+
+def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path):
+  seen, total = _kill_trials(tmp_path, trials=4, seed=0, hidden=40)
+  assert len(seen) >= 3
+
+
+@pytest.mark.slow  # 20 child processes with a P = 3,003 model: minutes
+def test_sigkill_twenty_times(tmp_path):
+  seen, total = _kill_trials(tmp_path, trials=20, seed=1, hidden=300)
+  assert len(seen) >= 12
