@@ -378,3 +378,31 @@ def test_sigkill_at_random_moments_leaves_a_consistent_store(tmp_path):
 def test_sigkill_twenty_times(tmp_path):
   seen, total = _kill_trials(tmp_path, trials=20, seed=1, hidden=300)
   assert len(seen) >= 12
+
+
+def test_compaction_drops_forgotten_rows_and_changes_no_answer(tmp_path):
+  a, b = _init(tmp_path / "a", "ce"), _init(tmp_path / "b", "ce")
+  for s in (a, b):
+    s.forget(apply_fn, _sel(REQS[0]), ids=np.array(REQS[0]))
+  rows = a.state.jacobian.shape[0]
+  c = a.compact()
+  assert c["status"] == "compacted" and c["samples_dropped"] == 2
+  assert a.state.jacobian.shape[0] == rows - 2 * 3  # C = 3 rows a sample
+  assert not np.isin(REQS[0], a.state.row_ids).any()
+  assert a.status()["jacobian_rows_of_forgotten_samples"] == 0
+  assert a.compact()["status"] == "nothing_to_compact"
+  for s in (a, b):
+    s.forget(apply_fn, _sel(REQS[1]), ids=np.array(REQS[1]))
+  np.testing.assert_allclose(_flat(a.params), _flat(b.params), rtol=1e-6,
+                             atol=1e-9)
+  a.close()
+  b.close()
+  with DeletionStore.open(tmp_path / "a", readonly=True) as s:
+    # The second request's rows are masked again until the next compaction.
+    assert s.state.jacobian.shape[0] == rows - 2 * 3
+    assert s.status()["jacobian_rows_of_forgotten_samples"] == 2
+    ev = db.events(s.con)
+    assert [e["kind"] for e in ev] == ["compact"] and ev[0]["gen_after"] == 2
+  # An MSE store has nothing to compact.
+  with _init(tmp_path / "m", "mse") as s:
+    assert s.compact()["status"] == "nothing_to_compact"

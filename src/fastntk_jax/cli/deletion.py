@@ -170,6 +170,11 @@ def _forget(args) -> dict:
     x_f, y_f = take((x, y, sid), ids, name="--ids")
     r = store.forget(fn, (x_f, y_f), ids=ids, request_id=args.request_id,
                      allow_empty_class=args.allow_empty_class)
+    if args.compact:
+      c = store.compact()
+      if c["status"] == "compacted":
+        print(f"compacted: the rows of {c['samples_dropped']} forgotten "
+              f"samples dropped ({c['seconds']:.2f} s).")
   row = r.row
   if r.status == "already_applied":
     print(f"request {r.request_id}: already applied on {row['time']} "
@@ -197,7 +202,8 @@ def _status(args) -> dict:
   if st["jacobian_rows_of_forgotten_samples"]:
     print(f"{'note':>16s}: the Jacobian rows of "
           f"{st['jacobian_rows_of_forgotten_samples']} forgotten samples are "
-          "still held (cross-entropy state); they are unused.")
+          "still held (cross-entropy state, unused); `fastntk deletion "
+          "compact` drops them.")
   v = st["last_verification"]
   if v:
     print(f"{'last verify':>16s}: {v['time']}, generation {v['gen']}, "
@@ -236,6 +242,15 @@ def _verify(args) -> dict:
   return v
 
 
+def _compact(args) -> dict:
+  with _open(args, readonly=False) as store:
+    c = store.compact()
+  print("nothing to compact." if c["status"] != "compacted" else
+        f"dropped the rows of {c['samples_dropped']} forgotten samples "
+        f"(generation {c['generation']}, {c['seconds']:.2f} s).")
+  return c
+
+
 def _export(args) -> dict:
   import jax
   from fastntk_jax.io import checkpoint
@@ -258,7 +273,7 @@ def _export(args) -> dict:
 
 
 _SUB = {"init": _init, "forget": _forget, "status": _status, "log": _log,
-        "verify": _verify, "export": _export}
+        "verify": _verify, "export": _export, "compact": _compact}
 
 
 def cmd_deletion(args) -> dict[str, Any]:

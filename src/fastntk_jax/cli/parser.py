@@ -269,7 +269,7 @@ def _add_tune(sub) -> None:
 def _add_deletion(sub) -> None:
   q = sub.add_parser("deletion", help="a deletion store: prepare once, answer "
                      "requests for months (init, forget, status, log, verify, "
-                     "export)")
+                     "export, compact)")
   q.set_defaults(command="deletion")
   ds = q.add_subparsers(dest="deletion_command", metavar="ACTION",
                         required=True, help="what to do with the store")
@@ -312,6 +312,13 @@ def _add_deletion(sub) -> None:
                  "the log (default: a digest of the sorted ids)")
   a.add_argument("--allow-empty-class", action="store_true",
                  help="allow removing the last samples of a class")
+  a.add_argument("--compact", action="store_true",
+                 help="then drop the forgotten samples' Jacobian rows "
+                 "(cross-entropy stores; rewrites the rows)")
+  a.add_argument("--allow-other-version", action="store_true",
+                 help="use a store written by another fastntk_jax version")
+  a = action("compact", "drop the Jacobian rows of forgotten samples from "
+             "a cross-entropy store")
   a.add_argument("--allow-other-version", action="store_true",
                  help="use a store written by another fastntk_jax version")
   action("status", "counts, sizes, the last request and verification")

@@ -86,7 +86,7 @@ from fastntk_jax.core.unlearn import DEFAULT_MEMORY_BUDGET
 from fastntk_jax.core.unlearn import RESIDUAL_FNS
 from fastntk_jax.core.unlearn import UnlearningError
 
-__all__ = ["DeletionResult", "PreparedState", "forget", "prepare",
+__all__ = ["DeletionResult", "PreparedState", "compact", "forget", "prepare",
            "state_bytes"]
 
 #: Steps of the frozen-Hessian iteration before a request switches to
@@ -594,3 +594,29 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
   return DeletionResult(new_params, new_state, len(rows), delta_norm,
                         float("nan"), rep.grad_norm,
                         time.perf_counter() - t0, rep)
+
+
+def compact(state: PreparedState) -> PreparedState:
+  """The state without the rows of forgotten samples (``"ce"``).
+
+  A cross-entropy request only masks its samples' Jacobian rows, offsets,
+  labels and logits (``active``), so that it need not copy the ``N·C × P``
+  rows. ``compact`` drops them: the state then holds nothing computed from a
+  forgotten sample but the sums in ``gram`` (from which they were
+  subtracted). Later requests give the same answers (the dropped rows had
+  weight 0). An ``"mse"`` state holds no per-sample rows and is returned
+  as is.
+  """
+  if not isinstance(state, PreparedState):
+    raise TypeError("state must be a PreparedState.")
+  if state.loss != "ce" or bool(np.all(state.active)):
+    return state
+  keep = np.flatnonzero(state.active)
+  c = state.num_outputs
+  with kernels.dtype_scope(state.solve_dtype):  # float64 stays float64
+    jac = state.jacobian.reshape(-1, c, state.jacobian.shape[-1])[keep]
+    return state._replace(
+        jacobian=jac.reshape(-1, jac.shape[-1]), offsets=state.offsets[keep],
+        labels=state.labels[keep], logits=state.logits[keep],
+        ref_logits=state.ref_logits[keep], row_ids=state.row_ids[keep],
+        active=np.ones(keep.size, bool))

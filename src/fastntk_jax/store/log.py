@@ -12,9 +12,10 @@ Tables (``store.sqlite``):
   and their digest, ‖Δw‖, residuals, accuracy and loss on the request before
   and after, the parameters' SHA-256 before and after, the generations, the
   software versions;
-* ``verifications(...)`` — one row per ``verify``.
+* ``verifications(...)`` — one row per ``verify``;
+* ``events(...)`` — state changes that are not requests (``compact``).
 
-``requests`` and ``verifications`` are append-only: triggers refuse UPDATE
+``requests``, ``verifications`` and ``events`` are append-only: triggers refuse UPDATE
 and DELETE. A request's generation, its log row and the new head are one
 transaction (:func:`commit_request`), so they become visible together or not
 at all. The database runs with ``synchronous=FULL`` in rollback-journal mode,
@@ -30,7 +31,8 @@ from pathlib import Path
 from typing import Any
 
 __all__ = ["FORMAT", "VERSION", "connect", "commit_request", "create",
-           "find_request", "find_request_by_ids", "generation", "head", "meta", "record_verification",
+           "commit_event", "events", "find_request", "find_request_by_ids",
+           "generation", "head", "meta", "record_verification",
            "requests", "verifications"]
 
 FORMAT = "fastntk_jax.store"
@@ -59,6 +61,14 @@ CREATE TABLE requests (
 CREATE TABLE verifications (
   seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
   gen INTEGER NOT NULL, result TEXT NOT NULL, versions TEXT NOT NULL);
+CREATE TABLE events (
+  seq INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL,
+  kind TEXT NOT NULL, gen_before INTEGER NOT NULL, gen_after INTEGER NOT NULL,
+  detail TEXT NOT NULL);
+CREATE TRIGGER events_no_update BEFORE UPDATE ON events
+  BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
+CREATE TRIGGER events_no_delete BEFORE DELETE ON events
+  BEGIN SELECT RAISE(ABORT, 'the event log is append-only'); END;
 CREATE TRIGGER requests_no_update BEFORE UPDATE ON requests
   BEGIN SELECT RAISE(ABORT, 'the request log is append-only'); END;
 CREATE TRIGGER requests_no_delete BEFORE DELETE ON requests
@@ -75,7 +85,7 @@ _REQUEST_COLUMNS = ("request_id", "time", "ids", "ids_sha256", "num_forget",
                     "params_sha256_after", "gen_before", "gen_after",
                     "versions", "extra")
 _JSON_COLUMNS = ("ids", "before", "after", "versions", "extra", "objects",
-                 "result")
+                 "result", "detail")
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
@@ -205,3 +215,28 @@ def find_request_by_ids(con: sqlite3.Connection, ids_sha256: str
   r = con.execute("SELECT * FROM requests WHERE ids_sha256 = ? ORDER BY seq",
                   (ids_sha256,)).fetchone()
   return None if r is None else _row(r)
+
+
+def commit_event(con: sqlite3.Connection, kind: str, gen_before: int,
+                 gen: dict[str, Any], detail: dict[str, Any]) -> None:
+  """A new generation that is not a request (e.g. ``compact``), its event
+  row and the new head, in one transaction."""
+  con.execute("BEGIN IMMEDIATE")
+  try:
+    if head(con) != gen_before:
+      raise RuntimeError("the store's head moved (another writer?); nothing "
+                         "was changed.")
+    _insert_generation(con, gen_before + 1, gen)
+    con.execute("INSERT INTO events (time, kind, gen_before, gen_after, "
+                "detail) VALUES (?, ?, ?, ?, ?)",
+                (gen["created"], kind, gen_before, gen_before + 1,
+                 json.dumps(detail)))
+    con.execute("UPDATE head SET gen = ?", (gen_before + 1,))
+    con.execute("COMMIT")
+  except BaseException:
+    con.execute("ROLLBACK")
+    raise
+
+
+def events(con: sqlite3.Connection) -> list[dict[str, Any]]:
+  return [_row(r) for r in con.execute("SELECT * FROM events ORDER BY seq")]

@@ -574,10 +574,38 @@ class DeletionStore:
     self.head, self.generation = self.head + 1, db.generation(
         self.con, self.head + 1)
     self.params, self.state = res.params, res.state
-    self._previous = {**{f: (getattr(res.state, f), k) for f, k in keys.items()
-                         if k is not None}}
+    self._previous = {f: (getattr(res.state, f), k) for f, k in keys.items()
+                      if k is not None}
     self.objects.remove_except(self._live_keys())
     return db.find_request(self.con, rid)
+
+  def compact(self) -> dict:
+    """Drops the rows of forgotten samples from a cross-entropy state
+    (:func:`fastntk_jax.core.deletion.compact`) as a new generation, logged
+    in ``events``; the old rows' files are then deleted. A no-op for MSE
+    stores and when nothing is held."""
+    if self._lock is None:
+      raise StoreError("this store was opened read-only; open it with "
+                       "readonly=False to compact it.")
+    held = 0 if self.state.active is None else int(np.sum(~self.state.active))
+    new = deletion.compact(self.state)
+    if new is self.state:
+      return {"status": "nothing_to_compact", "rows_dropped": 0}
+    t0 = time.perf_counter()
+    keys, scalars = _write_state(self.objects, new, self._previous)
+    gen = {"created": _now(), "num_samples": int(new.num_samples),
+           "params_sha256": self.generation["params_sha256"],
+           "objects": {**self.generation["objects"], "state": keys,
+                       "scalars": scalars}}
+    detail = {"samples_dropped": held, "seconds": time.perf_counter() - t0}
+    db.commit_event(self.con, "compact", self.head, gen, detail)
+    self.head, self.generation = self.head + 1, db.generation(
+        self.con, self.head + 1)
+    self.state = new
+    self._previous = {f: (getattr(new, f), k) for f, k in keys.items()
+                      if k is not None}
+    self.objects.remove_except(self._live_keys())
+    return {"status": "compacted", **detail, "generation": self.head}
 
   # ------------------------------------------------------------- reading
   def log(self) -> list[dict]:
