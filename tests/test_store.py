@@ -191,6 +191,13 @@ def test_init_refuses_an_existing_store_and_a_full_folder(tmp_path):
   with pytest.raises(ValueError, match="memory_budget"):
     _init(tmp_path / "m", "ce", memory_budget=1000)
   assert not (tmp_path / "m" / "store.sqlite").exists()
+  # What an init killed midway leaves is cleared by the next init.
+  (tmp_path / "m" / "objects").mkdir(exist_ok=True)
+  (tmp_path / "m" / "objects" / ".new-x.tmp").write_bytes(b"partial")
+  (tmp_path / "m" / "store.sqlite.new").write_bytes(b"partial")
+  with _init(tmp_path / "m", "mse") as s:
+    assert s.head == 0
+  assert not (tmp_path / "m" / "objects" / ".new-x.tmp").exists()
 
 
 def test_corrupt_or_missing_files_are_detected_not_loaded(tmp_path):

@@ -311,7 +311,9 @@ class DeletionStore:
     if (root / "store.sqlite").exists():
       raise StoreError(f"path: {root} already holds a deletion store; open it "
                        "(fastntk deletion status) or choose another folder.")
-    if root.exists() and any(p.name not in ("objects", "lock")
+    # What an init that did not finish leaves may be there.
+    if root.exists() and any(p.name not in ("objects", "lock",
+                                            "store.sqlite.new")
                              for p in root.iterdir()):
       raise StoreError(f"path: {root} exists and is not empty; choose a new "
                        "folder for the store.")
