@@ -110,9 +110,8 @@ def _compilation_cache(store_path) -> None:
     return
   jax.config.update("jax_compilation_cache_dir",
                     str(Path(store_path) / "xla-cache"))
-  # Every program: a request's many small ones add up (measured on the
-  # embedded example: 9.1 s for the first single-image request of a process,
-  # 5.5 s for the next ones, of which tracing is most).
+  # Every program: a request's many small ones add up. Tracing is not
+  # cached, so a process still pays that.
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
