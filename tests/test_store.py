@@ -362,7 +362,10 @@ def _kill_trials(tmp_path, trials, seed, hidden):
     child.kill()  # SIGKILL
     err = child.communicate()[1].decode()
     assert child.returncode in (-9, 0), err
-    # The store opens for writing, and is exactly some prefix of the chain.
+    # A reader first (SQLite rolls back a killed commit's journal for it),
+    # then the writer: both see exactly some prefix of the chain.
+    with DeletionStore.open(path, readonly=True) as s:
+      assert s.generation["params_sha256"] == chain[len(s.log())]
     with DeletionStore.open(path) as s:
       n = len(s.log())
       assert s.head == n

@@ -89,15 +89,17 @@ _JSON_COLUMNS = ("ids", "before", "after", "versions", "extra", "objects",
 
 
 def connect(path: str | Path, *, readonly: bool = False) -> sqlite3.Connection:
-  """Opens the database; ``readonly`` opens it so that nothing can be written."""
-  path = Path(path)
+  """Opens the database; ``readonly`` refuses every statement that writes.
+
+  A read-only connection is still opened read-write at the file level, so
+  that SQLite can roll back the journal of a writer killed mid-commit (a
+  ``mode=ro`` connection could not, and would fail to read).
+  """
+  con = sqlite3.connect(Path(path), isolation_level=None, timeout=30.0)
+  con.execute("PRAGMA journal_mode=DELETE")
+  con.execute("PRAGMA synchronous=FULL")
   if readonly:
-    con = sqlite3.connect(f"file:{path}?mode=ro", uri=True,
-                          isolation_level=None)
-  else:
-    con = sqlite3.connect(path, isolation_level=None)
-    con.execute("PRAGMA journal_mode=DELETE")
-    con.execute("PRAGMA synchronous=FULL")
+    con.execute("PRAGMA query_only=ON")
   con.row_factory = sqlite3.Row
   return con
 
