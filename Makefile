@@ -28,7 +28,7 @@ demo: $(STAMP)
 	$(VENV)/bin/fastntk experiment configs/demo.toml --out results/demo $(if $(SEEDS),--seeds $(SEEDS))
 
 test: $(STAMP)
-	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=20
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m '' -n $(TEST_WORKERS) --dist loadfile

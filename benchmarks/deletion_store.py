@@ -15,7 +15,7 @@ head as PEFT parameters (P = 2,026), fine-tuned for ``--finetune-epochs`` on
 Writes JSON atomically (device, versions, configuration, every request's
 time)::
 
-    python benchmarks/deletion_store.py --loss mse
+    python benchmarks/deletion_store.py --loss mse --host-devices 2
     python benchmarks/deletion_store.py --loss ce \
         --out benchmarks/results/deletion_store_ce_cpu.json
     python benchmarks/deletion_store.py --n-train 2000 --requests 3   # smoke
@@ -39,6 +39,7 @@ import numpy as np
 from fastntk_jax import data
 from fastntk_jax.io import atomic
 from fastntk_jax.io.environment import environment
+from fastntk_jax.io.environment import request_host_devices
 from fastntk_jax.models import zoo
 from fastntk_jax.store import DeletionStore
 from fastntk_jax.training import train
@@ -79,6 +80,7 @@ def _stats(v) -> dict:
 def run(args) -> dict:
   out = {"benchmark": "deletion_store", **environment(),
          "cpu_count": os.cpu_count(),
+         "mesh_devices": [str(d) for d in jax.local_devices()],
          "config": {k: (str(v) if isinstance(v, Path) else v)
                     for k, v in vars(args).items()}}
   x, y = _data(args.n_train, args.seed)
@@ -152,8 +154,18 @@ def main(argv=None):
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--tmp", type=Path, default=None,
                   help="folder for the store (default: the system's temp)")
+  ap.add_argument("--host-devices", type=int, default=1,
+                  help="CPU devices XLA exposes, one XLA program each; the "
+                  "Jacobian work is sharded over them (default 1; 2 on this "
+                  "2-core machine is the faster MSE setting, docs/scale.md)")
   ap.add_argument("--out", type=Path, default=None)
   args = ap.parse_args(argv)
+  if args.host_devices < 1:
+    ap.error("--host-devices must be >= 1")
+  try:
+    request_host_devices(args.host_devices)
+  except RuntimeError as e:
+    raise SystemExit(f"--host-devices: {e}")
   if min(args.n_train, args.requests, args.size) < 1:
     ap.error("--n-train, --requests and --size must be >= 1")
   if args.out is None:
