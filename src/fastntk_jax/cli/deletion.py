@@ -30,7 +30,7 @@ from fastntk_jax.cli.common import UsageError
 from fastntk_jax.cli.common import model_from_checkpoint
 from fastntk_jax.cli.common import model_from_config
 
-__all__ = ["cmd_deletion", "read_ids"]
+__all__ = ["cmd_deletion", "read_ids", "store_model", "store_samples"]
 
 
 def read_ids(text: str) -> np.ndarray:
@@ -59,7 +59,7 @@ def _ids_arg(path: str) -> np.ndarray:
   return read_ids(p.read_text())
 
 
-def _samples(desc: dict):
+def store_samples(desc: dict):
   """``(x, y, ids)`` of the store's data source (module docstring)."""
   d = desc["data"]
   if d["kind"] == "npz":
@@ -90,7 +90,7 @@ def _uint8_model(apply_fn, prep):
   return lambda p, x: apply_fn(p, prep(x))
 
 
-def _model(store):
+def store_model(store):
   """``apply_fn(peft, uint8 images)`` of the store's model, from the config
   and frozen variables kept in the store (the checkpoint may be gone)."""
   cfg = store.meta["description"]["checkpoint_config"]
@@ -144,7 +144,7 @@ def _init(args) -> dict:
   desc = {"checkpoint": str(Path(args.checkpoint).resolve()),
           "checkpoint_config": cfg,
           "data": _data_desc(args, cfg, zoo.spec(name).image_size)}
-  x, y, ids = _samples(desc)
+  x, y, ids = store_samples(desc)
   loss = args.loss or cfg.get("finetune", {}).get("loss", "mse")
   fn = _uint8_model(apply_fn, prep)
   extra = {"frozen": ckpt.trees["frozen"], "w_0": ckpt.trees["w_0"]}
@@ -166,8 +166,8 @@ def _forget(args) -> dict:
   ids = _ids_arg(args.ids)
   with _open(args, readonly=False) as store:
     _compilation_cache(args.store)
-    fn = _model(store)
-    x, y, sid = _samples(store.meta["description"])
+    fn = store_model(store)
+    x, y, sid = store_samples(store.meta["description"])
     from fastntk_jax.store import take
     x_f, y_f = take((x, y, sid), ids, name="--ids")
     r = store.forget(fn, (x_f, y_f), ids=ids, request_id=args.request_id,
@@ -230,8 +230,8 @@ def _log(args) -> dict:
 
 def _verify(args) -> dict:
   with _open(args, readonly=True) as store:
-    fn = _model(store)
-    samples = _samples(store.meta["description"])
+    fn = store_model(store)
+    samples = store_samples(store.meta["description"])
     v = store.verify(fn, samples)
   fa = v.get("forget_accuracy")
   print(f"generation {v['generation']}: {v['num_forgotten']} forgotten, "
