@@ -116,7 +116,8 @@ def run(args) -> dict:
                    "write_seconds": res.row["extra"]["write_seconds"],
                    "relative_residual": res.row["relative_residual"],
                    "acc_before": res.row["before"]["accuracy"],
-                   "acc_after": res.row["after"]["accuracy"]})
+                   "acc_after": res.row["after"]["accuracy"],
+                   "solve": res.row["extra"]["solve"]})
       print(f"request {i}: {wall:.2f} s (solve {res.row['seconds']:.2f} s, "
             f"write {res.row['extra']['write_seconds']:.2f} s)", flush=True)
     store.close()

@@ -168,7 +168,7 @@ def test_ce_requests_in_sequence_equal_unlearning_from_scratch(linearize_at):
   res, params = None, w_d
   for r in reqs:
     res = deletion.forget(st if res is None else res.state, apply_fn, params,
-                          (x[r], y[r]), ids=ids[r])
+                          (x[r], y[r]), ids=ids[r], refresh_steps=None)
     params = res.params
     assert res.solve.converged and res.solve.iterations >= 1
     assert res.relative_residual <= 1e-9
@@ -191,6 +191,44 @@ def test_ce_requests_in_sequence_equal_unlearning_from_scratch(linearize_at):
                   jnp.float64)
   np.testing.assert_allclose(res.state.gram, want, rtol=0,
                              atol=1e-6 * float(np.abs(want).max()))
+
+
+def test_ce_preconditioner_refresh_changes_the_matrix_not_the_answer():
+  apply_fn, w0, w_d, x, y = _problem(5, n=60)
+  ids = np.arange(60)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids,
+                        damping=0.5, loss="ce")
+  reqs = [np.arange(0, 12), np.arange(12, 24)]
+  out = {}
+  for refresh in (None, 1):  # never, and after every request
+    state, params, steps = st, w_d, []
+    for r in reqs:
+      res = deletion.forget(state, apply_fn, params, (x[r], y[r]), ids=r,
+                            refresh_steps=refresh)
+      state, params = res.state, res.params
+      steps.append(res.solve.iterations)
+    out[refresh] = (state, params, steps)
+  (s0, p0, _), (s1, p1, _) = out[None], out[1]
+  np.testing.assert_allclose(_flat(p1), _flat(p0), rtol=1e-7, atol=1e-9)
+  # The refreshed matrix is the kept rows' Gauss-Newton matrix at the logits
+  # of the current solution, formed independently here.
+  keep = s1.active
+  with jax.enable_x64(True):
+    j = np.asarray(st.jacobian, np.float64)
+    z = np.asarray(st.offsets) + (j @ np.asarray(s1.solution)).reshape(60, 3)
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    want = np.zeros((j.shape[1], j.shape[1]))
+    for i in np.flatnonzero(keep):
+      ji = j[3 * i:3 * i + 3]
+      want += ji.T @ (np.diag(p[i]) - np.outer(p[i], p[i])) @ ji
+  np.testing.assert_allclose(np.asarray(s1.gram), want, rtol=0,
+                             atol=1e-5 * np.abs(want).max())
+  np.testing.assert_allclose(np.asarray(s1.ref_logits), z, atol=1e-8)
+  assert np.abs(np.asarray(s0.gram) - want).max() > 1e-3 * np.abs(want).max()
+  with pytest.raises(ValueError, match="refresh_steps"):
+    deletion.forget(st, apply_fn, w_d, (x[:1], y[:1]), ids=ids[:1],
+                    refresh_steps=0)
 
 
 def test_ce_linear_model_requests_reach_the_ce_retrain():

@@ -66,7 +66,8 @@ def test_requests_across_processes_equal_in_memory_and_from_scratch(
                            loss=loss, damping=0.5)
   params = P
   for r in REQS:
-    res = deletion.forget(state, apply_fn, params, _sel(r), ids=np.array(r))
+    res = deletion.forget(state, apply_fn, params, _sel(r), ids=np.array(r),
+                          refresh_steps=8)  # the store's setting
     state, params = res.state, res.params
   # The store: closed and reopened between requests, as separate processes
   # would.

@@ -404,7 +404,8 @@ def _request(a, g, chol, a_f, g_f, rr_f, damping):
 def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
            params, forget_set, *, ids=None, block_size: int | None = None,
            newton_tol: float | None = None, newton_max_steps: int = 50,
-           cg_max_steps: int | None = None, mesh=None) -> DeletionResult:
+           cg_max_steps: int | None = None, refresh_steps: int | None = None,
+           mesh=None) -> DeletionResult:
   """Answers one deletion request: forgets ``forget_set`` from ``params``.
 
   Args:
@@ -419,6 +420,12 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
     newton_tol, newton_max_steps, cg_max_steps: the ``"ce"`` solve's
       tolerance and caps (a solve that does not converge raises
       :class:`UnlearningError` and leaves ``state`` unchanged).
+    refresh_steps: ``"ce"``: when the solve took more steps than this, the
+      preconditioner ``M`` is formed again at the new solution's logits
+      (one Gauss-Newton pass over the kept rows, ``N·C·P²`` flops), so that
+      later requests converge as fast as the first; None (default) never
+      refreshes. ``M`` only preconditions: the answer is the same up to the
+      solve's tolerance. :class:`fastntk_jax.store.DeletionStore` uses 8.
     mesh: as in :func:`prepare`.
 
   Returns:
@@ -468,12 +475,17 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
                      "ids=... to track samples, or drop ids here.")
   validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
   validate.check_positive_int_or_none("cg_max_steps", cg_max_steps)
+  validate.check_positive_int_or_none("refresh_steps", refresh_steps)
   validate.check_positive_int_or_none("block_size", block_size)
   validate.check_tolerance("newton_tol", newton_tol, allow_none=True)
   mesh = blocking.resolve_mesh(mesh)
   if state.loss == "ce":
-    return _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining,
-                      newton_tol, newton_max_steps, cg_max_steps, mesh, t0)
+    res = _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining,
+                     newton_tol, newton_max_steps, cg_max_steps, mesh, t0)
+    if refresh_steps is not None and res.solve.iterations > refresh_steps:
+      res = res._replace(state=_refresh_preconditioner(res.state),
+                         seconds=time.perf_counter() - t0)
+    return res
   return _forget_mse(state, apply_fn, params, x_f, y_f, remaining,
                      block_size, mesh, t0)
 
@@ -594,6 +606,24 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
   return DeletionResult(new_params, new_state, len(rows), delta_norm,
                         float("nan"), rep.grad_norm,
                         time.perf_counter() - t0, rep)
+
+
+def _refresh_preconditioner(state: PreparedState) -> PreparedState:
+  """``M`` formed again at the current solution's logits over the kept rows
+  (``"ce"``): ``z̄ = b + J x_S`` for every row, ``Σ_{i kept} J_iᵀH_i(z̄_i)J_i``
+  and its factor. Later downdates use the same ``z̄``."""
+  loss = objective.cross_entropy
+  c, prec = state.num_outputs, state.solve_dtype
+  g_dtype = ravel_pytree(state.lin_params)[0].dtype
+  with kernels.dtype_scope(prec):
+    op = newton.DenseJacobian(state.jacobian, c, ggn_dtype=g_dtype)
+    z = state.offsets + op.matvec(state.solution).reshape(-1, c)
+    keep = jnp.asarray(state.active, z.dtype)[:, None, None]
+    gram = op.ggn(loss.hess_factor(z) * keep, prec)
+    chol = _cholesky(gram, state.damping)
+    if not bool(jnp.all(jnp.isfinite(chol))):
+      return state  # keep the downdated one; it still preconditions
+  return state._replace(gram=gram, chol=chol, ref_logits=z)
 
 
 def compact(state: PreparedState) -> PreparedState:

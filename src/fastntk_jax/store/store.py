@@ -496,6 +496,9 @@ class DeletionStore:
     t0 = time.perf_counter()
     loss = self.state.loss
     before = _request_metrics(apply_fn, self.params, x_f, y_f, loss)
+    # A long-lived cross-entropy store refreshes its preconditioner when a
+    # request's solve slows down (deletion.forget, refresh_steps).
+    forget_kw.setdefault("refresh_steps", 8)
     res = deletion.forget(self.state, apply_fn, self.params, (x_f, y_f),
                           ids=ids, **forget_kw)
     after = _request_metrics(apply_fn, res.params, x_f, y_f, loss)
