@@ -401,6 +401,26 @@ def _request(a, g, chol, a_f, g_f, rr_f, damping):
       update.forget_residual_norm(a_f, g_f, x_r, rr_f))
 
 
+def _request_ids(state, ids, n_f):
+  """``(remaining ids, request ids)``, checked against the current set."""
+  remaining, req = state.ids, None
+  if state.ids is not None:
+    if ids is None:
+      raise ValueError("ids: the state tracks sample ids; pass the ids of "
+                       "forget_set's samples.")
+    req = _check_ids("ids", ids, n_f)
+    missing = np.setdiff1d(req, state.ids, assume_unique=True)
+    if missing.size:
+      raise ValueError(f"ids: {missing.size} of the requested samples are not "
+                       f"in the current training set (e.g. {missing[:5].tolist()}"
+                       "); they were never in it or are already forgotten.")
+    remaining = np.setdiff1d(state.ids, req, assume_unique=True)
+  elif ids is not None:
+    raise ValueError("ids: the state was prepared without ids; prepare with "
+                     "ids=... to track samples, or drop ids here.")
+  return remaining, req
+
+
 def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
            params, forget_set, *, ids=None, block_size: int | None = None,
            newton_tol: float | None = None, newton_max_steps: int = 50,
@@ -458,21 +478,7 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
     raise ValueError(f"forget_set has {n_f} samples but the prepared set has "
                      f"{state.num_samples}; at least one must remain. To "
                      "forget everything, reset to the anchor w_0.")
-  remaining, req = state.ids, None
-  if state.ids is not None:
-    if ids is None:
-      raise ValueError("ids: the state tracks sample ids; pass the ids of "
-                       "forget_set's samples.")
-    req = _check_ids("ids", ids, n_f)
-    missing = np.setdiff1d(req, state.ids, assume_unique=True)
-    if missing.size:
-      raise ValueError(f"ids: {missing.size} of the requested samples are not "
-                       f"in the current training set (e.g. {missing[:5].tolist()}"
-                       "); they were never in it or are already forgotten.")
-    remaining = np.setdiff1d(state.ids, req, assume_unique=True)
-  elif ids is not None:
-    raise ValueError("ids: the state was prepared without ids; prepare with "
-                     "ids=... to track samples, or drop ids here.")
+  remaining, req = _request_ids(state, ids, n_f)
   validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
   validate.check_positive_int_or_none("cg_max_steps", cg_max_steps)
   validate.check_positive_int_or_none("refresh_steps", refresh_steps)
