@@ -44,7 +44,9 @@ def test_peft_is_batchnorm_and_head(resnet):
 
 
 @pytest.mark.parametrize("implementation,reuse", [
-    (1, False),
+    # The per-pair path on a ResNet (~45 s); the same path against explicit
+    # Jacobians on an MLP, on one and four devices, is in test_sharding.py.
+    pytest.param(1, False, marks=pytest.mark.slow),
     # neural-tangents' second implementation (~18 s); the per-pair path itself
     # is covered by implementation 1.
     pytest.param(2, False, marks=pytest.mark.slow),
