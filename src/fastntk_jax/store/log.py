@@ -24,6 +24,7 @@ so a committed request survives a crash or a power cut.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sqlite3
@@ -127,6 +128,18 @@ def create(path: str | Path, meta_items: dict[str, Any],
   os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def _transaction(con: sqlite3.Connection):
+  """``BEGIN IMMEDIATE`` … ``COMMIT``, rolled back on any exception."""
+  con.execute("BEGIN IMMEDIATE")
+  try:
+    yield
+    con.execute("COMMIT")
+  except BaseException:
+    con.execute("ROLLBACK")
+    raise
+
+
 def _insert_generation(con, gen: int, g: dict) -> None:
   con.execute("INSERT INTO generations VALUES (?, ?, ?, ?, ?)",
               (gen, g["created"], json.dumps(g["objects"]),
@@ -164,8 +177,7 @@ def commit_request(con: sqlite3.Connection, row: dict[str, Any],
                    gen: dict[str, Any]) -> None:
   """Inserts the new generation and the request's log row and moves the head,
   in one transaction; a conflict (another writer moved the head) rolls back."""
-  con.execute("BEGIN IMMEDIATE")
-  try:
+  with _transaction(con):
     if head(con) != row["gen_before"]:
       raise RuntimeError("the store's head moved during the request (another "
                          "writer?); nothing was applied.")
@@ -175,10 +187,6 @@ def commit_request(con: sqlite3.Connection, row: dict[str, Any],
     con.execute(f"INSERT INTO requests ({', '.join(_REQUEST_COLUMNS)}) "
                 f"VALUES ({', '.join('?' * len(_REQUEST_COLUMNS))})", vals)
     con.execute("UPDATE head SET gen = ?", (row["gen_after"],))
-    con.execute("COMMIT")
-  except BaseException:
-    con.execute("ROLLBACK")
-    raise
 
 
 def requests(con: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -195,15 +203,10 @@ def find_request(con: sqlite3.Connection, request_id: str
 def record_verification(con: sqlite3.Connection, gen: int,
                         result: dict[str, Any], versions: dict, time: str
                         ) -> None:
-  con.execute("BEGIN IMMEDIATE")
-  try:
+  with _transaction(con):
     con.execute("INSERT INTO verifications (time, gen, result, versions) "
                 "VALUES (?, ?, ?, ?)", (time, gen, json.dumps(result),
                                         json.dumps(versions)))
-    con.execute("COMMIT")
-  except BaseException:
-    con.execute("ROLLBACK")
-    raise
 
 
 def verifications(con: sqlite3.Connection) -> list[dict[str, Any]]:
@@ -223,8 +226,7 @@ def commit_event(con: sqlite3.Connection, kind: str, gen_before: int,
                  gen: dict[str, Any], detail: dict[str, Any]) -> None:
   """A new generation that is not a request (e.g. ``compact``), its event
   row and the new head, in one transaction."""
-  con.execute("BEGIN IMMEDIATE")
-  try:
+  with _transaction(con):
     if head(con) != gen_before:
       raise RuntimeError("the store's head moved (another writer?); nothing "
                          "was changed.")
@@ -234,10 +236,6 @@ def commit_event(con: sqlite3.Connection, kind: str, gen_before: int,
                 (gen["created"], kind, gen_before, gen_before + 1,
                  json.dumps(detail)))
     con.execute("UPDATE head SET gen = ?", (gen_before + 1,))
-    con.execute("COMMIT")
-  except BaseException:
-    con.execute("ROLLBACK")
-    raise
 
 
 def events(con: sqlite3.Connection) -> list[dict[str, Any]]:

@@ -576,13 +576,19 @@ class DeletionStore:
                      "request_seconds": time.perf_counter() - t0}}
     db.commit_request(self.con, row, new_gen)
     # Visible from here on; the old generation's changed files are removed.
+    self.params = res.params
+    self._advance(res.state, keys)
+    return db.find_request(self.con, rid)
+
+  def _advance(self, state, keys) -> None:
+    """After a commit: the new head in memory, and the files it no longer
+    names deleted."""
     self.head, self.generation = self.head + 1, db.generation(
         self.con, self.head + 1)
-    self.params, self.state = res.params, res.state
-    self._previous = {f: (getattr(res.state, f), k) for f, k in keys.items()
+    self.state = state
+    self._previous = {f: (getattr(state, f), k) for f, k in keys.items()
                       if k is not None}
     self.objects.remove_except(self._live_keys())
-    return db.find_request(self.con, rid)
 
   def compact(self) -> dict:
     """Drops the rows of forgotten samples from a cross-entropy state
@@ -604,12 +610,7 @@ class DeletionStore:
                        "scalars": scalars}}
     detail = {"samples_dropped": held, "seconds": time.perf_counter() - t0}
     db.commit_event(self.con, "compact", self.head, gen, detail)
-    self.head, self.generation = self.head + 1, db.generation(
-        self.con, self.head + 1)
-    self.state = new
-    self._previous = {f: (getattr(new, f), k) for f, k in keys.items()
-                      if k is not None}
-    self.objects.remove_except(self._live_keys())
+    self._advance(new, keys)
     return {"status": "compacted", **detail, "generation": self.head}
 
   # ------------------------------------------------------------- reading
