@@ -193,7 +193,8 @@ _CHILD = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def four_devices():
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
+             XLA_FLAGS=" ".join(os.environ.get("XLA_FLAGS", "").split() + [
+                 "--xla_force_host_platform_device_count=4"]))
   proc = subprocess.run([sys.executable, "-c", _CHILD], env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
