@@ -173,6 +173,18 @@ _CHILD = textwrap.dedent("""
     d1 = deletion.forget(st1, apply_fn, w_d, (x1[:3], y[:3]), block_size=4,
                          mesh=one)
     out["deletion_rel"] = rel(d4.params, d1.params)
+    sk4 = kernels.sketched_gram(apply_fn, params, x1, res_fn, y=t,
+                                key=jax.random.PRNGKey(1), cotangents=2,
+                                block_size=4)
+    sk1 = kernels.sketched_gram(apply_fn, params, x1, res_fn, y=t,
+                                key=jax.random.PRNGKey(1), cotangents=2,
+                                block_size=4, mesh=one)
+    out["sketch_close"] = bool(
+        np.allclose(np.asarray(sk4.groups), np.asarray(sk1.groups),
+                    rtol=1e-5, atol=1e-6 * float(np.abs(sk1.gram).max()))
+        and np.allclose(np.asarray(sk4.grad), np.asarray(sk1.grad),
+                        rtol=1e-5, atol=1e-6))
+    out["sketch_devices"] = devices(sk4.gram)
     out["deletion_gram_devices"] = devices(st.gram)
     mv = cg.gauss_newton_matvec(apply_fn, params, x1, block_size=4)(v)
     out["cg_matvec_close"] = bool(np.allclose(
@@ -249,11 +261,12 @@ def test_explicit_two_device_mesh(four_devices):
   assert got["gram_devices"] == 2
 
 
-def test_unlearn_and_deletion_requests_on_four_devices(four_devices):
+def test_unlearn_deletion_and_sketch_on_four_devices(four_devices):
   for solver, gap in four_devices["unlearn_rel"].items():
     assert four_devices["unlearn_moved"][solver] > 1e-2
     assert gap < (1e-4 if solver == "cg" else 1e-5), (solver, gap)
   assert four_devices["deletion_rel"] < 1e-5
+  assert four_devices["sketch_close"] and four_devices["sketch_devices"] == 4
   assert four_devices["deletion_gram_devices"] == 4
   assert four_devices["cg_matvec_close"]
 

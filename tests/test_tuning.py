@@ -106,6 +106,34 @@ def test_tune_picks_the_smallest_validation_gap_and_resumes(tmp_path, capsys):
     tuning.tune(other, out)
 
 
+def test_a_diverged_trial_ranks_last_instead_of_stopping_the_run(monkeypatch):
+  """SFR-on at lr 0.03 × 1,500 steps diverged on the CE protocol: its NaN
+  logits must make that trial lose, not end the tuning run."""
+  import types
+  from fastntk_jax.evaluation import mia
+  from fastntk_jax.experiments import report
+
+  class Fake:
+    def __init__(self, seed):
+      self.seed, self.problem, self.reference = seed, None, {"acc_forget": 0.0}
+
+    def evaluate(self, params):
+      if not np.isfinite(params):
+        mia.output_features(np.array([[np.nan, 0.0]]), np.array([0]))
+      return {"acc_forget": params}
+
+  monkeypatch.setattr(tuning.methods_lib, "run_method", lambda m, prob, seed,
+                      **hp: types.SimpleNamespace(params=hp["x"], seconds=0.0))
+  monkeypatch.setattr(tuning, "_GAP_KEYS", ("acc_forget",))
+  recs = [report.json_safe(tuning._run_trial([Fake(0), Fake(1)], "m",
+                                             {"x": x}))
+          for x in (3.0, float("nan"), 1.0)]
+  assert recs[1]["avg_d"] is None
+  assert "logits contain NaN or inf" in recs[1]["per_seed"][0]["diverged"]
+  assert recs[0]["avg_d"] == pytest.approx(3.0)
+  assert tuning._best(recs) == 2
+
+
 def test_missing_tuned_file_names_the_fix(tmp_path):
   (tmp_path / "exp.toml").write_text('name = "e"\ntuned = "nope.toml"\n')
   with pytest.raises(ConfigError, match="fastntk tune"):

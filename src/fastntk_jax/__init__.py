@@ -27,6 +27,7 @@ from fastntk_jax.core.solvers import Auto
 from fastntk_jax.core.solvers import KernelSpace
 from fastntk_jax.core.solvers import MatrixFree
 from fastntk_jax.core.solvers import ParameterSpace
+from fastntk_jax.core.solvers import Sketched
 from fastntk_jax.core.unlearn import DEFAULT_DAMPING
 from fastntk_jax.core.unlearn import UnlearnResult
 from fastntk_jax.core.unlearn import UnlearningError
@@ -44,6 +45,7 @@ __all__ = [
   "MatrixFree",
   "NeuralTangentsUnavailable",
   "ParameterSpace",
+  "Sketched",
   "UnlearnResult",
   "UnlearningError",
   "kernels",

@@ -12,6 +12,9 @@ shape ``(N, C)``, where ``params`` is the PEFT pytree. Outputs are flattened
 * :func:`jacobian` — the explicit ``(N·C, P)`` Jacobian (blocked).
 * :func:`gram` — the parameter-space counterparts ``JᵀJ`` (P×P) and
   ``Jᵀ r`` accumulated over blocks of samples.
+* :func:`sketched_gram` — an unbiased random-cotangent estimate of ``JᵀJ``
+  from ``s < C`` reverse passes per sample, with the exact ``Jᵀ r``
+  (approximate; only when asked for).
 * :func:`jvp`, :func:`vjp` — ``J v`` and ``Jᵀ u`` over blocks.
 
 All of them vectorise over samples (``vmap_axes=0`` in neural-tangents), which
@@ -44,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -85,6 +89,9 @@ __all__ = [
     "ntk_block_fn",
     "num_outputs",
     "predict",
+    "SketchedGram",
+    "sketch_cotangents",
+    "sketched_gram",
     "vjp",
 ]
 
@@ -457,6 +464,163 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
               else jnp.zeros((0, c), flat.dtype))
     return a, b, logits
   return a, b
+
+
+def sketch_cotangents(key, n: int, c: int, s: int, dtype=jnp.float32):
+  """Random cotangents for :func:`sketched_gram`: ``(N, C, s)`` Rademacher
+  signs, so that ``E[Z_i Z_iᵀ] = s·I``.
+
+  Sample ``i``'s draw comes from ``fold_in(key, i)``: it does not depend on
+  the block size or the number of devices.
+  """
+  keys = jax.vmap(lambda i: jax.random.fold_in(key, i))(jnp.arange(n))
+  return jax.vmap(lambda k: jax.random.rademacher(k, (c, s), dtype))(keys)
+
+
+@per_apply_fn
+def _sketch_block_fn(apply_fn, residual_fn, mesh: Mesh | None, groups: int):
+  """Jitted pass over one block: logits, ``s + 1`` reverse passes per sample.
+
+  ``(params, x_b, t_b, keep_b, v_b) -> (f_b, G_b, J_bᵀ r_b)``: the rows
+  ``v_{ik}ᵀ J_i`` of the ``s`` cotangent columns of ``v_b`` ``(B, C, s)``
+  give ``groups`` partial Grams ``(groups, P, P)`` (columns split into
+  ``groups`` equal runs), and one more reverse pass with the residual
+  ``r_i`` gives the exact gradient. ``residual_fn`` is applied to one
+  sample's logits at a time (it must act row by row, as ``logits − Y``
+  does). Per-device terms as in :func:`_gram_block_fn`.
+  """
+  hi = jax.lax.Precision.HIGHEST
+
+  def body(params, xb, tb, keep, vb):
+    flat, unravel = ravel_pytree(params)
+    p, s = flat.shape[0], vb.shape[-1]
+
+    def one(xi, ti, vi):
+      out, pull = jax.vjp(lambda w: apply_fn(unravel(w), xi[None])[0], flat)
+      ri = ti if residual_fn is None else residual_fn(out[None], ti[None])[0]
+      cot = jnp.concatenate([vi.T.astype(out.dtype),
+                             ri[None].astype(out.dtype)], axis=0)
+      return out, jax.vmap(pull)(cot)[0]  # (C,), (s + 1, P)
+
+    out, rows = jax.vmap(one)(xb, tb, vb)
+    rows = rows * keep.astype(rows.dtype)[:, None, None]
+    sk = rows[:, :s].reshape(rows.shape[0], groups, s // groups, p)
+    g = jnp.stack([jnp.matmul(sk[:, k].reshape(-1, p).T,
+                              sk[:, k].reshape(-1, p), precision=hi)
+                   for k in range(groups)])
+    return out, g[None], jnp.sum(rows[:, s], axis=0)[None]
+
+  if mesh is None:
+    return jax.jit(body)
+  rows = P(DATA_AXIS)
+  return jax.jit(jax.shard_map(body, mesh=mesh,
+                               in_specs=(P(),) + (rows,) * 4,
+                               out_specs=(rows, rows, rows), check_vma=False))
+
+
+class SketchedGram(NamedTuple):
+  """What :func:`sketched_gram` returns.
+
+  Attributes:
+    gram: the estimate of ``Σ_i J_iᵀ L_i L_iᵀ J_i`` (``L_i = I`` without
+      weights), the mean of ``groups``, ``(P, P)``.
+    groups: the independent estimates it averages, ``(g, P, P)``; two when
+      the number of cotangents is even, so that their spread estimates the
+      error of the mean.
+    grad: the exact ``Jᵀ r``, ``(P,)``.
+    logits: ``apply_fn(params, x)`` when asked for, else None.
+  """
+  gram: jax.Array
+  groups: jax.Array
+  grad: jax.Array
+  logits: jax.Array | None
+
+
+def sketched_gram(apply_fn: ApplyFn, params, x, r, *, key, cotangents: int,
+                  y=None, weights=None, block_size: int | None = None,
+                  mesh: Mesh | None = None, solve_dtype: str | None = None,
+                  return_outputs: bool = False) -> SketchedGram:
+  """A random-cotangent sketch of the Gram, with the exact gradient.
+
+  Per sample, ``s = cotangents`` reverse passes with ``v_{ik} = L_i z_{ik} /
+  √h`` (Rademacher ``z_{ik}`` from :func:`sketch_cotangents`, ``h`` the
+  columns per group) instead of :func:`gram`'s ``C``, plus one with the
+  residual: ``E[Σ_k J_iᵀ v_{ik} v_{ik}ᵀ J_i] = J_iᵀ L_i L_iᵀ J_i`` in each
+  group, so each group's sum is an unbiased estimate of the Gram (of the
+  generalised Gauss-Newton matrix with ``weights``). Approximate: never
+  what :func:`gram` does by default.
+
+  Args:
+    apply_fn, params, x, r, y, block_size, mesh, solve_dtype,
+      return_outputs: as :func:`gram` (``r`` an array ``(N, C)`` or a
+      row-wise function of ``(logits, y_block)``; not None).
+    key: a ``jax.random`` key for the cotangents.
+    cotangents: ``s ≥ 1`` reverse passes per sample for the sketch.
+    weights: optional ``L_i``, ``(N, C, C)``.
+
+  Returns:
+    :class:`SketchedGram`.
+  """
+  if isinstance(cotangents, bool) or not isinstance(cotangents, int) or (
+      cotangents < 1):
+    raise ValueError(f"cotangents must be an int >= 1, got {cotangents!r}.")
+  if r is None:
+    raise ValueError("r: the sketch returns the exact gradient Jᵀ r; pass "
+                     "residuals (an (N, C) array or a function of logits).")
+  x = jnp.asarray(x)
+  n = x.shape[0]
+  mesh = resolve_mesh(mesh)
+  flat, _ = ravel_pytree(params)
+  p = flat.shape[0]
+  c = num_outputs(apply_fn, params, x)
+  residual_fn, t, weights = _gram_inputs(r, y, weights, solve_dtype, n, c,
+                                         flat.dtype)
+  groups = 2 if cotangents % 2 == 0 else 1
+  v = sketch_cotangents(key, n, c, cotangents, flat.dtype) / np.sqrt(
+      cotangents // groups).astype(flat.dtype)
+  if weights is not None:
+    v = jnp.einsum("ncd,nds->ncs", weights.astype(flat.dtype), v)
+  dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
+  fn = _sketch_block_fn(apply_fn, residual_fn, mesh, groups)
+  add = _add_terms_fn(mesh)
+  params_r = replicate(mesh, params)
+  block, _, _ = resolve_block(
+      apply_fn, params, x, block_size, "jac", jac_block_fn(apply_fn),
+      lambda xb: (params_r, shard_rows(mesh, xb)), mesh=mesh)
+  d = n_devices(mesh)
+  with dtype_scope(solve_dtype):
+    acc_a, acc_b = shard_rows(mesh, (jnp.zeros((d, groups, p, p), dt),
+                                      jnp.zeros((d, p), dt)))
+  outs = []
+  for s, e in iter_blocks(n, block):
+    keep = (jnp.arange(block) < (e - s)).astype(flat.dtype)
+    args = shard_rows(mesh, tuple(pad_block(a[s:e], block) for a in (x, t))
+                      + (keep, pad_block(v[s:e], block)))
+    out, g, gb = fn(params_r, *args)
+    with dtype_scope(solve_dtype):
+      acc_a, acc_b = add(acc_a, acc_b, g, gb)
+    if return_outputs:
+      outs.append(out if e - s == block else out[: e - s])
+  with dtype_scope(solve_dtype):
+    parts, b = _sum_groups_fn(mesh)(acc_a, acc_b)
+    a = jnp.mean(parts, axis=0)
+  logits = None
+  if return_outputs:
+    logits = (jnp.concatenate(outs, axis=0) if outs
+              else jnp.zeros((0, c), flat.dtype))
+  return SketchedGram(a, parts, b, logits)
+
+
+@functools.cache
+def _sum_groups_fn(mesh: Mesh | None):
+  """Sums per-device ``(groups, P, P)`` partials once; each symmetrised."""
+  def total(acc_a, acc_b):
+    a = jnp.sum(acc_a, axis=0)
+    return 0.5 * (a + jnp.swapaxes(a, 1, 2)), jnp.sum(acc_b, axis=0)
+  if mesh is None:
+    return jax.jit(total)
+  whole = NamedSharding(mesh, P())
+  return jax.jit(total, out_shardings=(whole, whole))
 
 
 @per_apply_fn

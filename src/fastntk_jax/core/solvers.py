@@ -12,6 +12,8 @@ solver                 ``name``    systems
                                    Gauss-Newton matrix for ``"ce"``
 :class:`MatrixFree`    ``"cg"``    none: conjugate gradients (Newton-CG for
                                    ``"ce"``), every product a pass over data
+:class:`Sketched`      ``"sketch"`` ``P × P``, ``A_r`` from ``s < C`` random
+                                   cotangents a sample (approximate, ``"mse"``)
 :class:`Auto`          ``"auto"``  picks one of the three by cost
 =====================  ==========  =========================================
 
@@ -60,6 +62,7 @@ __all__ = [
   "ParameterSpace",
   "Problem",
   "ProblemShape",
+  "Sketched",
   "Solver",
   "UnlearningError",
   "as_solver",
@@ -160,12 +163,15 @@ class Outcome(NamedTuple):
     infos: the :class:`~fastntk_jax.core.solve.SolveInfo` of each dense
       factorisation (empty where none is formed).
     kept_jacobian: the Jacobian over ``D`` was held in memory.
+    approximation: for an approximate solver, what it approximated and its
+      error estimates (:class:`Sketched`); None for the exact ones.
   """
   delta: jax.Array
   forget_residual_norm: Any
   reports: tuple
   infos: tuple = ()
   kept_jacobian: bool = False
+  approximation: dict | None = None
 
 
 class Estimate(NamedTuple):
@@ -459,29 +465,47 @@ class ParameterSpace(Solver):
     if prob.loss == "ce":
       keep = self.keeps_jacobian(prob.shape, prob.memory_budget)
       return _run_ce_primal(self, prob, newton.solve_primal, keep)
-    apply_fn, lin, blk = prob.apply_fn, prob.lin, prob.blk
-    res_fn = RESIDUAL_FNS["mse"]
-    sd = self.solve_dtype
-    a_r, b_r, f0_r = kernels.gram(apply_fn, lin, prob.x_r, res_fn, y=prob.y_r,
-                                  solve_dtype=sd, return_outputs=True, **blk)
-    a_f, b_f, f0_f = kernels.gram(apply_fn, lin, prob.x_f, res_fn, y=prob.y_f,
-                                  solve_dtype=sd, return_outputs=True, **blk)
-    _check_logits(jnp.concatenate([f0_r, f0_f]), prob.linearize_at)
-    r_f = res_fn(f0_f, jnp.asarray(prob.y_f)).reshape(-1)
-    with kernels.dtype_scope(sd):
-      rr_f = jnp.sum(jnp.asarray(r_f, a_f.dtype) ** 2)
-      if prob.shift is not None:
-        d = prob.shift.astype(a_f.dtype)
-        rr_f = rr_f + 2 * d @ b_f + d @ (a_f @ d)
-        b_r, b_f = b_r + a_r @ d, b_f + a_f @ d
-      upd = update.parameter_space(a_r, a_f, b_r, b_f, prob.damping,
-                                   self.rcond)
-      _raise_if_failed(upd.infos, prob.damping, self.name)
-      delta = upd.delta.astype(ravel_pytree(lin)[0].dtype)
-      # ‖V‖, a diagnostic, from the Grams rather than another pass over D_f.
-      v = update.forget_residual_norm(a_f, b_f, upd.x_retrain, rr_f)
-    return Outcome(delta, v, tuple(_linear_report(i) for i in upd.infos),
-                   upd.infos)
+    res_fn, sd = RESIDUAL_FNS["mse"], self.solve_dtype
+    a_r, b_r, f0_r = kernels.gram(prob.apply_fn, prob.lin, prob.x_r, res_fn,
+                                  y=prob.y_r, solve_dtype=sd,
+                                  return_outputs=True, **prob.blk)
+    upd, v = _mse_primal(self, prob, a_r, b_r, f0_r)
+    return Outcome(upd.delta.astype(ravel_pytree(prob.lin)[0].dtype), v,
+                   tuple(_linear_report(i) for i in upd.infos), upd.infos)
+
+
+def _mse_primal(solver, prob: Problem, a_r, b_r, f0_r, more_r=()):
+  """Eq. (1) in parameter space from ``D_r``'s Grams (given) and ``D_f``'s
+  (computed here, exactly); ``more_r``: other estimates of ``A_r`` solved
+  with the same right-hand sides. Returns ``(update, ‖V‖)``, or with
+  ``more_r`` ``(update, ‖V‖, deltas)``."""
+  res_fn, sd = RESIDUAL_FNS["mse"], solver.solve_dtype
+  a_f, b_f, f0_f = kernels.gram(prob.apply_fn, prob.lin, prob.x_f, res_fn,
+                                y=prob.y_f, solve_dtype=sd,
+                                return_outputs=True, **prob.blk)
+  _check_logits(jnp.concatenate([f0_r, f0_f]), prob.linearize_at)
+  r_f = res_fn(f0_f, jnp.asarray(prob.y_f)).reshape(-1)
+  with kernels.dtype_scope(sd):
+    rr_f = jnp.sum(jnp.asarray(r_f, a_f.dtype) ** 2)
+    if prob.shift is not None:
+      d = prob.shift.astype(a_f.dtype)
+      rr_f = rr_f + 2 * d @ b_f + d @ (a_f @ d)
+      b_f = b_f + a_f @ d
+    shifted = lambda a: b_r if prob.shift is None else b_r + a @ d
+    upd = update.parameter_space(a_r, a_f, shifted(a_r), b_f, prob.damping,
+                                 solver.rcond)
+    _raise_if_failed(upd.infos, prob.damping, solver.name)
+    # ‖V‖, a diagnostic, from the Grams rather than another pass over D_f.
+    v = update.forget_residual_norm(a_f, b_f, upd.x_retrain, rr_f)
+    if not more_r:
+      return upd, v
+    deltas = []
+    for a in more_r:
+      u = update.parameter_space(a, a_f, shifted(a), b_f, prob.damping,
+                                 solver.rcond)
+      _raise_if_failed(u.infos, prob.damping, solver.name)
+      deltas.append(u.delta)
+  return upd, v, deltas
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,6 +564,98 @@ class MatrixFree(Solver):
                      float(i.relative_residual), float("nan"), i.steps)
         for i in (info_r, info))
     return Outcome(delta, jnp.linalg.norm(v.reshape(-1)), reports)
+
+
+@dataclasses.dataclass(frozen=True)
+class Sketched(ParameterSpace):
+  """Parameter space with a random-cotangent sketch of ``A_r`` (approximate).
+
+  ``A_r = J_rᵀ J_r`` from ``cotangents = s`` reverse passes per retained
+  sample instead of ``C`` (:func:`fastntk_jax.core.kernels.sketched_gram`,
+  unbiased: ``E[Â_r] = A_r``); ``J_rᵀ r_r``, ``A_f`` and ``J_fᵀ r_f`` stay
+  exact, and the two solves are those of :class:`ParameterSpace`. The
+  paper's future work ("approximate computation of the NTK matrix"), never
+  chosen by ``"auto"``. ``"mse"`` only.
+
+  Error estimate (``UnlearnResult.approximation``): with ``s`` even the
+  sketch is two independent halves; the update is also solved with each
+  half, and ``split_half_error = ‖Δ₁ − Δ₂‖ / (2‖Δ‖)`` estimates the relative
+  error of the update (the halves' errors are about √2 times the mean's
+  each). ``check_residual=True`` adds one pass over ``D_r`` (a JVP and a
+  VJP per sample) for the exact retain system's relative residual
+  ``‖(A_r + λI) x̂_r + J_rᵀ r_r‖ / ‖J_rᵀ r_r‖``.
+
+  Attributes:
+    cotangents: ``s ≥ 1`` reverse passes per sample for the sketch.
+    seed: the cotangents' random seed.
+    check_residual: compute the exact retain residual (one more pass).
+  """
+  name: ClassVar[str] = "sketch"
+  cotangents: int = 2
+  seed: int = 0
+  check_residual: bool = False
+
+  def check(self) -> None:
+    super().check()
+    if isinstance(self.cotangents, bool) or not isinstance(
+        self.cotangents, int) or self.cotangents < 1:
+      raise ValueError("cotangents must be an int >= 1 (reverse passes per "
+                       f"sample), got {self.cotangents!r}.")
+    if not isinstance(self.check_residual, bool):
+      raise ValueError("check_residual must be True or False, got "
+                       f"{self.check_residual!r}.")
+
+  def memory_bytes(self, shape: ProblemShape) -> int:
+    """:class:`ParameterSpace`'s five ``P×P`` matrices and the sketch's
+    two halves."""
+    return 7 * shape.p * shape.p * SOLVE_DTYPES[self.solve_dtype]
+
+  def flops(self, shape: ProblemShape) -> float:
+    return (shape.n * self.cotangents * shape.p ** 2
+            + 2 * shape.p ** 3 / 3 * (3 if self.cotangents % 2 == 0 else 1))
+
+  def run(self, prob: Problem) -> Outcome:
+    if prob.loss != "mse":
+      raise ValueError("solver=Sketched(...) handles loss='mse'; for "
+                       "loss='ce' use solver='primal' (exact) or 'cg' "
+                       "(matrix-free).")
+    res_fn, sd = RESIDUAL_FNS["mse"], self.solve_dtype
+    sk = kernels.sketched_gram(
+        prob.apply_fn, prob.lin, prob.x_r, res_fn, y=prob.y_r,
+        key=jax.random.PRNGKey(self.seed), cotangents=self.cotangents,
+        solve_dtype=sd, return_outputs=True, **prob.blk)
+    halves = tuple(sk.groups) if sk.groups.shape[0] == 2 else ()
+    upd, v, deltas = _mse_primal(self, prob, sk.gram, sk.grad, sk.logits,
+                                 halves or (sk.gram,))
+    flat_dt = ravel_pytree(prob.lin)[0].dtype
+    approx = {"method": "random-cotangent sketch of A_r",
+              "cotangents": self.cotangents, "seed": self.seed,
+              "split_half_error": None, "exact_retain_residual": None}
+    with kernels.dtype_scope(sd):
+      if halves:
+        approx["split_half_error"] = float(
+            jnp.linalg.norm(deltas[0] - deltas[1])
+            / (2 * jnp.linalg.norm(upd.delta)))
+    if self.check_residual:
+      approx["exact_retain_residual"] = _exact_retain_residual(
+          prob, upd.x_retrain, sk.grad)
+    return Outcome(upd.delta.astype(flat_dt), v,
+                   tuple(_linear_report(i) for i in upd.infos), upd.infos,
+                   approximation=approx)
+
+
+def _exact_retain_residual(prob: Problem, x_r, g_r) -> float:
+  """``‖(A_r + λI) x_r + b_r‖ / ‖b_r‖`` with the exact ``A_r`` (one
+  matrix-free pass over ``D_r``, two with an anchor) and ``b_r = J_rᵀ r_r``
+  at the anchor; the products in the model's dtype."""
+  mv = cg.gauss_newton_matvec(prob.apply_fn, prob.lin, prob.x_r, **prob.blk)
+  m_dt = ravel_pytree(prob.lin)[0].dtype
+  a_x = mv(x_r.astype(m_dt))
+  a_d = None if prob.shift is None else mv(prob.shift.astype(m_dt))
+  with kernels.dtype_scope(str(g_r.dtype)):
+    b = g_r if a_d is None else g_r + jnp.asarray(a_d, g_r.dtype)
+    res = jnp.asarray(a_x, g_r.dtype) + prob.damping * x_r + b
+    return float(jnp.linalg.norm(res) / jnp.linalg.norm(b))
 
 
 def _run_ce_primal(solver, prob: Problem, solve, keep: bool) -> Outcome:
@@ -624,7 +740,7 @@ def as_solver(solver) -> Solver | Auto:
   (``"auto"``, ``"dual"``, ``"primal"``, ``"cg"``), options checked."""
   if isinstance(solver, str):
     names = {"auto": Auto, "dual": KernelSpace, "primal": ParameterSpace,
-             "cg": MatrixFree}
+             "cg": MatrixFree, "sketch": Sketched}
     if solver not in names:
       raise ValueError(f"solver must be one of {tuple(names)} or a solver "
                        f"object (fastntk_jax.KernelSpace(...) etc.), got "

@@ -76,7 +76,7 @@ class UnlearnResult(NamedTuple):
 
   Attributes:
     params: ``w_r``, same tree structure and dtypes as ``params``.
-    solver: ``"dual"``, ``"primal"`` or ``"cg"``: the name of the solver that
+    solver: ``"dual"``, ``"primal"``, ``"cg"`` or ``"sketch"``: the name of the solver that
       ran (:mod:`fastntk_jax.core.solvers`).
     damping: λ used.
     loss: ``"mse"`` or ``"ce"``.
@@ -111,6 +111,8 @@ class UnlearnResult(NamedTuple):
       ``solver="auto"`` (cost estimates and reason); None for an explicit
       solver.
     solver_options: the solver object that ran, with all its options.
+    approximation: for an approximate solver (``"sketch"``), a dict of what
+      was approximated and its error estimates; None for the exact ones.
   """
   params: Any
   solver: str
@@ -136,6 +138,7 @@ class UnlearnResult(NamedTuple):
   iterations: int = 0
   choice: Any = None
   solver_options: Any = None
+  approximation: Any = None
 
   def summary(self) -> dict[str, Any]:
     """Everything but ``params``, as JSON-ready values."""
@@ -182,7 +185,8 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
       ``"mse"`` only).
     loss: the fine-tuning loss: ``"mse"`` (Eq. (1)) or ``"ce"``.
     solver: a solver object or name (``"auto"``, ``"dual"``, ``"primal"``,
-      ``"cg"``; :mod:`fastntk_jax.core.solvers`).
+      ``"cg"``, or the approximate ``"sketch"``;
+      :mod:`fastntk_jax.core.solvers`).
     memory_budget: bytes dense matrices may take; a solver over it is
       refused before any work.
     block_size: samples per block of Jacobian work (None: automatic).
@@ -225,7 +229,7 @@ def unlearn(apply_fn: Callable[[Any, Any], jax.Array], params, retain,
       solves=tuple(out.reports), kept_jacobian=out.kept_jacobian,
       status="converged" if converged else "failed",
       iterations=sum(int(r.iterations) for r in out.reports), choice=choice,
-      solver_options=chosen)
+      solver_options=chosen, approximation=out.approximation)
 
 
 def _apply(params, delta):

@@ -37,6 +37,11 @@ __all__ = [
 FEATURES = ("confidence", "entropy", "modified_entropy")
 
 
+class NonFiniteLogitsError(ValueError):
+  """The model under evaluation gives NaN or infinite logits (e.g. a
+  baseline whose optimisation diverged)."""
+
+
 def _check_logits(logits, y, name: str):
   logits = np.asarray(logits, np.float64)
   y = np.asarray(y)
@@ -52,7 +57,7 @@ def _check_logits(logits, y, name: str):
     raise ValueError(f"{name}: labels must lie in [0, {logits.shape[1]}); got "
                      f"range [{y.min()}, {y.max()}].")
   if not np.all(np.isfinite(logits)):
-    raise ValueError(f"{name}: logits contain NaN or inf; evaluate a model "
+    raise NonFiniteLogitsError(f"{name}: logits contain NaN or inf; evaluate a model "
                      "whose outputs are finite.")
   return logits, y.astype(np.int64)
 

@@ -49,6 +49,7 @@ from fastntk_jax import methods as methods_lib
 from fastntk_jax.data import splits
 from fastntk_jax.experiments.config import config_hash
 from fastntk_jax.evaluation import metrics
+from fastntk_jax.evaluation import mia
 from fastntk_jax.experiments import evaluate
 from fastntk_jax.experiments import report
 from fastntk_jax.experiments import runner
@@ -217,7 +218,14 @@ def _run_trial(problems, method, hp) -> dict:
   per_seed, t0 = [], time.perf_counter()
   for p in problems:
     res = methods_lib.run_method(method, p.problem, seed=p.seed, **hp)
-    vals = p.evaluate(res.params)
+    try:
+      vals = p.evaluate(res.params)
+    except mia.NonFiniteLogitsError as e:
+      # A diverged trial is a result of the grid, not a failure of the
+      # protocol: it ranks last (Avg.D NaN, written as null).
+      per_seed.append({"seed": p.seed, "metrics": None, "avg_d": float("nan"),
+                       "diverged": str(e), "seconds": res.seconds})
+      continue
     gap = metrics.avg_gap(vals, p.reference, keys=_GAP_KEYS)
     per_seed.append({"seed": p.seed, "metrics": vals, "avg_d": float(gap),
                      "seconds": res.seconds})
@@ -262,7 +270,8 @@ def tune(cfg: dict, out: str | Path, *,
       if rec is None or rec.get("hyperparameters") != report.json_safe(hp):
         rec = report.json_safe(_run_trial(problems, method, hp))
         checkpoint.atomic_write_json(path, rec)
-      log(f"[tune] {method} {point}: validation Avg.D {rec['avg_d']:.2f} "
+      gap = ("diverged" if rec["avg_d"] is None else f"{rec['avg_d']:.2f}")
+      log(f"[tune] {method} {point}: validation Avg.D {gap} "
           f"({rec['seconds']:.1f} s)")
       trials[method].append(rec)
   return _write_record(out, cfg, vcfg, problems, trials)
