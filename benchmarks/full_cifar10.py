@@ -28,57 +28,22 @@ core) makes XLA expose one CPU device per core.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import resource
 import sys
 import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from fastntk_jax import data
+from cifar_setup import Stages, accuracy as _acc, finetune, load_cifar10
+from cifar_setup import peak_rss_gib as _peak_rss_gib, peft_resnet20
+from cifar_setup import rel as _rel, write_json as _write
 from fastntk_jax import unlearn
 from fastntk_jax.core import deletion
-from fastntk_jax.core import kernels
 from fastntk_jax.evaluation import timing
-from fastntk_jax.io import atomic
-from fastntk_jax.models import zoo
-from fastntk_jax.training import train
 from fastntk_jax.io.environment import environment, request_host_devices
-
-
-def _peak_rss_gib() -> float:
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-def _rss_gib() -> float:
-  with open("/proc/self/status") as f:
-    for line in f:
-      if line.startswith("VmRSS:"):
-        return int(line.split()[1]) / 2**20
-  return float("nan")
-
-
-def _acc(apply_fn, params, x, y) -> float:
-  if len(y) == 0:
-    return float("nan")
-  logits = kernels.predict(apply_fn, params, x, block_size=1000)
-  return float(100 * np.mean(np.asarray(jnp.argmax(logits, -1)) == y))
-
-
-def _rel(a, b) -> float:
-  a = np.asarray(ravel_pytree(a)[0], np.float64)
-  b = np.asarray(ravel_pytree(b)[0], np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
-def _write(path: Path, obj) -> None:
-  text = json.dumps(obj, indent=1)
-  atomic.atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def main(argv=None):
@@ -127,55 +92,18 @@ def main(argv=None):
              "solve_dtype": "float64"},
          "stages": {}}
   stages = out["stages"]
-
-  def stage(name, fn):
-    with timing.measure() as m:
-      value = fn()
-      jax.block_until_ready(jax.tree_util.tree_leaves(value))
-    stages[name] = {"seconds": m.seconds, "compile_seconds": m.compile_seconds,
-                    "peak_rss_gib": _peak_rss_gib(), "rss_gib": _rss_gib()}
-    print(f"{name}: {m.seconds:.1f} s (compile {m.compile_seconds:.1f} s), "
-          f"peak RSS {_peak_rss_gib():.2f} GiB", flush=True)
-    return value
-
-  def load():
-    tr = data.load_dataset("cifar10-jpeg", "train")
-    te = data.load_dataset("cifar10-jpeg", "test")
-    return tr, te
-
-  tr, te = stage("load_data", load)
-  rng = np.random.default_rng(args.seed)
-  take = np.sort(rng.choice(len(tr.y), args.n_train, replace=False)) \
-      if args.n_train < len(tr.y) else np.arange(len(tr.y))
-  tk = np.sort(rng.choice(len(te.y), args.test_n, replace=False)) \
-      if args.test_n < len(te.y) else np.arange(len(te.y))
-  module, variables, pretrained = zoo.load_backbone("resnet20")
-  model = zoo.peft_model("resnet20", module, variables, num_classes=10,
-                      mode="peft", seed=args.seed)
-  prep = jax.jit(zoo.preprocess_fn("resnet20"))
-
-  def preprocess():
-    xs = [np.asarray(prep(jnp.asarray(tr.x[take[i:i + 1000]])))
-          for i in range(0, len(take), 1000)]
-    xt = [np.asarray(prep(jnp.asarray(te.x[tk[i:i + 1000]])))
-          for i in range(0, len(tk), 1000)]
-    return np.concatenate(xs), np.concatenate(xt)
-
-  x, x_te = stage("preprocess", preprocess)
-  y, y_te = tr.y[take], te.y[tk]
-  tr = te = None  # free the uint8 copies
+  stage = Stages(stages)
+  x, y, x_te, y_te, rng = load_cifar10(stage, args.n_train, args.test_n,
+                                       args.seed)
+  model, pretrained = peft_resnet20(args.seed)
   out["num_params"] = int(ravel_pytree(model.init_params)[0].shape[0])
-  out["pretrained_backbone"] = bool(pretrained)
+  out["pretrained_backbone"] = pretrained
   out["n_train"], out["n_test"] = int(len(y)), int(len(y_te))
-
-  recipe = train.FinetuneConfig(loss=args.loss, epochs=args.finetune_epochs,
-                                batch_size=250, learning_rate=1e-2,
-                                seed=args.seed)
   w_0 = model.init_params
   points = {"anchor": w_0 if args.anchor == "w_0" else None,
             "linearize_at": args.linearize_at, "loss": args.loss}
-  w_d = stage("finetune", lambda: train.finetune(
-      model.apply_fn, w_0, x, y, config=recipe).params)
+  w_d = finetune(stage, model, x, y, args.loss, args.finetune_epochs,
+                 args.seed)
   forget = y == args.forget_class
   sets = {"retain": (x[~forget], y[~forget]), "forget": (x[forget], y[forget])}
 
