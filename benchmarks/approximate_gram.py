@@ -111,6 +111,9 @@ def main(argv=None):
       exact = (res.params, row)
     else:
       row["relative_difference_to_exact"] = rel(res.params, exact[0])
+      # The error of the update itself, which split_half_error estimates.
+      step = lambda w: jax.tree_util.tree_map(lambda a, b: a - b, w, w_d)
+      row["relative_error_of_update"] = rel(step(res.params), step(exact[0]))
       row["points_from_exact"] = {k: row[k] - exact[1][k] for k in (
           "acc_retain", "acc_forget", "acc_test")}
       row["speedup_over_exact"] = exact[1]["seconds"] / row["seconds"]
