@@ -333,10 +333,11 @@ def _add_terms_fn(mesh: Mesh | None):
 
 @functools.cache
 def _sum_partials_fn(mesh: Mesh | None):
-  """Sums the per-device partial ``(A, b)`` once; ``A`` symmetrised."""
+  """Sums the per-device partial ``(A, b)`` once; ``A`` (or each of a stack
+  of them) symmetrised."""
   def total(acc_a, acc_b):
     a = jnp.sum(acc_a, axis=0)
-    return 0.5 * (a + a.T), jnp.sum(acc_b, axis=0)
+    return 0.5 * (a + jnp.swapaxes(a, -1, -2)), jnp.sum(acc_b, axis=0)
   if mesh is None:
     return jax.jit(total)
   whole = NamedSharding(mesh, P())
@@ -434,23 +435,41 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
   c = num_outputs(apply_fn, params, x)
   residual_fn, t, weights = _gram_inputs(r, y, weights, solve_dtype, n, c,
                                          flat.dtype)
-  dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
   fn = _gram_block_fn(apply_fn, residual_fn, mesh, weights is not None)
+  a, b, logits = _block_sums(apply_fn, params, x, t, weights, fn, (p, p), c,
+                             mesh, block_size, solve_dtype, return_outputs)
+  b = None if r is None else b
+  if return_outputs:
+    return a, b, logits
+  return a, b
+
+
+def _block_sums(apply_fn, params, x, t, extra, fn, shape_a, c, mesh,
+                block_size, solve_dtype, return_outputs):
+  """The pass over blocks that :func:`gram` and :func:`sketched_gram` share.
+
+  ``fn(params, x_b, t_b, keep_b[, extra_b]) -> (f_b, A_b, b_b)`` with
+  per-device terms; returns the totals ``(A, b)`` (``A`` of ``shape_a``,
+  symmetrised) and the logits (None unless ``return_outputs``).
+  """
+  n = x.shape[0]
+  flat, _ = ravel_pytree(params)
+  dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
   add = _add_terms_fn(mesh)
-  jac_fn = jac_block_fn(apply_fn)
   params_r = replicate(mesh, params)
   block, _, _ = resolve_block(
-      apply_fn, params, x, block_size, "jac", jac_fn,
+      apply_fn, params, x, block_size, "jac", jac_block_fn(apply_fn),
       lambda xb: (params_r, shard_rows(mesh, xb)), mesh=mesh)
   d = n_devices(mesh)
   with dtype_scope(solve_dtype):
-    acc_a, acc_b = shard_rows(mesh, (jnp.zeros((d, p, p), dt),
-                                      jnp.zeros((d, p), dt)))
+    acc_a, acc_b = shard_rows(mesh, (jnp.zeros((d, *shape_a), dt),
+                                      jnp.zeros((d, flat.shape[0]), dt)))
   outs = []
   for s, e in iter_blocks(n, block):
     keep = (jnp.arange(block) < (e - s)).astype(flat.dtype)
-    args = shard_rows(mesh, (pad_block(x[s:e], block), pad_block(t[s:e], block), keep)
-                       + (() if weights is None else (pad_block(weights[s:e], block),)))
+    args = shard_rows(mesh, (pad_block(x[s:e], block), pad_block(t[s:e], block),
+                             keep) + (() if extra is None
+                                      else (pad_block(extra[s:e], block),)))
     out, g, gb = fn(params_r, *args)
     with dtype_scope(solve_dtype):
       acc_a, acc_b = add(acc_a, acc_b, g, gb)
@@ -458,12 +477,11 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
       outs.append(out if e - s == block else out[: e - s])
   with dtype_scope(solve_dtype):
     a, b = _sum_partials_fn(mesh)(acc_a, acc_b)
-  b = None if r is None else b
+  logits = None
   if return_outputs:
     logits = (jnp.concatenate(outs, axis=0) if outs
               else jnp.zeros((0, c), flat.dtype))
-    return a, b, logits
-  return a, b
+  return a, b, logits
 
 
 def sketch_cotangents(key, n: int, c: int, s: int, dtype=jnp.float32):
@@ -580,47 +598,13 @@ def sketched_gram(apply_fn: ApplyFn, params, x, r, *, key, cotangents: int,
       cotangents // groups).astype(flat.dtype)
   if weights is not None:
     v = jnp.einsum("ncd,nds->ncs", weights.astype(flat.dtype), v)
-  dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
   fn = _sketch_block_fn(apply_fn, residual_fn, mesh, groups)
-  add = _add_terms_fn(mesh)
-  params_r = replicate(mesh, params)
-  block, _, _ = resolve_block(
-      apply_fn, params, x, block_size, "jac", jac_block_fn(apply_fn),
-      lambda xb: (params_r, shard_rows(mesh, xb)), mesh=mesh)
-  d = n_devices(mesh)
+  parts, b, logits = _block_sums(apply_fn, params, x, t, v, fn, (groups, p, p),
+                                 c, mesh, block_size, solve_dtype,
+                                 return_outputs)
   with dtype_scope(solve_dtype):
-    acc_a, acc_b = shard_rows(mesh, (jnp.zeros((d, groups, p, p), dt),
-                                      jnp.zeros((d, p), dt)))
-  outs = []
-  for s, e in iter_blocks(n, block):
-    keep = (jnp.arange(block) < (e - s)).astype(flat.dtype)
-    args = shard_rows(mesh, tuple(pad_block(a[s:e], block) for a in (x, t))
-                      + (keep, pad_block(v[s:e], block)))
-    out, g, gb = fn(params_r, *args)
-    with dtype_scope(solve_dtype):
-      acc_a, acc_b = add(acc_a, acc_b, g, gb)
-    if return_outputs:
-      outs.append(out if e - s == block else out[: e - s])
-  with dtype_scope(solve_dtype):
-    parts, b = _sum_groups_fn(mesh)(acc_a, acc_b)
     a = jnp.mean(parts, axis=0)
-  logits = None
-  if return_outputs:
-    logits = (jnp.concatenate(outs, axis=0) if outs
-              else jnp.zeros((0, c), flat.dtype))
   return SketchedGram(a, parts, b, logits)
-
-
-@functools.cache
-def _sum_groups_fn(mesh: Mesh | None):
-  """Sums per-device ``(groups, P, P)`` partials once; each symmetrised."""
-  def total(acc_a, acc_b):
-    a = jnp.sum(acc_a, axis=0)
-    return 0.5 * (a + jnp.swapaxes(a, 1, 2)), jnp.sum(acc_b, axis=0)
-  if mesh is None:
-    return jax.jit(total)
-  whole = NamedSharding(mesh, P())
-  return jax.jit(total, out_shardings=(whole, whole))
 
 
 @per_apply_fn

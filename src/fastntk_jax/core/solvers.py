@@ -469,7 +469,7 @@ class ParameterSpace(Solver):
     a_r, b_r, f0_r = kernels.gram(prob.apply_fn, prob.lin, prob.x_r, res_fn,
                                   y=prob.y_r, solve_dtype=sd,
                                   return_outputs=True, **prob.blk)
-    upd, v = _mse_primal(self, prob, a_r, b_r, f0_r)
+    upd, v, _ = _mse_primal(self, prob, a_r, b_r, f0_r)
     return Outcome(upd.delta.astype(ravel_pytree(prob.lin)[0].dtype), v,
                    tuple(_linear_report(i) for i in upd.infos), upd.infos)
 
@@ -477,8 +477,8 @@ class ParameterSpace(Solver):
 def _mse_primal(solver, prob: Problem, a_r, b_r, f0_r, more_r=()):
   """Eq. (1) in parameter space from ``D_r``'s Grams (given) and ``D_f``'s
   (computed here, exactly); ``more_r``: other estimates of ``A_r`` solved
-  with the same right-hand sides. Returns ``(update, ‖V‖)``, or with
-  ``more_r`` ``(update, ‖V‖, deltas)``."""
+  with the same right-hand sides. Returns ``(update, ‖V‖, deltas)``, a
+  delta per ``more_r``."""
   res_fn, sd = RESIDUAL_FNS["mse"], solver.solve_dtype
   a_f, b_f, f0_f = kernels.gram(prob.apply_fn, prob.lin, prob.x_f, res_fn,
                                 y=prob.y_f, solve_dtype=sd,
@@ -497,8 +497,6 @@ def _mse_primal(solver, prob: Problem, a_r, b_r, f0_r, more_r=()):
     _raise_if_failed(upd.infos, prob.damping, solver.name)
     # ‖V‖, a diagnostic, from the Grams rather than another pass over D_f.
     v = update.forget_residual_norm(a_f, b_f, upd.x_retrain, rr_f)
-    if not more_r:
-      return upd, v
     deltas = []
     for a in more_r:
       u = update.parameter_space(a, a_f, shifted(a), b_f, prob.damping,
@@ -626,7 +624,7 @@ class Sketched(ParameterSpace):
         solve_dtype=sd, return_outputs=True, **prob.blk)
     halves = tuple(sk.groups) if sk.groups.shape[0] == 2 else ()
     upd, v, deltas = _mse_primal(self, prob, sk.gram, sk.grad, sk.logits,
-                                 halves or (sk.gram,))
+                                 halves)
     flat_dt = ravel_pytree(prob.lin)[0].dtype
     approx = {"method": "random-cotangent sketch of A_r",
               "cotangents": self.cotangents, "seed": self.seed,
