@@ -36,6 +36,28 @@ def test_finetune_is_deterministic_per_seed():
   assert not np.allclose(a, c)
 
 
+def test_until_stops_after_the_epoch_it_returns_true_and_keeps_its_params():
+  apply_fn, w0, x, y = _problem()
+  cfg = train.FinetuneConfig(epochs=6, batch_size=16, seed=1, augment=False)
+  seen = []
+
+  def until(epoch, params):
+    seen.append((epoch, np.asarray(params["w"])))
+    return epoch == 2
+
+  stopped = train.finetune(apply_fn, w0, x, y, config=cfg, until=until)
+  assert [e for e, _ in seen] == [0, 1, 2]
+  assert len(stopped.losses) == len(stopped.epoch_seconds) == 3
+  assert np.all(stopped.epoch_seconds > 0)
+  # The same as three epochs of the same recipe, and what until saw last.
+  three = train.finetune(apply_fn, w0, x, y, config=cfg._replace(epochs=3))
+  np.testing.assert_array_equal(stopped.params["w"], three.params["w"])
+  np.testing.assert_array_equal(stopped.params["w"], seen[-1][1])
+  full = train.finetune(apply_fn, w0, x, y, config=cfg)
+  assert len(full.epoch_seconds) == 6
+  assert not np.allclose(full.params["w"], stopped.params["w"])
+
+
 def test_losses():
   logits = jnp.asarray([[2.0, 0.0], [0.0, 0.0]])
   y = jnp.asarray([0, 1])

@@ -109,11 +109,14 @@ class FinetuneResult(NamedTuple):
   """Attributes: ``params`` (trained), ``losses`` (mean objective per epoch,
   the proximal term included), ``seconds`` (wall time, compilation
   included), ``apply_fn`` (the model the parameters belong to: the given
-  ``apply_fn``, or its tangent model when ``config.tangent``)."""
+  ``apply_fn``, or its tangent model when ``config.tangent``),
+  ``epoch_seconds`` (each epoch's training time, without ``progress`` and
+  ``until``; one entry per epoch run)."""
   params: Any
   losses: np.ndarray
   seconds: float
   apply_fn: Callable[[Any, Any], jax.Array] | None = None
+  epoch_seconds: np.ndarray | None = None
 
 
 def loss_fn(logits: jax.Array, y: jax.Array, loss: str) -> jax.Array:
@@ -234,7 +237,8 @@ def finetune_optimizer(learning_rate, weight_decay: float):
 
 def finetune(apply_fn: Callable[[Any, Any], jax.Array], params, x, y, *,
              config: FinetuneConfig = FinetuneConfig(),
-             progress: Callable[[int, float], None] | None = None
+             progress: Callable[[int, float], None] | None = None,
+             until: Callable[[int, Any], bool] | None = None
              ) -> FinetuneResult:
   """Fine-tunes ``params`` (the PEFT pytree) of ``apply_fn`` on ``(x, y)``.
 
@@ -245,6 +249,10 @@ def finetune(apply_fn: Callable[[Any, Any], jax.Array], params, x, y, *,
     y: integer labels ``(N,)``.
     config: :class:`FinetuneConfig`.
     progress: optional ``progress(epoch, mean_loss)`` called after each epoch.
+    until: optional ``until(epoch, params) -> bool`` called after each epoch
+      with the parameters so far; True ends training there (e.g. once a
+      Retrain reaches a target accuracy). Its time is not in
+      ``epoch_seconds``.
 
   Returns:
     :class:`FinetuneResult`.
@@ -270,8 +278,9 @@ def finetune(apply_fn: Callable[[Any, Any], jax.Array], params, x, y, *,
   prox = jnp.asarray(float(config.proximal) / n, jnp.float32)
   rng = np.random.default_rng(config.seed)
   key = jax.random.PRNGKey(config.seed)
-  losses = []
+  losses, epoch_seconds = [], []
   for epoch in range(config.epochs):
+    t_epoch = time.perf_counter()
     order = rng.permutation(n)
     total = 0.0
     for s in range(0, n, config.batch_size):
@@ -281,11 +290,15 @@ def finetune(apply_fn: Callable[[Any, Any], jax.Array], params, x, y, *,
                                       w_0, prox)
       total += float(value) * len(idx)
     losses.append(total / n)
+    jax.block_until_ready(params)
+    epoch_seconds.append(time.perf_counter() - t_epoch)
     if progress is not None:
       progress(epoch, losses[-1])
+    if until is not None and until(epoch, params):
+      break
   jax.block_until_ready(params)
   return FinetuneResult(params, np.asarray(losses), time.perf_counter() - t0,
-                        apply_fn)
+                        apply_fn, np.asarray(epoch_seconds))
 
 
 class PretrainConfig(NamedTuple):
