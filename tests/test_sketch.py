@@ -177,3 +177,83 @@ def test_sketch_is_refused_where_it_does_not_apply(problem):
   assert F.solvers.choose_solver(40, C, 58) != "sketch"
   # An exact solver reports no approximation.
   assert _exact(problem).approximation is None
+
+
+# ------------------------------------------------ the sketch in kernel space
+def test_sketched_rows_are_the_explicit_rows_and_give_the_sketched_gram(
+    problem):
+  """Sample i's rows are z_ikᵀ J_i / √s; their Gram is sketched_gram's (one
+  group) from the same key; the gradient is the exact Jᵀr; blocks with
+  padding and a one-device mesh change nothing."""
+  with jax.enable_x64(True):
+    _, w, x, y = problem
+    key = jax.random.PRNGKey(3)
+    jac = _rows(w, x)
+    r = np.asarray(_res(_mlp(w, x), y))
+    for s in (1, 3):
+      z = np.asarray(kernels.sketch_cotangents(key, 40, C, s, jnp.float64))
+      want = np.concatenate([z[i].T @ jac[i] for i in range(40)]) / np.sqrt(s)
+      mesh = Mesh(np.array(jax.devices()[:1]), ("data",))
+      for blk, m in ((None, None), (7, None), (16, mesh)):
+        sk = kernels.sketched_jacobian(_mlp, w, x, _res, y=y, key=key,
+                                       cotangents=s, block_size=blk, mesh=m,
+                                       return_outputs=True)
+        np.testing.assert_allclose(sk.rows, want, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(sk.grad, np.einsum("ncp,nc->p", jac, r),
+                                   rtol=1e-10)
+        np.testing.assert_allclose(sk.logits, _mlp(w, x), rtol=1e-12)
+      g = kernels.sketched_gram(_mlp, w, x, _res, y=y, key=key, cotangents=s)
+      np.testing.assert_allclose(want.T @ want, g.gram, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("cotangents", [1, 2, 5])
+def test_sketch_in_kernel_space_equals_the_parameter_space_sketch(
+    problem, cotangents):
+  """The Woodbury solves give Sketched's update (same seed and cotangents)
+  to rounding, with and without an anchor apart from the linearisation
+  point, and the same ‖V‖."""
+  with jax.enable_x64(True):
+    w0, w_d, x, y = problem
+    for anchor in (w0, None):
+      kw = dict(anchor=anchor, damping=0.5)
+      primal = F.unlearn(_mlp, w_d, (x[8:], y[8:]), (x[:8], y[:8]),
+                         solver=F.Sketched(cotangents=cotangents, seed=4),
+                         **kw)
+      dual = F.unlearn(_mlp, w_d, (x[8:], y[8:]), (x[:8], y[:8]),
+                       solver=F.SketchedKernel(cotangents=cotangents, seed=4),
+                       **kw)
+      assert dual.solver == "sketch_dual"
+      a, b = ravel_pytree(dual.params)[0], ravel_pytree(primal.params)[0]
+      move = np.linalg.norm(b - ravel_pytree(w_d)[0])
+      assert move > 1e-3
+      assert np.linalg.norm(a - b) / move < 1e-9
+      np.testing.assert_allclose(dual.forget_residual_norm,
+                                 primal.forget_residual_norm, rtol=1e-8)
+      assert dual.approximation["rows"] == 32 * cotangents + 8 * C
+      # Another seed is another sketch: a different update.
+      other = F.unlearn(_mlp, w_d, (x[8:], y[8:]), (x[:8], y[:8]),
+                        solver=F.SketchedKernel(cotangents=cotangents,
+                                                seed=5), **kw)
+      assert np.linalg.norm(ravel_pytree(other.params)[0] - a) / move > 1e-3
+
+
+def test_sketch_in_kernel_space_is_refused_where_it_does_not_apply(problem):
+  w0, w_d, x, y = problem
+  data = ((x[8:], y[8:]), (x[:8], y[:8]))
+  for bad in (0, 2.0, True):
+    with pytest.raises(ValueError, match="cotangents must be an int >= 1"):
+      F.SketchedKernel(cotangents=bad).check()
+  with pytest.raises(ValueError, match="needs damping > 0"):
+    F.unlearn(_mlp, w_d, *data, anchor=w0, damping=0.0,
+              solver="sketch_dual")
+  with pytest.raises(ValueError, match="loss='ce' use solver='primal'"):
+    F.unlearn(_mlp, w_d, *data, anchor=w0, loss="ce",
+              solver=F.SketchedKernel())
+  # R = 32·1 + 8·4 = 64 rows of P = 52 float64s and three 64² kernels: over
+  # a budget of 10 kB, refused before any pass, with the numbers and the ways
+  # out in the message.
+  with pytest.raises(ValueError, match=r"R = N_r·s \+ N_f·C = 64 rows.*"
+                     r"memory_budget=10000.*fewer cotangents"):
+    F.unlearn(_mlp, w_d, *data, anchor=w0, memory_budget=10_000,
+              solver=F.SketchedKernel())
+  assert F.solvers.choose_solver(40, C, 58) != "sketch_dual"

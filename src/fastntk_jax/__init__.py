@@ -28,6 +28,7 @@ from fastntk_jax.core.solvers import KernelSpace
 from fastntk_jax.core.solvers import MatrixFree
 from fastntk_jax.core.solvers import ParameterSpace
 from fastntk_jax.core.solvers import Sketched
+from fastntk_jax.core.solvers import SketchedKernel
 from fastntk_jax.core.unlearn import DEFAULT_DAMPING
 from fastntk_jax.core.unlearn import UnlearnResult
 from fastntk_jax.core.unlearn import UnlearningError
@@ -46,6 +47,7 @@ __all__ = [
   "NeuralTangentsUnavailable",
   "ParameterSpace",
   "Sketched",
+  "SketchedKernel",
   "UnlearnResult",
   "UnlearningError",
   "kernels",

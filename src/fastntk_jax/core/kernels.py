@@ -90,8 +90,10 @@ __all__ = [
     "num_outputs",
     "predict",
     "SketchedGram",
+    "SketchedRows",
     "sketch_cotangents",
     "sketched_gram",
+    "sketched_jacobian",
     "vjp",
 ]
 
@@ -605,6 +607,114 @@ def sketched_gram(apply_fn: ApplyFn, params, x, r, *, key, cotangents: int,
   with dtype_scope(solve_dtype):
     a = jnp.mean(parts, axis=0)
   return SketchedGram(a, parts, b, logits)
+
+
+class SketchedRows(NamedTuple):
+  """What :func:`sketched_jacobian` returns.
+
+  Attributes:
+    rows: ``(N·s, P)`` in the model's dtype, sample-major: sample ``i``'s
+      ``s`` rows ``v_{ik}ᵀ J_i`` with ``v_{ik} = z_{ik} / √s``, so that
+      ``rowsᵀ rows`` is the sketched Gram that :func:`sketched_gram` forms
+      from the same ``key`` (one group).
+    grad: the exact ``Jᵀ r``, ``(P,)`` in ``solve_dtype``.
+    logits: ``apply_fn(params, x)`` when asked for, else None.
+  """
+  rows: jax.Array
+  grad: jax.Array
+  logits: jax.Array | None
+
+
+@per_apply_fn
+def _sketch_rows_block_fn(apply_fn, residual_fn):
+  """Jitted ``(params, x_b, t_b, keep_b, v_b) -> (f_b, rows_b, J_bᵀ r_b)``:
+  the ``s`` sketch rows of each sample and the block's exact gradient, from
+  ``s + 1`` reverse passes per sample (padding samples zeroed)."""
+  def body(params, xb, tb, keep, vb):
+    flat, unravel = ravel_pytree(params)
+    s = vb.shape[-1]
+
+    def one(xi, ti, vi):
+      out, pull = jax.vjp(lambda w: apply_fn(unravel(w), xi[None])[0], flat)
+      ri = ti if residual_fn is None else residual_fn(out[None], ti[None])[0]
+      cot = jnp.concatenate([vi.T.astype(out.dtype),
+                             ri[None].astype(out.dtype)], axis=0)
+      return out, jax.vmap(pull)(cot)[0]  # (C,), (s + 1, P)
+
+    out, rows = jax.vmap(one)(xb, tb, vb)
+    rows = rows * keep.astype(rows.dtype)[:, None, None]
+    return (out, rows[:, :s].reshape(-1, flat.shape[0]),
+            jnp.sum(rows[:, s], axis=0))
+  return jax.jit(body)
+
+
+def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
+                      cotangents: int, y=None, block_size: int | None = None,
+                      mesh: Mesh | None = None,
+                      solve_dtype: str | None = None,
+                      return_outputs: bool = False) -> SketchedRows:
+  """The rows of a random-cotangent sketch of ``J``, with the exact ``Jᵀ r``.
+
+  :func:`sketched_gram`'s estimator (``s = cotangents`` Rademacher
+  cotangents per sample, drawn by :func:`sketch_cotangents`), kept as
+  ``N·s`` explicit rows instead of their ``P×P`` Gram: for models whose
+  ``P²`` does not fit but whose ``N·s·P`` does (e.g. ViT-Base prompts,
+  ``P ≈ 10⁵``), where kernel-space solves on the rows replace the
+  parameter-space ones (:class:`fastntk_jax.SketchedKernel`). Approximate:
+  ``E[rowsᵀ rows] = JᵀJ``.
+
+  Args:
+    apply_fn, params, x, r, y, block_size, mesh, return_outputs: as
+      :func:`gram` (``r`` an ``(N, C)`` array or a row-wise function of
+      ``(logits, y_block)``; not None).
+    key: a ``jax.random`` key for the cotangents.
+    cotangents: ``s ≥ 1`` reverse passes per sample for the sketch.
+    solve_dtype: dtype of the gradient's sum (None: the model's).
+
+  Returns:
+    :class:`SketchedRows`; the rows live in host memory as one array.
+  """
+  if isinstance(cotangents, bool) or not isinstance(cotangents, int) or (
+      cotangents < 1):
+    raise ValueError(f"cotangents must be an int >= 1, got {cotangents!r}.")
+  if r is None:
+    raise ValueError("r: the sketch returns the exact gradient Jᵀ r; pass "
+                     "residuals (an (N, C) array or a function of logits).")
+  x = jnp.asarray(x)
+  n = x.shape[0]
+  mesh = resolve_mesh(mesh)
+  flat, _ = ravel_pytree(params)
+  p, s = flat.shape[0], cotangents
+  c = num_outputs(apply_fn, params, x)
+  residual_fn, t, _ = _gram_inputs(r, y, None, solve_dtype, n, c, flat.dtype)
+  v = sketch_cotangents(key, n, c, s, flat.dtype) / np.sqrt(s).astype(
+      flat.dtype)
+  fn = _sketch_rows_block_fn(apply_fn, residual_fn)
+  params_r = replicate(mesh, params)
+  block, _, _ = resolve_block(
+      apply_fn, params, x, block_size, "jac", jac_block_fn(apply_fn),
+      lambda xb: (params_r, shard_rows(mesh, xb)), mesh=mesh)
+  rows = np.empty((n * s, p), flat.dtype)
+  grad = np.zeros(p, np.float64)
+  outs = []
+  for st, e in iter_blocks(n, block):
+    keep = (jnp.arange(block) < (e - st)).astype(flat.dtype)
+    args = shard_rows(mesh, (pad_block(x[st:e], block),
+                             pad_block(t[st:e], block), keep,
+                             pad_block(v[st:e], block)))
+    out, rb, gb = fn(params_r, *args)
+    rows[st * s:e * s] = np.asarray(rb)[:(e - st) * s]
+    grad += np.asarray(gb, np.float64)
+    if return_outputs:
+      outs.append(out if e - st == block else out[: e - st])
+  dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
+  with dtype_scope(solve_dtype):
+    g = jnp.asarray(grad.astype(dt))
+  logits = None
+  if return_outputs:
+    logits = (jnp.concatenate(outs, axis=0) if outs
+              else jnp.zeros((0, c), flat.dtype))
+  return SketchedRows(rows, g, logits)
 
 
 @per_apply_fn

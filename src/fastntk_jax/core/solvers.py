@@ -48,6 +48,7 @@ from fastntk_jax.core import objective
 from fastntk_jax.core import update
 from fastntk_jax.core import validate
 from fastntk_jax.core.newton import NewtonReport
+from fastntk_jax.core.solve import psd_solve
 
 __all__ = [
   "DEFAULT_MEMORY_BUDGET",
@@ -63,6 +64,7 @@ __all__ = [
   "Problem",
   "ProblemShape",
   "Sketched",
+  "SketchedKernel",
   "Solver",
   "UnlearningError",
   "as_solver",
@@ -642,6 +644,176 @@ class Sketched(ParameterSpace):
                    approximation=approx)
 
 
+@dataclasses.dataclass(frozen=True)
+class SketchedKernel(Solver):
+  """:class:`Sketched` in kernel space, for ``P`` whose ``P×P`` does not fit.
+
+  The same estimate of ``A_r`` (``s = cotangents`` Rademacher reverse passes
+  per retained sample), kept as ``N_r·s`` explicit rows ``S_r``
+  (:func:`fastntk_jax.core.kernels.sketched_jacobian`) rather than as a
+  ``P×P`` Gram; ``D_f``'s Jacobian ``J_f`` (``N_f·C`` rows), ``J_rᵀ r_r``
+  and ``J_fᵀ r_f`` stay exact. With ``T = [S_r; J_f]`` both parameter-space
+  solves of :class:`ParameterSpace` go through the Woodbury identity
+  ``(TᵀT + λI)⁻¹ = (I − Tᵀ(TTᵀ + λI)⁻¹T)/λ``::
+
+      x_r = −(b_r − S_rᵀ (S_r S_rᵀ + λI)⁻¹ S_r b_r) / λ
+      V   = J_f (x_r + d) + r_f,   g = J_fᵀ V
+      Δ   = (g − Tᵀ (T Tᵀ + λI)⁻¹ T g) / λ
+
+  (``d = w_0 − lin`` when the anchor is not the linearisation point, and
+  ``b_r`` then includes ``S_rᵀ S_r d``): the same update as
+  :class:`Sketched` with the same ``seed`` and ``cotangents``, up to
+  rounding, from ``R × R`` systems, ``R = N_r·s + N_f·C``. Memory: the rows
+  (``R·P`` in the model's dtype) and ``R×R`` matrices in ``solve_dtype``;
+  no ``P×P`` matrix. Made for the paper's headline scale on a CPU (ViT-Base
+  prompts, ``P ≈ 10⁵``). Approximate, never chosen by ``"auto"``; needs
+  ``damping > 0`` and ``loss="mse"``.
+
+  Attributes:
+    cotangents: ``s ≥ 1`` reverse passes per retained sample.
+    seed: the cotangents' random seed.
+    solve_dtype: dtype of the ``R×R`` kernel and of every product with the
+      rows (the rows stay in the model's dtype and are cast block by block).
+  """
+  name: ClassVar[str] = "sketch_dual"
+  cotangents: int = 1
+  seed: int = 0
+  solve_dtype: str = "float64"
+
+  #: Rows per block of the products with the rows.
+  ROW_BLOCK: ClassVar[int] = 2048
+
+  def check(self) -> None:
+    super().check()
+    if isinstance(self.cotangents, bool) or not isinstance(
+        self.cotangents, int) or self.cotangents < 1:
+      raise ValueError("cotangents must be an int >= 1 (reverse passes per "
+                       f"sample), got {self.cotangents!r}.")
+
+  def _bytes(self, rows: int, p: int, itemsize: int) -> int:
+    """The rows, and the kernel, its damped copy and its factor."""
+    return rows * p * itemsize + 3 * rows * rows * SOLVE_DTYPES[
+        self.solve_dtype]
+
+  def memory_bytes(self, shape: ProblemShape) -> int:
+    """With every sample retained (``N·s`` rows): ``D_f``'s ``C`` rows a
+    sample are added, and checked against the budget, by :meth:`run`."""
+    return self._bytes(shape.n * self.cotangents, shape.p, shape.itemsize)
+
+  def flops(self, shape: ProblemShape) -> float:
+    r = shape.n * self.cotangents
+    return r * r * shape.p + r ** 3 / 3
+
+  def run(self, prob: Problem) -> Outcome:
+    if prob.loss != "mse":
+      raise ValueError("solver=SketchedKernel(...) handles loss='mse'; for "
+                       "loss='ce' use solver='primal', 'dual' or 'cg'.")
+    if not prob.damping > 0:
+      raise ValueError("solver=SketchedKernel(...) needs damping > 0 (its "
+                       "solves use the Woodbury identity, which divides by "
+                       "it); pass damping=... > 0.")
+    c, p, itemsize = prob.shape.c, prob.shape.p, prob.shape.itemsize
+    rows = prob.n_r * self.cotangents + prob.n_f * c
+    need = self._bytes(rows, p, itemsize)
+    if need > prob.memory_budget:
+      raise ValueError(
+          f"solver=SketchedKernel needs about {need / 2**30:.3g} GiB for "
+          f"R = N_r·s + N_f·C = {rows} rows of P = {p} and R×R kernels, over "
+          f"memory_budget={prob.memory_budget} bytes "
+          f"({prob.memory_budget / 2**30:.3g} GiB). Raise memory_budget=... "
+          "if the memory is there, or use fewer cotangents, a smaller "
+          "forget set per call, or solver='cg' (matrix-free).")
+    res_fn, sd = RESIDUAL_FNS["mse"], self.solve_dtype
+    sk = kernels.sketched_jacobian(
+        prob.apply_fn, prob.lin, prob.x_r, res_fn, y=prob.y_r,
+        key=jax.random.PRNGKey(self.seed), cotangents=self.cotangents,
+        solve_dtype=sd, return_outputs=True, **prob.blk)
+    j_f = np.asarray(kernels.jacobian(prob.apply_fn, prob.lin, prob.x_f,
+                                      **prob.blk)) if prob.n_f else (
+        np.zeros((0, p), sk.rows.dtype))
+    f0_f = kernels.predict(prob.apply_fn, prob.lin, prob.x_f, mesh=prob.mesh)
+    _check_logits(jnp.concatenate([sk.logits, f0_f]), prob.linearize_at)
+    r_f = res_fn(f0_f, jnp.asarray(prob.y_f)).reshape(-1)
+    lam = float(prob.damping)
+    with kernels.dtype_scope(sd):
+      dt = np.dtype(sd)
+      ops = _RowOps(self.ROW_BLOCK, dt)
+      s_r, parts = sk.rows, (sk.rows, j_f)
+      b_r = sk.grad
+      if prob.shift is not None:
+        b_r = b_r + ops.rmatvec((s_r,), ops.matvec((s_r,), prob.shift))
+      k_all = ops.gram(parts)
+      n_s = s_r.shape[0]
+      z, info_r = psd_solve(k_all[:n_s, :n_s], ops.matvec((s_r,), b_r), lam)
+      x_r = -(b_r - ops.rmatvec((s_r,), z)) / lam
+      u = x_r if prob.shift is None else x_r + prob.shift
+      v = ops.matvec((j_f,), u) + jnp.asarray(r_f, dt)
+      g = ops.rmatvec((j_f,), v)
+      w, info = psd_solve(k_all, ops.matvec(parts, g), lam)
+      delta = (g - ops.rmatvec(parts, w)) / lam
+      infos = (info_r, info)
+      _raise_if_failed(infos, prob.damping, self.name)
+      v_norm = jnp.linalg.norm(v)
+    approx = {"method": "random-cotangent sketch of J_r, kernel space "
+              "(Woodbury)", "cotangents": self.cotangents, "seed": self.seed,
+              "rows": rows, "split_half_error": None,
+              "exact_retain_residual": None}
+    flat_dt = ravel_pytree(prob.lin)[0].dtype
+    return Outcome(delta.astype(flat_dt), v_norm,
+                   tuple(_linear_report(i) for i in infos), infos,
+                   approximation=approx)
+
+
+class _RowOps:
+  """Products with row blocks kept in the model's dtype (host arrays), each
+  block cast to ``dtype`` (float64 by default) for the product."""
+
+  def __init__(self, block: int, dtype):
+    self.block, self.dtype = int(block), np.dtype(dtype)
+    hi = jax.lax.Precision.HIGHEST
+    self._mv = jax.jit(lambda a, x: jnp.matmul(a.astype(x.dtype), x,
+                                               precision=hi))
+    self._rmv = jax.jit(lambda a, y: jnp.matmul(y, a.astype(y.dtype),
+                                                precision=hi))
+    self._mm = jax.jit(lambda a, b: jnp.matmul(
+        a.astype(self.dtype), b.astype(self.dtype).T, precision=hi))
+
+  def _chunks(self, parts):
+    for part in parts:
+      for s in range(0, part.shape[0], self.block):
+        yield part[s:s + self.block]
+
+  def matvec(self, parts, x) -> jax.Array:
+    """``[A_1; A_2; …] x``."""
+    x = jnp.asarray(x, self.dtype)
+    out = [self._mv(a, x) for a in self._chunks(parts)]
+    return jnp.concatenate(out) if out else jnp.zeros((0,), self.dtype)
+
+  def rmatvec(self, parts, y) -> jax.Array:
+    """``[A_1; A_2; …]ᵀ y``."""
+    y = jnp.asarray(y, self.dtype)
+    total, start = None, 0
+    for a in self._chunks(parts):
+      term = self._rmv(a, y[start:start + a.shape[0]])
+      total = term if total is None else total + term
+      start += a.shape[0]
+    return total
+
+  def gram(self, parts) -> jax.Array:
+    """``T Tᵀ`` for ``T = [A_1; A_2; …]``, upper blocks computed, symmetric."""
+    chunks = list(self._chunks(parts))
+    sizes = [a.shape[0] for a in chunks]
+    offs = np.concatenate([[0], np.cumsum(sizes)]).astype(int)
+    k = np.zeros((offs[-1], offs[-1]), self.dtype)
+    for i, a in enumerate(chunks):
+      for j in range(i, len(chunks)):
+        blk = np.asarray(self._mm(a, chunks[j]))
+        k[offs[i]:offs[i + 1], offs[j]:offs[j + 1]] = blk
+        if j != i:
+          k[offs[j]:offs[j + 1], offs[i]:offs[i + 1]] = blk.T
+    return jnp.asarray(k)
+
+
 def _exact_retain_residual(prob: Problem, x_r, g_r) -> float:
   """``‖(A_r + λI) x_r + b_r‖ / ‖b_r‖`` with the exact ``A_r`` (one
   matrix-free pass over ``D_r``, two with an anchor) and ``b_r = J_rᵀ r_r``
@@ -738,7 +910,8 @@ def as_solver(solver) -> Solver | Auto:
   (``"auto"``, ``"dual"``, ``"primal"``, ``"cg"``), options checked."""
   if isinstance(solver, str):
     names = {"auto": Auto, "dual": KernelSpace, "primal": ParameterSpace,
-             "cg": MatrixFree, "sketch": Sketched}
+             "cg": MatrixFree, "sketch": Sketched,
+             "sketch_dual": SketchedKernel}
     if solver not in names:
       raise ValueError(f"solver must be one of {tuple(names)} or a solver "
                        f"object (fastntk_jax.KernelSpace(...) etc.), got "
@@ -756,7 +929,9 @@ def as_solver(solver) -> Solver | Auto:
 def check_budget(solver: Solver, shape: ProblemShape, budget: int) -> None:
   """Refuses an explicitly chosen dense solver whose matrices exceed the
   budget, naming the alternatives."""
-  if isinstance(solver, MatrixFree):
+  if isinstance(solver, (MatrixFree, SketchedKernel)):
+    # SketchedKernel checks its exact rows (N_f·C of them) when it runs,
+    # before any pass over the data.
     return
   need = solver.memory_bytes(shape)
   if need <= budget:
