@@ -202,6 +202,9 @@ def test_sketched_rows_are_the_explicit_rows_and_give_the_sketched_gram(
         np.testing.assert_allclose(sk.grad, np.einsum("ncp,nc->p", jac, r),
                                    rtol=1e-10)
         np.testing.assert_allclose(sk.logits, _mlp(w, x), rtol=1e-12)
+        np.testing.assert_allclose(
+            sk.residuals, np.concatenate([z[i].T @ r[i] for i in range(40)])
+            / np.sqrt(s), rtol=1e-10, atol=1e-12)
       g = kernels.sketched_gram(_mlp, w, x, _res, y=y, key=key, cotangents=s)
       np.testing.assert_allclose(want.T @ want, g.gram, rtol=1e-9, atol=1e-12)
 
@@ -209,9 +212,9 @@ def test_sketched_rows_are_the_explicit_rows_and_give_the_sketched_gram(
 @pytest.mark.parametrize("cotangents", [1, 2, 5])
 def test_sketch_in_kernel_space_equals_the_parameter_space_sketch(
     problem, cotangents):
-  """The Woodbury solves give Sketched's update (same seed and cotangents)
-  to rounding, with and without an anchor apart from the linearisation
-  point, and the same ‖V‖."""
+  """exact_gradient=True: the Woodbury solves give Sketched's update (same
+  seed and cotangents) to rounding, with and without an anchor apart from
+  the linearisation point, and the same ‖V‖."""
   with jax.enable_x64(True):
     w0, w_d, x, y = problem
     for anchor in (w0, None):
@@ -220,8 +223,8 @@ def test_sketch_in_kernel_space_equals_the_parameter_space_sketch(
                          solver=F.Sketched(cotangents=cotangents, seed=4),
                          **kw)
       dual = F.unlearn(_mlp, w_d, (x[8:], y[8:]), (x[:8], y[:8]),
-                       solver=F.SketchedKernel(cotangents=cotangents, seed=4),
-                       **kw)
+                       solver=F.SketchedKernel(cotangents=cotangents, seed=4,
+                                               exact_gradient=True), **kw)
       assert dual.solver == "sketch_dual"
       a, b = ravel_pytree(dual.params)[0], ravel_pytree(primal.params)[0]
       move = np.linalg.norm(b - ravel_pytree(w_d)[0])
@@ -233,8 +236,49 @@ def test_sketch_in_kernel_space_equals_the_parameter_space_sketch(
       # Another seed is another sketch: a different update.
       other = F.unlearn(_mlp, w_d, (x[8:], y[8:]), (x[:8], y[:8]),
                         solver=F.SketchedKernel(cotangents=cotangents,
-                                                seed=5), **kw)
+                                                seed=5, exact_gradient=True),
+                        **kw)
       assert np.linalg.norm(ravel_pytree(other.params)[0] - a) / move > 1e-3
+
+
+def test_sketch_in_kernel_space_default_is_the_retrain_on_sketched_outputs(
+    problem):
+  """The default: Eq. (1) in parameter space with D_r seen through the
+  sketch directions only (A_r = S_rᵀS_r, b_r = S_rᵀ(ρ_r + S_r d)) and D_f
+  exact, written out with explicit Jacobians; with many cotangents it
+  approaches the exact update."""
+  with jax.enable_x64(True):
+    w0, w_d, x, y = problem
+    lam, s, seed = 0.5, 3, 2
+    jac_r, jac_f = _rows(w_d, x[8:]), _rows(w_d, x[:8])
+    p = jac_r.shape[-1]
+    z = np.asarray(kernels.sketch_cotangents(jax.random.PRNGKey(seed), 32, C,
+                                             s, jnp.float64)) / np.sqrt(s)
+    s_r = np.concatenate([z[i].T @ jac_r[i] for i in range(32)])
+    r_r = np.asarray(_res(_mlp(w_d, x[8:]), y[8:]))
+    rho = np.concatenate([z[i].T @ r_r[i] for i in range(32)])
+    j_f = jac_f.reshape(-1, p)
+    r_f = np.asarray(_res(_mlp(w_d, x[:8]), y[:8])).reshape(-1)
+    d = np.asarray(ravel_pytree(w0)[0] - ravel_pytree(w_d)[0])
+    a_r, a_f, eye = s_r.T @ s_r, j_f.T @ j_f, np.eye(p)
+    x_r = -np.linalg.solve(a_r + lam * eye, s_r.T @ (rho + s_r @ d))
+    want = np.linalg.solve(a_r + a_f + lam * eye,
+                           j_f.T @ (j_f @ (x_r + d) + r_f))
+    res = F.unlearn(_mlp, w_d, (x[8:], y[8:]), (x[:8], y[:8]), anchor=w0,
+                    damping=lam, solver=F.SketchedKernel(cotangents=s,
+                                                         seed=seed))
+    got = ravel_pytree(res.params)[0] - ravel_pytree(w_d)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-8, atol=1e-10)
+    assert res.approximation["exact_gradient"] is False
+    exact = ravel_pytree(_exact(problem).params)[0] - ravel_pytree(w_d)[0]
+    errs = []
+    for cot in (1, 64):
+      r = F.unlearn(_mlp, w_d, (x[8:], y[8:]), (x[:8], y[:8]), anchor=w0,
+                    damping=lam, solver=F.SketchedKernel(cotangents=cot))
+      errs.append(np.linalg.norm(ravel_pytree(r.params)[0]
+                                 - ravel_pytree(w_d)[0] - exact)
+                  / np.linalg.norm(exact))
+    assert errs[1] < errs[0] and errs[1] < 0.3, errs
 
 
 def test_sketch_in_kernel_space_is_refused_where_it_does_not_apply(problem):
@@ -243,6 +287,8 @@ def test_sketch_in_kernel_space_is_refused_where_it_does_not_apply(problem):
   for bad in (0, 2.0, True):
     with pytest.raises(ValueError, match="cotangents must be an int >= 1"):
       F.SketchedKernel(cotangents=bad).check()
+  with pytest.raises(ValueError, match="exact_gradient must be True or"):
+    F.SketchedKernel(exact_gradient=1).check()
   with pytest.raises(ValueError, match="needs damping > 0"):
     F.unlearn(_mlp, w_d, *data, anchor=w0, damping=0.0,
               solver="sketch_dual")

@@ -619,17 +619,22 @@ class SketchedRows(NamedTuple):
       from the same ``key`` (one group).
     grad: the exact ``Jᵀ r``, ``(P,)`` in ``solve_dtype``.
     logits: ``apply_fn(params, x)`` when asked for, else None.
+    residuals: the residuals seen through the same cotangents,
+      ``v_{ik}ᵀ r_i``, ``(N·s,)`` in the model's dtype: ``rowsᵀ residuals``
+      is the sketched (unbiased) estimate of ``Jᵀ r``.
   """
   rows: jax.Array
   grad: jax.Array
   logits: jax.Array | None
+  residuals: np.ndarray | None = None
 
 
 @per_apply_fn
 def _sketch_rows_block_fn(apply_fn, residual_fn):
-  """Jitted ``(params, x_b, t_b, keep_b, v_b) -> (f_b, rows_b, J_bᵀ r_b)``:
-  the ``s`` sketch rows of each sample and the block's exact gradient, from
-  ``s + 1`` reverse passes per sample (padding samples zeroed)."""
+  """Jitted ``(params, x_b, t_b, keep_b, v_b) -> (f_b, rows_b, J_bᵀ r_b,
+  ρ_b)``: the ``s`` sketch rows of each sample, the block's exact gradient
+  (``s + 1`` reverse passes per sample) and the residuals through the
+  cotangents, ``ρ_{ik} = v_{ik}ᵀ r_i`` (padding samples zeroed)."""
   def body(params, xb, tb, keep, vb):
     flat, unravel = ravel_pytree(params)
     s = vb.shape[-1]
@@ -639,12 +644,14 @@ def _sketch_rows_block_fn(apply_fn, residual_fn):
       ri = ti if residual_fn is None else residual_fn(out[None], ti[None])[0]
       cot = jnp.concatenate([vi.T.astype(out.dtype),
                              ri[None].astype(out.dtype)], axis=0)
-      return out, jax.vmap(pull)(cot)[0]  # (C,), (s + 1, P)
+      proj = vi.T.astype(out.dtype) @ ri.astype(out.dtype)
+      return out, jax.vmap(pull)(cot)[0], proj  # (C,), (s + 1, P), (s,)
 
-    out, rows = jax.vmap(one)(xb, tb, vb)
-    rows = rows * keep.astype(rows.dtype)[:, None, None]
+    out, rows, proj = jax.vmap(one)(xb, tb, vb)
+    keep = keep.astype(rows.dtype)
+    rows = rows * keep[:, None, None]
     return (out, rows[:, :s].reshape(-1, flat.shape[0]),
-            jnp.sum(rows[:, s], axis=0))
+            jnp.sum(rows[:, s], axis=0), (proj * keep[:, None]).reshape(-1))
   return jax.jit(body)
 
 
@@ -695,6 +702,7 @@ def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
       apply_fn, params, x, block_size, "jac", jac_block_fn(apply_fn),
       lambda xb: (params_r, shard_rows(mesh, xb)), mesh=mesh)
   rows = np.empty((n * s, p), flat.dtype)
+  rho = np.empty((n * s,), flat.dtype)
   grad = np.zeros(p, np.float64)
   outs = []
   for st, e in iter_blocks(n, block):
@@ -702,8 +710,9 @@ def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
     args = shard_rows(mesh, (pad_block(x[st:e], block),
                              pad_block(t[st:e], block), keep,
                              pad_block(v[st:e], block)))
-    out, rb, gb = fn(params_r, *args)
+    out, rb, gb, pb = fn(params_r, *args)
     rows[st * s:e * s] = np.asarray(rb)[:(e - st) * s]
+    rho[st * s:e * s] = np.asarray(pb)[:(e - st) * s]
     grad += np.asarray(gb, np.float64)
     if return_outputs:
       outs.append(out if e - st == block else out[: e - st])
@@ -714,7 +723,7 @@ def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
   if return_outputs:
     logits = (jnp.concatenate(outs, axis=0) if outs
               else jnp.zeros((0, c), flat.dtype))
-  return SketchedRows(rows, g, logits)
+  return SketchedRows(rows, g, logits, rho)
 
 
 @per_apply_fn

@@ -646,38 +646,46 @@ class Sketched(ParameterSpace):
 
 @dataclasses.dataclass(frozen=True)
 class SketchedKernel(Solver):
-  """:class:`Sketched` in kernel space, for ``P`` whose ``P×P`` does not fit.
+  """A random-cotangent sketch in kernel space, for ``P`` whose ``P×P``
+  does not fit (approximate).
 
-  The same estimate of ``A_r`` (``s = cotangents`` Rademacher reverse passes
-  per retained sample), kept as ``N_r·s`` explicit rows ``S_r``
-  (:func:`fastntk_jax.core.kernels.sketched_jacobian`) rather than as a
-  ``P×P`` Gram; ``D_f``'s Jacobian ``J_f`` (``N_f·C`` rows), ``J_rᵀ r_r``
-  and ``J_fᵀ r_f`` stay exact. With ``T = [S_r; J_f]`` both parameter-space
-  solves of :class:`ParameterSpace` go through the Woodbury identity
-  ``(TᵀT + λI)⁻¹ = (I − Tᵀ(TTᵀ + λI)⁻¹T)/λ``::
+  Each retained sample is seen through ``s = cotangents`` random output
+  directions ``v_{ik} = z_{ik}/√s`` (Rademacher ``z``): ``N_r·s`` explicit
+  rows ``S_r`` with ``v_{ik}ᵀ J_i``
+  (:func:`fastntk_jax.core.kernels.sketched_jacobian`), unbiased for
+  ``A_r`` (``E[S_rᵀS_r] = J_rᵀJ_r``); the forget set's Jacobian ``J_f``
+  (``N_f·C`` rows) and its residuals stay exact. With ``T = [S_r; J_f]``,
+  ``K = TTᵀ`` (``R×R``, ``R = N_r·s + N_f·C``; no ``P×P`` matrix)::
 
-      x_r = −(b_r − S_rᵀ (S_r S_rᵀ + λI)⁻¹ S_r b_r) / λ
-      V   = J_f (x_r + d) + r_f,   g = J_fᵀ V
-      Δ   = (g − Tᵀ (T Tᵀ + λI)⁻¹ T g) / λ
+      x_r = −S_rᵀ (S_rS_rᵀ + λI)⁻¹ (ρ_r + S_r d)      (default)
+      V   = J_f (x_r + d) + r_f
+      Δ   = Tᵀ (K + λI)⁻¹ [0; V]                       (push-through)
 
-  (``d = w_0 − lin`` when the anchor is not the linearisation point, and
-  ``b_r`` then includes ``S_rᵀ S_r d``): the same update as
-  :class:`Sketched` with the same ``seed`` and ``cotangents``, up to
-  rounding, from ``R × R`` systems, ``R = N_r·s + N_f·C``. Memory: the rows
-  (``R·P`` in the model's dtype) and ``R×R`` matrices in ``solve_dtype``;
-  no ``P×P`` matrix. Made for the paper's headline scale on a CPU (ViT-Base
-  prompts, ``P ≈ 10⁵``). Approximate, never chosen by ``"auto"``; needs
-  ``damping > 0`` and ``loss="mse"``.
+  ``ρ_{ik} = v_{ik}ᵀ r_i`` are the retained residuals through the same
+  directions, and ``d = w_0 − lin`` (0 when the anchor is the linearisation
+  point): ``x_r`` is the linear retrain on the sketched outputs, which lies
+  in the rows' span. That is the form for ``N·s ≪ P`` (ViT-Base prompts,
+  ``P ≈ 10⁵``), where the exact gradient ``J_rᵀ r_r`` has most of its mass
+  outside the sketch and :class:`Sketched`'s form would move the parameters
+  by ``−J_rᵀ r_r / λ`` there. ``exact_gradient=True`` keeps that form
+  instead (exact ``J_rᵀ r_r`` with one more reverse pass; ``x_r`` by the
+  Woodbury identity): then the update equals :class:`Sketched`'s with the
+  same ``seed`` and ``cotangents``, to rounding, which is what ``N ≫ P``
+  wants. Never chosen by ``"auto"``; needs ``damping > 0`` and
+  ``loss="mse"``. Memory: the rows (``R·P`` in the model's dtype) and
+  ``R×R`` matrices in ``solve_dtype``.
 
   Attributes:
     cotangents: ``s ≥ 1`` reverse passes per retained sample.
     seed: the cotangents' random seed.
+    exact_gradient: use the exact ``J_rᵀ r_r`` (:class:`Sketched`'s form).
     solve_dtype: dtype of the ``R×R`` kernel and of every product with the
       rows (the rows stay in the model's dtype and are cast block by block).
   """
   name: ClassVar[str] = "sketch_dual"
   cotangents: int = 1
   seed: int = 0
+  exact_gradient: bool = False
   solve_dtype: str = "float64"
 
   #: Rows per block of the products with the rows.
@@ -689,6 +697,9 @@ class SketchedKernel(Solver):
         self.cotangents, int) or self.cotangents < 1:
       raise ValueError("cotangents must be an int >= 1 (reverse passes per "
                        f"sample), got {self.cotangents!r}.")
+    if not isinstance(self.exact_gradient, bool):
+      raise ValueError("exact_gradient must be True or False, got "
+                       f"{self.exact_gradient!r}.")
 
   def _bytes(self, rows: int, p: int, itemsize: int) -> int:
     """The rows, and the kernel, its damped copy and its factor."""
@@ -704,7 +715,7 @@ class SketchedKernel(Solver):
     r = shape.n * self.cotangents
     return r * r * shape.p + r ** 3 / 3
 
-  def run(self, prob: Problem) -> Outcome:
+  def _check_problem(self, prob: Problem) -> None:
     if prob.loss != "mse":
       raise ValueError("solver=SketchedKernel(...) handles loss='mse'; for "
                        "loss='ce' use solver='primal', 'dual' or 'cg'.")
@@ -712,8 +723,8 @@ class SketchedKernel(Solver):
       raise ValueError("solver=SketchedKernel(...) needs damping > 0 (its "
                        "solves use the Woodbury identity, which divides by "
                        "it); pass damping=... > 0.")
-    c, p, itemsize = prob.shape.c, prob.shape.p, prob.shape.itemsize
-    rows = prob.n_r * self.cotangents + prob.n_f * c
+    p, itemsize = prob.shape.p, prob.shape.itemsize
+    rows = prob.n_r * self.cotangents + prob.n_f * prob.shape.c
     need = self._bytes(rows, p, itemsize)
     if need > prob.memory_budget:
       raise ValueError(
@@ -723,6 +734,10 @@ class SketchedKernel(Solver):
           f"({prob.memory_budget / 2**30:.3g} GiB). Raise memory_budget=... "
           "if the memory is there, or use fewer cotangents, a smaller "
           "forget set per call, or solver='cg' (matrix-free).")
+
+  def run(self, prob: Problem) -> Outcome:
+    self._check_problem(prob)
+    p = prob.shape.p
     res_fn, sd = RESIDUAL_FNS["mse"], self.solve_dtype
     sk = kernels.sketched_jacobian(
         prob.apply_fn, prob.lin, prob.x_r, res_fn, y=prob.y_r,
@@ -739,24 +754,31 @@ class SketchedKernel(Solver):
       dt = np.dtype(sd)
       ops = _RowOps(self.ROW_BLOCK, dt)
       s_r, parts = sk.rows, (sk.rows, j_f)
-      b_r = sk.grad
-      if prob.shift is not None:
-        b_r = b_r + ops.rmatvec((s_r,), ops.matvec((s_r,), prob.shift))
-      k_all = ops.gram(parts)
       n_s = s_r.shape[0]
-      z, info_r = psd_solve(k_all[:n_s, :n_s], ops.matvec((s_r,), b_r), lam)
-      x_r = -(b_r - ops.rmatvec((s_r,), z)) / lam
+      k_all = ops.gram(parts)
+      s_d = None if prob.shift is None else ops.matvec((s_r,), prob.shift)
+      if self.exact_gradient:  # Woodbury: b_r is not in the rows' span
+        b_r = sk.grad if s_d is None else sk.grad + ops.rmatvec((s_r,), s_d)
+        z, info_r = psd_solve(k_all[:n_s, :n_s], ops.matvec((s_r,), b_r),
+                              lam)
+        x_r = -(b_r - ops.rmatvec((s_r,), z)) / lam
+      else:  # push-through: the retrain on the sketched outputs
+        rho = jnp.asarray(sk.residuals, dt)
+        z, info_r = psd_solve(k_all[:n_s, :n_s],
+                              rho if s_d is None else rho + s_d, lam)
+        x_r = -ops.rmatvec((s_r,), z)
       u = x_r if prob.shift is None else x_r + prob.shift
       v = ops.matvec((j_f,), u) + jnp.asarray(r_f, dt)
-      g = ops.rmatvec((j_f,), v)
-      w, info = psd_solve(k_all, ops.matvec(parts, g), lam)
-      delta = (g - ops.rmatvec(parts, w)) / lam
+      w, info = psd_solve(k_all, jnp.concatenate([jnp.zeros(n_s, dt), v]),
+                          lam)
+      delta = ops.rmatvec(parts, w)
       infos = (info_r, info)
       _raise_if_failed(infos, prob.damping, self.name)
       v_norm = jnp.linalg.norm(v)
-    approx = {"method": "random-cotangent sketch of J_r, kernel space "
-              "(Woodbury)", "cotangents": self.cotangents, "seed": self.seed,
-              "rows": rows, "split_half_error": None,
+    approx = {"method": "random-cotangent sketch of J_r, kernel space",
+              "cotangents": self.cotangents, "seed": self.seed,
+              "exact_gradient": self.exact_gradient,
+              "rows": n_s + j_f.shape[0], "split_half_error": None,
               "exact_retain_residual": None}
     flat_dt = ravel_pytree(prob.lin)[0].dtype
     return Outcome(delta.astype(flat_dt), v_norm,
