@@ -415,9 +415,30 @@ def ratio(peft_row: dict, full_row: dict) -> dict:
   return out
 
 
+def growth(rows: list[dict]) -> dict:
+  """Least-squares exponents ``a`` of ``time ∝ Nᵃ`` and ``memory ∝ Nᵃ``
+  over the rows that ran (N > 16 for memory, whose small-N values sit at
+  the resolution of RSS); None with fewer than two such rows."""
+  def slope(pairs):
+    pairs = [(n, v) for n, v in pairs if v and v > 0]
+    if len({n for n, _ in pairs}) < 2:
+      return None
+    x = [math.log(n) for n, _ in pairs]
+    y = [math.log(v) for _, v in pairs]
+    mx, my = sum(x) / len(x), sum(y) / len(y)
+    return (sum((a - mx) * (b - my) for a, b in zip(x, y))
+            / sum((a - mx) ** 2 for a in x))
+  ok = [r for r in rows if "run_seconds_median" in r]
+  return {"time_exponent": slope([(r["n"], r["run_seconds_median"])
+                                  for r in ok]),
+          "memory_exponent": slope([(r["n"], r.get("memory_mib"))
+                                    for r in ok if r["n"] > 16])}
+
+
 def limits(rows: list[dict]) -> list[dict]:
-  """Per (model, implementation, pytree): the largest N that ran and the
-  first N that ran out of memory or time (None: none did)."""
+  """Per (model, implementation, pytree): the largest N that ran, the
+  first N that ran out of memory or time (None: none did) and how time and
+  memory grew with N (:func:`growth`)."""
   out: dict[tuple, dict] = {}
   for r in sorted(rows, key=lambda r: r["n"]):
     key = (r["model"], r["implementation"], r["pytree"])
@@ -429,6 +450,9 @@ def limits(rows: list[dict]) -> list[dict]:
     elif (r.get("oom") or r.get("timeout")) and lim["first_n_failed"] is None:
       lim["first_n_failed"] = r["n"]
       lim["failure"] = "oom" if r.get("oom") else "timeout"
+  for key, lim in out.items():
+    lim.update(growth([r for r in rows if (r["model"], r["implementation"],
+                                           r["pytree"]) == key]))
   return list(out.values())
 
 
@@ -480,6 +504,9 @@ def _config(args, env: dict) -> dict:
           "block_size": args.block_size or "N (one block)",
           "dtype": "float32", "mem_cap_gib": args.mem_cap_gib,
           "timeout_s": args.timeout_s,
+          "find_limit": ({"max_n": args.max_n,
+                          "resolution": args.limit_resolution}
+                         if args.find_limit else None),
           "weights": f"random initialisation (seed {args.seed}) for every "
                      "model, new head x0.1; cost does not depend on values",
           "data": "embedded CIFAR-10 (1000 train + 1000 test images, drawn "
@@ -526,6 +553,45 @@ def _print_row(row: dict) -> None:
   print(json.dumps(short), flush=True)
 
 
+def _job(args, model: str, impl: int, pytree: str, n: int) -> dict:
+  return {"model": model, "n": n, "pytree": pytree, "implementation": impl,
+          "repeats": args.repeats, "seed": args.seed,
+          "block_size": args.block_size, "num_prompts": args.num_prompts,
+          "check": not args.no_check, "kernel": args.kernel}
+
+
+def search_limit(args, done: dict, pytree: str):
+  """Yields the N to measure next for ``pytree`` until the largest N that
+  fits the memory cap (and the timeout) is known to ``--limit-resolution``:
+  doubling from the largest N that ran until one fails (at most
+  ``--max-n``), then bisecting between the two. ``done`` maps ``(n,
+  pytree)`` to rows and is updated by the caller after each N."""
+  def bounds():
+    ok = [n for (n, p), r in done.items()
+          if p == pytree and "run_seconds_median" in r]
+    bad = [n for (n, p), r in done.items()
+           if p == pytree and (r.get("oom") or r.get("timeout"))]
+    return max(ok, default=None), min(bad, default=None)
+
+  while True:
+    lo, hi = bounds()
+    if lo is None:
+      return  # nothing ran: no base to search from
+    if hi is None:
+      if lo >= args.max_n:
+        return
+      nxt = min(2 * lo, args.max_n)
+    elif hi <= lo * args.limit_resolution:
+      return
+    else:
+      nxt = int(math.sqrt(lo * hi))  # geometric midpoint
+      if nxt in (lo, hi):
+        return
+    if (nxt, pytree) in done:
+      return
+    yield nxt
+
+
 def sweep(args) -> dict:
   """Runs every job, writing the JSON after each row; returns the result."""
   env = _child_env(args)
@@ -542,11 +608,7 @@ def sweep(args) -> dict:
     stop: dict[str, str] = {}  # pytree -> "oom" | "timeout"
     done: dict[tuple, dict] = {}
     for n, pytree in jobs:
-      job = {"model": model, "n": n, "pytree": pytree,
-             "implementation": impl, "repeats": args.repeats,
-             "seed": args.seed, "block_size": args.block_size,
-             "num_prompts": args.num_prompts, "check": not args.no_check,
-             "kernel": args.kernel}
+      job = _job(args, model, impl, pytree, n)
       if pytree in stop:
         row = {**job, f"skipped_after_{stop[pytree]}": True}
       else:
@@ -561,6 +623,16 @@ def sweep(args) -> dict:
       if pytree == "full":
         result["ratios"].append(ratio(done[(n, "peft")], row))
       _write(out, result)
+    if args.find_limit:
+      for pytree in ("peft", "full"):
+        for n in search_limit(args, done, pytree):
+          job = _job(args, model, impl, pytree, n)
+          row = {**_predicted(_measure_one(args, env, job), counts),
+                 "search": True}
+          done[(n, pytree)] = row
+          result["rows"].append(row)
+          _print_row(row)
+          _write(out, result)
   result["limits"] = limits(result["rows"])
   result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
   _write(out, result)
@@ -611,6 +683,15 @@ def parse_args(argv=None):
                   help="kill a child whose RSS exceeds this (recorded as oom)")
   ap.add_argument("--timeout-s", type=float, default=3600.0,
                   help="kill a child after this many seconds (timeout)")
+  ap.add_argument("--find-limit", action="store_true",
+                  help="after the listed N, search each pytree's largest N "
+                       "under --mem-cap-gib (and --timeout-s): doubling, "
+                       "then bisection")
+  ap.add_argument("--max-n", type=int, default=65536,
+                  help="largest N the search tries")
+  ap.add_argument("--limit-resolution", type=float, default=1.25,
+                  help="the search stops when first-failed / largest-ok N "
+                       "is at most this")
   ap.add_argument("--gpu-mem-fraction", type=float, default=None,
                   help="XLA_PYTHON_CLIENT_MEM_FRACTION for the children "
                        "(default: JAX's, 0.75)")
@@ -635,6 +716,8 @@ def parse_args(argv=None):
     ap.error("--repeats, --n and --block-size must be >= 1")
   if args.mem_cap_gib <= 0 or args.timeout_s <= 0:
     ap.error("--mem-cap-gib and --timeout-s must be > 0")
+  if args.limit_resolution <= 1 or args.max_n < 1:
+    ap.error("--limit-resolution must be > 1 and --max-n >= 1")
   return args
 
 

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ntk_cost import MODELS, ratio  # noqa: E402  pylint: disable=wrong-import-position
+from ntk_cost import MODELS, growth, ratio  # noqa: E402  pylint: disable=wrong-import-position
 
 _RESULTS = Path(__file__).resolve().parent / "results"
 _COLORS = {"peft": "tab:blue", "full": "tab:orange"}
@@ -163,10 +163,12 @@ def _table_row(key: tuple, pair: dict, cfg: dict) -> str:
 
 def _limits(pairs: dict, cfg: dict) -> list[str]:
   """Per (model, implementation): the largest N that ran, the first that did
-  not, for each pytree."""
+  not, for each pytree, and the exponents of time and memory in N (least
+  squares over the N that ran; ``ntk_cost.growth``)."""
   lines = ["| model | impl. | PEFT: largest N run | PEFT: first N failed "
            "| full: largest N run | full: first N failed "
-           "| full J at that N (MiB) |", "|" + "---|" * 7]
+           "| full J at that N (MiB) | PEFT: time, memory ∝ Nᵃ "
+           "| full: time, memory ∝ Nᵃ |", "|" + "---|" * 9]
   groups: dict[tuple, list] = {}
   for (model, n, impl), pair in pairs.items():
     groups.setdefault((model, impl), []).append((n, pair))
@@ -183,7 +185,12 @@ def _limits(pairs: dict, cfg: dict) -> list[str]:
                    else "none")
       if pytree == "full" and bad:
         jac = _num(bad[0][1].get("jacobian_mib"), ".0f")
-    lines.append("| " + " | ".join(cells + [jac]) + " |")
+    exps = []
+    for pytree in ("peft", "full"):
+      g = growth([pr[pytree] for _, pr in items if pytree in pr])
+      exps.append(", ".join(_num(g[k], ".2f") for k in (
+          "time_exponent", "memory_exponent")))
+    lines.append("| " + " | ".join(cells + [jac] + exps) + " |")
   return lines
 
 

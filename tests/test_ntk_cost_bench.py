@@ -163,4 +163,67 @@ def test_report_is_written_from_the_json(swept, tmp_path):
   assert "Measured on **cpu: cpu" in text
   assert "OOM (RSS > 0.5 GiB)" in text and "skipped (after OOM)" in text
   assert "| resnet20 | 1 | 64 | none | 16 | 32: OOM (RSS > 0.5 GiB) |" in text
+  # Growth in N: PEFT time and memory both ∝ N in the fake sweep; the full
+  # kernel ran at one N only, so no exponent.
+  assert "| 1.00, 1.00 | –, – |" in text
   assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------- limit search
+def _capped_measure(limit_peft, limit_full):
+  """A fake child: memory 1 MiB a sample (1000 for full), OOM above the
+  given largest N; time ∝ N² (PEFT) and N (full)."""
+  def measure(args, env, job):
+    del args, env
+    lim = limit_peft if job["pytree"] == "peft" else limit_full
+    if job["n"] > lim:
+      return {**job, "oom": True, "oom_source": "watchdog"}
+    per = 1.0 if job["pytree"] == "peft" else 1000.0
+    t = 1e-4 * job["n"] ** 2 if job["pytree"] == "peft" else 0.01 * job["n"]
+    return {**job, "num_params": 10, "run_seconds_median": t,
+            "compile_seconds": 1.0, "memory_mib": per * job["n"]}
+  return measure
+
+
+def test_find_limit_doubles_then_bisects_to_the_resolution(monkeypatch,
+                                                           tmp_path):
+  probe = {"device": "cpu: cpu", "platform_name": "cpu", "device_kind": "cpu",
+           "versions": {"jax": "x"},
+           "param_counts": {"resnet20": {"total": 1000, "peft": 10}}}
+  monkeypatch.setattr(ntk_cost, "_run_probe", lambda a, e: dict(probe))
+  monkeypatch.setattr(ntk_cost, "_measure_one", _capped_measure(700, 40))
+  out = tmp_path / "r.json"
+  args = ntk_cost.parse_args(["--models", "resnet20", "--n", "16", "32",
+                              "--out", str(out), "--find-limit",
+                              "--limit-resolution", "1.1"])
+  result = ntk_cost.sweep(args)
+  lim = {l["pytree"]: l for l in result["limits"]}
+  for pytree, true in (("peft", 700), ("full", 40)):
+    ok, bad = lim[pytree]["largest_n_ok"], lim[pytree]["first_n_failed"]
+    assert ok <= true < bad and bad <= 1.1 * ok, (pytree, ok, bad)
+  peft_ns = [r["n"] for r in result["rows"]
+             if r["pytree"] == "peft" and r.get("search")]
+  assert peft_ns[:5] == [64, 128, 256, 512, 1024]  # doubling first
+  assert lim["peft"]["time_exponent"] == pytest.approx(2.0)
+  assert lim["full"]["time_exponent"] == pytest.approx(1.0)
+  assert lim["peft"]["memory_exponent"] == pytest.approx(1.0)
+  assert json.loads(out.read_text())["config"]["find_limit"]["resolution"] \
+      == 1.1
+
+
+def test_find_limit_stops_at_max_n_and_without_a_base(monkeypatch, tmp_path):
+  probe = {"device": "cpu: cpu", "platform_name": "cpu", "device_kind": "cpu",
+           "versions": {"jax": "x"},
+           "param_counts": {"resnet20": {"total": 1000, "peft": 10}}}
+  monkeypatch.setattr(ntk_cost, "_run_probe", lambda a, e: dict(probe))
+  monkeypatch.setattr(ntk_cost, "_measure_one", _capped_measure(10**9, 8))
+  args = ntk_cost.parse_args(["--models", "resnet20", "--n", "16",
+                              "--out", str(tmp_path / "r.json"),
+                              "--find-limit", "--max-n", "100"])
+  result = ntk_cost.sweep(args)
+  peft = [r["n"] for r in result["rows"] if r["pytree"] == "peft"]
+  assert peft == [16, 32, 64, 100]
+  # The full kernel failed at the first N: nothing to search from.
+  assert [r["n"] for r in result["rows"] if r["pytree"] == "full"] == [16]
+  with pytest.raises(SystemExit):
+    ntk_cost.parse_args(["--find-limit", "--limit-resolution", "1"])
