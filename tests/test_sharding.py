@@ -324,30 +324,3 @@ def test_request_host_devices_refuses_once_jax_has_started():
     else:
       os.environ["XLA_FLAGS"] = before
 
-
-def test_request_host_devices_raises_the_collective_timeouts_with_several():
-  """Several host devices: XLA:CPU's 40-s rendezvous abort is raised to an
-  hour unless the user set it; one device: no collective flag is added. The
-  flags must also be ones XLA knows (an unknown flag aborts start-up)."""
-  import subprocess
-  import sys
-  code = ("import os; from fastntk_jax.io.environment import "
-          "request_host_devices as r; r({k}); print(os.environ['XLA_FLAGS'])")
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-
-  def flags(k, preset=None):
-    e = dict(env, **({"XLA_FLAGS": preset} if preset else {}))
-    out = subprocess.run([sys.executable, "-c", code.format(k=k)], env=e,
-                         capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.split()
-
-  two = flags(2)
-  assert "--xla_cpu_collective_call_terminate_timeout_seconds=3600" in two
-  assert "--xla_cpu_collective_call_warn_stuck_timeout_seconds=600" in two
-  assert "--xla_force_host_platform_device_count=2" in two
-  one = flags(1)
-  assert not [f for f in one if "collective" in f]
-  mine = flags(2, "--xla_cpu_collective_call_terminate_timeout_seconds=99")
-  assert [f for f in mine if "terminate" in f] == [
-      "--xla_cpu_collective_call_terminate_timeout_seconds=99"]

@@ -209,7 +209,7 @@ def test_sketched_rows_are_the_explicit_rows_and_give_the_sketched_gram(
       np.testing.assert_allclose(want.T @ want, g.gram, rtol=1e-9, atol=1e-12)
 
 
-@pytest.mark.parametrize("cotangents", [1, 2, 5])
+@pytest.mark.parametrize("cotangents", [1, 2])
 def test_sketch_in_kernel_space_equals_the_parameter_space_sketch(
     problem, cotangents):
   """exact_gradient=True: the Woodbury solves give Sketched's update (same
