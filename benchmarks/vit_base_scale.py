@@ -61,13 +61,13 @@ from fastntk_jax.models import vit, zoo
 def _args(argv):
   ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   ap.add_argument("--n", type=int, default=5000, help="images in D")
-  ap.add_argument("--subset", type=int, default=500,
+  ap.add_argument("--subset", type=int, default=300,
                   help="images of the exact-vs-sketch comparison")
   ap.add_argument("--image-size", type=int, default=32)
   ap.add_argument("--patch", type=int, default=8)
   ap.add_argument("--num-prompts", type=int, default=5)
   ap.add_argument("--cotangents", type=int, default=1)
-  ap.add_argument("--subset-cotangents", type=int, nargs="*", default=[1, 4])
+  ap.add_argument("--subset-cotangents", type=int, nargs="*", default=[1])
   ap.add_argument("--damping", type=float, default=1.0)
   ap.add_argument("--forget-class", type=int, default=0)
   ap.add_argument("--memory-budget-gib", type=float, default=16.0)

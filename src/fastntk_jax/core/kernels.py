@@ -466,7 +466,7 @@ def _block_sums(apply_fn, params, x, t, extra, fn, shape_a, c, mesh,
   with dtype_scope(solve_dtype):
     acc_a, acc_b = shard_rows(mesh, (jnp.zeros((d, *shape_a), dt),
                                       jnp.zeros((d, flat.shape[0]), dt)))
-  outs = []
+  outs, sizes = [], []
   for s, e in iter_blocks(n, block):
     keep = (jnp.arange(block) < (e - s)).astype(flat.dtype)
     args = shard_rows(mesh, (pad_block(x[s:e], block), pad_block(t[s:e], block),
@@ -476,12 +476,13 @@ def _block_sums(apply_fn, params, x, t, extra, fn, shape_a, c, mesh,
     with dtype_scope(solve_dtype):
       acc_a, acc_b = add(acc_a, acc_b, g, gb)
     if return_outputs:
-      outs.append(out if e - s == block else out[: e - s])
+      outs.append(out)
+      sizes.append(e - s)
   with dtype_scope(solve_dtype):
     a, b = _sum_partials_fn(mesh)(acc_a, acc_b)
   logits = None
   if return_outputs:
-    logits = (jnp.concatenate(outs, axis=0) if outs
+    logits = (_rows_of_blocks(mesh, outs, sizes) if outs
               else jnp.zeros((0, c), flat.dtype))
   return a, b, logits
 
@@ -631,10 +632,11 @@ class SketchedRows(NamedTuple):
 
 @per_apply_fn
 def _sketch_rows_block_fn(apply_fn, residual_fn):
-  """Jitted ``(params, x_b, t_b, keep_b, v_b) -> (f_b, rows_b, J_bᵀ r_b,
-  ρ_b)``: the ``s`` sketch rows of each sample, the block's exact gradient
-  (``s + 1`` reverse passes per sample) and the residuals through the
-  cotangents, ``ρ_{ik} = v_{ik}ᵀ r_i`` (padding samples zeroed)."""
+  """Jitted ``(params, x_b, t_b, keep_b, v_b) -> (f_b, rows_b, g_b, ρ_b)``:
+  the ``s`` sketch rows of each sample, each sample's exact gradient
+  ``J_iᵀ r_i`` (``s + 1`` reverse passes per sample) and the residuals
+  through the cotangents, ``ρ_{ik} = v_{ik}ᵀ r_i`` (padding samples
+  zeroed)."""
   def body(params, xb, tb, keep, vb):
     flat, unravel = ravel_pytree(params)
     s = vb.shape[-1]
@@ -650,8 +652,10 @@ def _sketch_rows_block_fn(apply_fn, residual_fn):
     out, rows, proj = jax.vmap(one)(xb, tb, vb)
     keep = keep.astype(rows.dtype)
     rows = rows * keep[:, None, None]
-    return (out, rows[:, :s].reshape(-1, flat.shape[0]),
-            jnp.sum(rows[:, s], axis=0), (proj * keep[:, None]).reshape(-1))
+    # Per-sample gradient rows (summed on the host): no collective in the
+    # block program when the block is sharded over several devices.
+    return (out, rows[:, :s].reshape(-1, flat.shape[0]), rows[:, s],
+            (proj * keep[:, None]).reshape(-1))
   return jax.jit(body)
 
 
@@ -713,16 +717,16 @@ def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
     out, rb, gb, pb = fn(params_r, *args)
     rows[st * s:e * s] = np.asarray(rb)[:(e - st) * s]
     rho[st * s:e * s] = np.asarray(pb)[:(e - st) * s]
-    grad += np.asarray(gb, np.float64)
+    grad += np.asarray(gb, np.float64).sum(axis=0)
     if return_outputs:
-      outs.append(out if e - st == block else out[: e - st])
+      outs.append(np.asarray(out)[: e - st])
   dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
   with dtype_scope(solve_dtype):
     g = jnp.asarray(grad.astype(dt))
   logits = None
   if return_outputs:
-    logits = (jnp.concatenate(outs, axis=0) if outs
-              else jnp.zeros((0, c), flat.dtype))
+    logits = jnp.asarray(np.concatenate(outs, axis=0) if outs
+                         else np.zeros((0, c), flat.dtype))
   return SketchedRows(rows, g, logits, rho)
 
 
@@ -754,10 +758,10 @@ def jvp(apply_fn: ApplyFn, params, x, tangent, *,
   block, _, _ = resolve_block(
       apply_fn, params, x, block_size, "jvp", fn,
       lambda xb: (params_r, tangent_r, shard_rows(mesh, xb)), mesh=mesh)
-  outs = [fn(params_r, tangent_r,
-             shard_rows(mesh, pad_block(x[s:e], block)))[: e - s]
-          for s, e in iter_blocks(x.shape[0], block)]
-  return jnp.concatenate(outs, axis=0)
+  spans = list(iter_blocks(x.shape[0], block))
+  outs = [fn(params_r, tangent_r, shard_rows(mesh, pad_block(x[s:e], block)))
+          for s, e in spans]
+  return _rows_of_blocks(mesh, outs, [e - s for s, e in spans])
 
 
 def vjp(apply_fn: ApplyFn, params, x, cotangent, *,
@@ -787,6 +791,23 @@ def vjp(apply_fn: ApplyFn, params, x, cotangent, *,
   return total
 
 
+def _rows_of_blocks(mesh: Mesh | None, outs, sizes) -> jax.Array:
+  """The first ``sizes[k]`` rows of each block output, concatenated.
+
+  On a mesh of several devices the blocks come back to the host first:
+  cutting and concatenating row-sharded arrays on the devices reshards them,
+  with all-to-all collectives dispatched between the block programs. Two
+  runs of ``benchmarks/speedup.py`` on two host CPU devices stopped on an
+  all-to-all that never completed; these eager reshardings are the suspected
+  source (not confirmed), and the copy to the host costs next to nothing.
+  """
+  if mesh is None:
+    return jnp.concatenate([o if o.shape[0] == k else o[:k]
+                            for o, k in zip(outs, sizes)], axis=0)
+  return jnp.asarray(np.concatenate([np.asarray(o)[:k]
+                                     for o, k in zip(outs, sizes)], axis=0))
+
+
 @per_apply_fn
 def _predict_block_fn(apply_fn):
   return jax.jit(apply_fn)
@@ -805,6 +826,7 @@ def predict(apply_fn: ApplyFn, params, x, *, block_size: int = 256,
   block = -(-int(max(1, min(block_size, x.shape[0]))) // d) * d
   fn = _predict_block_fn(apply_fn)
   params_r = replicate(mesh, params)
-  outs = [fn(params_r, shard_rows(mesh, pad_block(x[s:e], block)))[: e - s]
-          for s, e in iter_blocks(x.shape[0], block)]
-  return jnp.concatenate(outs, axis=0)
+  spans = list(iter_blocks(x.shape[0], block))
+  outs = [fn(params_r, shard_rows(mesh, pad_block(x[s:e], block)))
+          for s, e in spans]
+  return _rows_of_blocks(mesh, outs, [e - s for s, e in spans])
