@@ -32,9 +32,10 @@ import jax
 from jax.flatten_util import ravel_pytree
 
 from cifar_setup import Stages, accuracy, finetune, load_cifar10
-from cifar_setup import peak_rss_gib, peft_resnet20, rel, write_json
+from cifar_setup import peak_rss_gib, peft_resnet20, rel, use_host_devices
+from cifar_setup import write_json
 from fastntk_jax import ParameterSpace, Sketched, unlearn
-from fastntk_jax.io.environment import environment, request_host_devices
+from fastntk_jax.io.environment import environment
 
 
 def _args(argv):
@@ -59,12 +60,7 @@ def _args(argv):
     ap.error("--n-train must be >= 100 and --test-n >= 1")
   if min(args.cotangents) < 1:
     ap.error(f"--cotangents must all be >= 1, got {args.cotangents}")
-  if args.host_devices < 1:
-    ap.error("--host-devices must be >= 1")
-  try:
-    request_host_devices(args.host_devices)
-  except RuntimeError as e:
-    raise SystemExit(f"--host-devices: {e}")
+  use_host_devices(ap, args.host_devices)
   return args
 
 

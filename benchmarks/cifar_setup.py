@@ -20,8 +20,20 @@ from fastntk_jax import data
 from fastntk_jax.core import kernels
 from fastntk_jax.evaluation import timing
 from fastntk_jax.io import atomic
+from fastntk_jax.io.environment import request_host_devices
 from fastntk_jax.models import zoo
 from fastntk_jax.training import train
+
+
+def use_host_devices(ap, k: int) -> None:
+  """``--host-devices k``: checked, then asked of XLA before JAX starts
+  computing (an ``ap.error`` or a clear exit otherwise)."""
+  if k < 1:
+    ap.error("--host-devices must be >= 1")
+  try:
+    request_host_devices(k)
+  except RuntimeError as e:
+    raise SystemExit(f"--host-devices: {e}")
 
 
 def peak_rss_gib() -> float:

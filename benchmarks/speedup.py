@@ -48,11 +48,11 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from cifar_setup import Stages, accuracy, load_cifar10, peak_rss_gib
-from cifar_setup import peft_resnet20, rel, write_json
+from cifar_setup import peft_resnet20, rel, use_host_devices, write_json
 from fastntk_jax import ParameterSpace, Sketched, unlearn
 from fastntk_jax.core import deletion
 from fastntk_jax.evaluation import timing
-from fastntk_jax.io.environment import environment, request_host_devices
+from fastntk_jax.io.environment import environment
 from fastntk_jax.training import train
 
 
@@ -85,12 +85,7 @@ def _args(argv):
     ap.error(f"--cotangents must all be >= 1, got {args.cotangents}")
   if not 1 <= args.request < min(args.n_train):
     ap.error("--request must be >= 1 and below every --n-train")
-  if args.host_devices < 1:
-    ap.error("--host-devices must be >= 1")
-  try:
-    request_host_devices(args.host_devices)
-  except RuntimeError as e:
-    raise SystemExit(f"--host-devices: {e}")
+  use_host_devices(ap, args.host_devices)
   return args
 
 

@@ -49,12 +49,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
-from cifar_setup import peak_rss_gib, rss_gib, write_json
+from cifar_setup import peak_rss_gib, rss_gib, use_host_devices, write_json
 from fastntk_jax import KernelSpace, SketchedKernel, unlearn
 from fastntk_jax import data
 from fastntk_jax.core import solvers
 from fastntk_jax.evaluation import timing
-from fastntk_jax.io.environment import environment, request_host_devices
+from fastntk_jax.io.environment import environment
 from fastntk_jax.models import vit, zoo
 
 
@@ -84,10 +84,7 @@ def _args(argv):
     ap.error("cotangents must be >= 1")
   if args.damping <= 0:
     ap.error("--damping must be > 0 (the kernel-space sketch needs it)")
-  try:
-    request_host_devices(args.host_devices)
-  except RuntimeError as e:
-    raise SystemExit(f"--host-devices: {e}")
+  use_host_devices(ap, args.host_devices)
   return args
 
 

@@ -487,6 +487,16 @@ def _block_sums(apply_fn, params, x, t, extra, fn, shape_a, c, mesh,
   return a, b, logits
 
 
+def _check_sketch(cotangents, r) -> None:
+  """The sketches' shared checks: ``s`` an int ≥ 1, residuals given."""
+  if isinstance(cotangents, bool) or not isinstance(cotangents, int) or (
+      cotangents < 1):
+    raise ValueError(f"cotangents must be an int >= 1, got {cotangents!r}.")
+  if r is None:
+    raise ValueError("r: the sketch returns the exact gradient Jᵀ r; pass "
+                     "residuals (an (N, C) array or a function of logits).")
+
+
 def sketch_cotangents(key, n: int, c: int, s: int, dtype=jnp.float32):
   """Random cotangents for :func:`sketched_gram`: ``(N, C, s)`` Rademacher
   signs, so that ``E[Z_i Z_iᵀ] = s·I``.
@@ -582,12 +592,7 @@ def sketched_gram(apply_fn: ApplyFn, params, x, r, *, key, cotangents: int,
   Returns:
     :class:`SketchedGram`.
   """
-  if isinstance(cotangents, bool) or not isinstance(cotangents, int) or (
-      cotangents < 1):
-    raise ValueError(f"cotangents must be an int >= 1, got {cotangents!r}.")
-  if r is None:
-    raise ValueError("r: the sketch returns the exact gradient Jᵀ r; pass "
-                     "residuals (an (N, C) array or a function of logits).")
+  _check_sketch(cotangents, r)
   x = jnp.asarray(x)
   n = x.shape[0]
   mesh = resolve_mesh(mesh)
@@ -685,12 +690,7 @@ def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
   Returns:
     :class:`SketchedRows`; the rows live in host memory as one array.
   """
-  if isinstance(cotangents, bool) or not isinstance(cotangents, int) or (
-      cotangents < 1):
-    raise ValueError(f"cotangents must be an int >= 1, got {cotangents!r}.")
-  if r is None:
-    raise ValueError("r: the sketch returns the exact gradient Jᵀ r; pass "
-                     "residuals (an (N, C) array or a function of logits).")
+  _check_sketch(cotangents, r)
   x = jnp.asarray(x)
   n = x.shape[0]
   mesh = resolve_mesh(mesh)
