@@ -323,4 +323,3 @@ def test_request_host_devices_refuses_once_jax_has_started():
       os.environ.pop("XLA_FLAGS", None)
     else:
       os.environ["XLA_FLAGS"] = before
-
