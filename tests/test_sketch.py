@@ -207,6 +207,14 @@ def test_sketched_rows_are_the_explicit_rows_and_give_the_sketched_gram(
             / np.sqrt(s), rtol=1e-10, atol=1e-12)
       g = kernels.sketched_gram(_mlp, w, x, _res, y=y, key=key, cotangents=s)
       np.testing.assert_allclose(want.T @ want, g.gram, rtol=1e-9, atol=1e-12)
+      # Without the exact gradient: the same rows and residuals, no grad.
+      lean = kernels.sketched_jacobian(_mlp, w, x, _res, y=y, key=key,
+                                       cotangents=s, block_size=7,
+                                       exact_gradient=False)
+      assert lean.grad is None
+      np.testing.assert_allclose(lean.rows, want, rtol=1e-10, atol=1e-12)
+      np.testing.assert_allclose(lean.residuals, sk.residuals, rtol=1e-10,
+                                 atol=1e-12)
 
 
 @pytest.mark.parametrize("cotangents", [1, 2])

@@ -623,7 +623,8 @@ class SketchedRows(NamedTuple):
       ``s`` rows ``v_{ik}ᵀ J_i`` with ``v_{ik} = z_{ik} / √s``, so that
       ``rowsᵀ rows`` is the sketched Gram that :func:`sketched_gram` forms
       from the same ``key`` (one group).
-    grad: the exact ``Jᵀ r``, ``(P,)`` in ``solve_dtype``.
+    grad: the exact ``Jᵀ r``, ``(P,)`` in ``solve_dtype``; None when not
+      asked for.
     logits: ``apply_fn(params, x)`` when asked for, else None.
     residuals: the residuals seen through the same cotangents,
       ``v_{ik}ᵀ r_i``, ``(N·s,)`` in the model's dtype: ``rowsᵀ residuals``
@@ -636,7 +637,7 @@ class SketchedRows(NamedTuple):
 
 
 @per_apply_fn
-def _sketch_rows_block_fn(apply_fn, residual_fn):
+def _sketch_rows_block_fn(apply_fn, residual_fn, exact_grad: bool = True):
   """Jitted ``(params, x_b, t_b, keep_b, v_b) -> (f_b, rows_b, g_b, ρ_b)``:
   the ``s`` sketch rows of each sample, each sample's exact gradient
   ``J_iᵀ r_i`` (``s + 1`` reverse passes per sample) and the residuals
@@ -649,17 +650,19 @@ def _sketch_rows_block_fn(apply_fn, residual_fn):
     def one(xi, ti, vi):
       out, pull = jax.vjp(lambda w: apply_fn(unravel(w), xi[None])[0], flat)
       ri = ti if residual_fn is None else residual_fn(out[None], ti[None])[0]
-      cot = jnp.concatenate([vi.T.astype(out.dtype),
-                             ri[None].astype(out.dtype)], axis=0)
+      cot = vi.T.astype(out.dtype)
+      if exact_grad:  # one more reverse pass, with the residual
+        cot = jnp.concatenate([cot, ri[None].astype(out.dtype)], axis=0)
       proj = vi.T.astype(out.dtype) @ ri.astype(out.dtype)
-      return out, jax.vmap(pull)(cot)[0], proj  # (C,), (s + 1, P), (s,)
+      return out, jax.vmap(pull)(cot)[0], proj  # (C,), (s [+ 1], P), (s,)
 
     out, rows, proj = jax.vmap(one)(xb, tb, vb)
     keep = keep.astype(rows.dtype)
     rows = rows * keep[:, None, None]
     # Per-sample gradient rows (summed on the host): no collective in the
     # block program when the block is sharded over several devices.
-    return (out, rows[:, :s].reshape(-1, flat.shape[0]), rows[:, s],
+    return (out, rows[:, :s].reshape(-1, flat.shape[0]),
+            rows[:, s] if exact_grad else None,
             (proj * keep[:, None]).reshape(-1))
   return jax.jit(body)
 
@@ -668,7 +671,8 @@ def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
                       cotangents: int, y=None, block_size: int | None = None,
                       mesh: Mesh | None = None,
                       solve_dtype: str | None = None,
-                      return_outputs: bool = False) -> SketchedRows:
+                      return_outputs: bool = False,
+                      exact_gradient: bool = True) -> SketchedRows:
   """The rows of a random-cotangent sketch of ``J``, with the exact ``Jᵀ r``.
 
   :func:`sketched_gram`'s estimator (``s = cotangents`` Rademacher
@@ -686,6 +690,8 @@ def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
     key: a ``jax.random`` key for the cotangents.
     cotangents: ``s ≥ 1`` reverse passes per sample for the sketch.
     solve_dtype: dtype of the gradient's sum (None: the model's).
+    exact_gradient: also compute the exact ``Jᵀ r`` (one more reverse pass
+      a sample); False leaves ``grad`` None.
 
   Returns:
     :class:`SketchedRows`; the rows live in host memory as one array.
@@ -700,7 +706,7 @@ def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
   residual_fn, t, _ = _gram_inputs(r, y, None, solve_dtype, n, c, flat.dtype)
   v = sketch_cotangents(key, n, c, s, flat.dtype) / np.sqrt(s).astype(
       flat.dtype)
-  fn = _sketch_rows_block_fn(apply_fn, residual_fn)
+  fn = _sketch_rows_block_fn(apply_fn, residual_fn, bool(exact_gradient))
   params_r = replicate(mesh, params)
   block, _, _ = resolve_block(
       apply_fn, params, x, block_size, "jac", jac_block_fn(apply_fn),
@@ -717,12 +723,15 @@ def sketched_jacobian(apply_fn: ApplyFn, params, x, r, *, key,
     out, rb, gb, pb = fn(params_r, *args)
     rows[st * s:e * s] = np.asarray(rb)[:(e - st) * s]
     rho[st * s:e * s] = np.asarray(pb)[:(e - st) * s]
-    grad += np.asarray(gb, np.float64).sum(axis=0)
+    if exact_gradient:
+      grad += np.asarray(gb, np.float64).sum(axis=0)
     if return_outputs:
       outs.append(np.asarray(out)[: e - st])
   dt = flat.dtype if solve_dtype is None else np.dtype(solve_dtype)
-  with dtype_scope(solve_dtype):
-    g = jnp.asarray(grad.astype(dt))
+  g = None
+  if exact_gradient:
+    with dtype_scope(solve_dtype):
+      g = jnp.asarray(grad.astype(dt))
   logits = None
   if return_outputs:
     logits = jnp.asarray(np.concatenate(outs, axis=0) if outs

@@ -743,7 +743,8 @@ class SketchedKernel(Solver):
     sk = kernels.sketched_jacobian(
         prob.apply_fn, prob.lin, prob.x_r, res_fn, y=prob.y_r,
         key=jax.random.PRNGKey(self.seed), cotangents=self.cotangents,
-        solve_dtype=sd, return_outputs=True, **prob.blk)
+        solve_dtype=sd, return_outputs=True,
+        exact_gradient=self.exact_gradient, **prob.blk)
     j_f = np.asarray(kernels.jacobian(prob.apply_fn, prob.lin, prob.x_f,
                                       **prob.blk)) if prob.n_f else (
         np.zeros((0, p), sk.rows.dtype))
