@@ -163,6 +163,10 @@ def test_automatic_jacobian_blocks_are_small_on_cpu(resnet):
   block, _, _ = blocking.resolve_block(apply_fn, w, x, None, "jac", fn,
                                        lambda xb: (w, xb))
   assert block == kernels.CPU_BLOCK_PER_DEVICE
+  # 100 samples: 7 blocks either way, but of 15 (105 rows), not 16 (112).
+  block100, _, _ = blocking.resolve_block(apply_fn, w, jnp.zeros(
+      (100, 32, 32, 3)), None, "jac", fn, lambda xb: (w, xb))
+  assert block100 == 15
   nt = kernels.ntk_block_fn(apply_fn, 1)
   block_nt, _, _ = blocking.resolve_block(apply_fn, w, x, None, "ntk", nt,
                                           lambda xb: (xb, xb, w))
@@ -190,6 +194,21 @@ def test_auto_block_size_bounds_memory():
   assert kernels.auto_block_size(1000, 16 * mib, 2000 * mib) == 64  # power of 2 below 125
   assert kernels.auto_block_size(100, 16 * mib, 2048 * mib) == 100  # all fits
   assert kernels.auto_block_size(10, 10**12) == 1  # never below one sample
+
+
+def test_balanced_blocks_pad_less_and_keep_the_block_count():
+  bb = blocking.balanced_block
+  assert bb(100, 16) == 15  # 7 blocks: 105 rows, not 112
+  assert bb(100, 32, 2) == 26  # 4 blocks of 13 a device: 104, not 128
+  assert bb(64, 16) == 16 and bb(10, 16) == 10 and bb(1, 16) == 1
+  assert bb(10, 16, 4) == 12  # a multiple of the devices
+  for n in range(1, 400):
+    for block in (1, 3, 16, 32):
+      b = bb(n, block)
+      assert b <= block and -(-n // b) == -(-n // block)  # no more blocks
+      assert -(-n // b) * b - n < -(-n // b)  # under one padded row a block
+  # Large n keeps the block (and its compiled shape).
+  assert all(bb(n, 16) == 16 for n in range(256, 2000))
 
 
 def test_block_size_from_measured_working_memory(resnet):

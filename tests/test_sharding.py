@@ -186,6 +186,8 @@ _CHILD = textwrap.dedent("""
                         rtol=1e-5, atol=1e-6))
     out["sketch_devices"] = devices(sk4.gram)
     out["deletion_gram_devices"] = devices(st.gram)
+    out["deletion_request_devices"] = [devices(a) for a in (
+        d4.state.gram, d4.state.chol, d4.state.grad)]
     mv = cg.gauss_newton_matvec(apply_fn, params, x1, block_size=4)(v)
     out["cg_matvec_close"] = bool(np.allclose(
         np.asarray(mv), ref["gram_a"] @ np.asarray(v), rtol=1e-5,
@@ -267,7 +269,10 @@ def test_unlearn_deletion_and_sketch_on_four_devices(four_devices):
     assert gap < (1e-4 if solver == "cg" else 1e-5), (solver, gap)
   assert four_devices["deletion_rel"] < 1e-5
   assert four_devices["sketch_close"] and four_devices["sketch_devices"] == 4
-  assert four_devices["deletion_gram_devices"] == 4
+  # The P×P state and its algebra live on one device: replicated, every
+  # device of a host mesh would repeat the factorisation on the same cores.
+  assert four_devices["deletion_gram_devices"] == 1
+  assert four_devices["deletion_request_devices"] == [1, 1, 1]
   assert four_devices["cg_matvec_close"]
 
 

@@ -27,12 +27,14 @@ __all__ = [
   "DEFAULT_BLOCK_BYTES",
   "PROBE_SAMPLES",
   "auto_block_size",
+  "balanced_block",
   "bytes_per_sample",
   "default_mesh",
   "device_platform",
   "iter_blocks",
   "n_devices",
   "num_outputs",
+  "on_one_device",
   "pad_block",
   "per_apply_fn",
   "replicate",
@@ -198,6 +200,36 @@ def bytes_per_sample(kind: str, jitted, args_for, params, x,
   return cache[key]
 
 
+def balanced_block(n: int, block: int, devices: int = 1) -> int:
+  """The smallest block that covers ``n`` samples in as many blocks of at
+  most ``block`` samples as before, rounded up to a multiple of ``devices``.
+
+  The last block is padded to the block size; balancing keeps that padding
+  under one sample a block (and a device) instead of up to a whole block.
+  A 100-image request in blocks of 16 computes 112 Jacobian rows; in
+  blocks of 15, 105. Large ``n`` keeps ``block`` (and its compiled shape)
+  whenever ``block`` divides it or nearly does.
+  """
+  n, block, devices = max(int(n), 1), max(int(block), 1), max(int(devices), 1)
+  k = -(-n // block)
+  b = -(-n // k)
+  b = -(-b // devices) * devices
+  return int(min(b, -(-block // devices) * devices))
+
+
+def on_one_device(mesh: Mesh | None, tree):
+  """Places ``tree`` whole on the first device of ``mesh``.
+
+  For the small dense algebra after a pass over blocks (P×P factorisations
+  and solves): replicated over a mesh of CPU devices, every device would
+  repeat it on the same cores (measured 0.42 s against 0.18 s for one
+  ResNet-20 deletion request's algebra on two host devices).
+  """
+  if mesh is None:
+    return tree
+  return jax.device_put(tree, mesh.devices.flat[0])
+
+
 def iter_blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
   for start in range(0, n, block):
     yield start, min(start + block, n)
@@ -228,6 +260,7 @@ def resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
       block_size = auto_block_size(len(x), per)
       if kind == "jac" and device_platform(mesh) == "cpu":
         block_size = min(block_size, CPU_BLOCK_PER_DEVICE * n_devices(mesh))
+      block_size = balanced_block(len(x), block_size, n_devices(mesh))
   if int(block_size) < 1:
     raise ValueError(f"block_size must be >= 1, got {block_size}.")
   block = int(min(block_size, max(len(x), 1)))

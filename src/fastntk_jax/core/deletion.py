@@ -319,6 +319,8 @@ def _prepare_mse(apply_fn, x, y, common, blk):
   a, g, f0 = kernels.gram(apply_fn, lin, x, RESIDUAL_FNS["mse"], y=y,
                           solve_dtype=solve_dtype, return_outputs=True, **blk)
   _check_logits(f0)
+  # The P×P algebra once, on one device (not repeated on every device).
+  a, g = blocking.on_one_device(blk["mesh"], (a, g))
   with kernels.dtype_scope(solve_dtype):
     if common["shift"] is not None:
       g = g + a @ common["shift"]
@@ -513,16 +515,19 @@ def _forget_mse(state, apply_fn, params, x_f, y_f, remaining, block_size,
                               solve_dtype=state.solve_dtype, block_size=block_size,
                               mesh=mesh, return_outputs=True)
   r_f = RESIDUAL_FNS["mse"](f0, jnp.asarray(y_f))
+  # The P×P algebra once, on one device of the request's mesh (the state may
+  # come from another mesh, or from a checkpoint on the host); replicated,
+  # every device would repeat it on the same cores.
+  a_f, g_f = blocking.on_one_device(mesh, (a_f, g_f))
   with kernels.dtype_scope(state.solve_dtype):
-    rr_f = jnp.sum(jnp.asarray(r_f, state.gram.dtype) ** 2)
+    rr_f = blocking.on_one_device(
+        mesh, jnp.sum(jnp.asarray(r_f, state.gram.dtype) ** 2))
     if state.shift is not None:  # the residual at the anchor: r + J_F d
-      d = blocking.replicate(mesh, state.shift)
+      d = blocking.on_one_device(mesh, state.shift)
       rr_f = rr_f + 2 * d @ g_f + d @ (a_f @ d)
       g_f = g_f + a_f @ d
-    # Everything on the request's devices (the state may come from another
-    # mesh, or from a checkpoint on the host).
-    a, g, chol, rr_f, lam = blocking.replicate(mesh, (
-        state.gram, state.grad, state.chol, rr_f,
+    a, g, chol, lam = blocking.on_one_device(mesh, (
+        state.gram, state.grad, state.chol,
         jnp.asarray(state.damping, state.gram.dtype)))
     delta, a_r, g_r, chol_r, res, v = _request(a, g, chol, a_f, g_f, rr_f,
                                                lam)

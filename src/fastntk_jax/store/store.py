@@ -37,6 +37,7 @@ Example::
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime
 import fcntl
 import hashlib
@@ -501,9 +502,24 @@ class DeletionStore:
     forget_kw.setdefault("refresh_steps", 8)
     res = deletion.forget(self.state, apply_fn, self.params, (x_f, y_f),
                           ids=ids, **forget_kw)
-    after = _request_metrics(apply_fn, res.params, x_f, y_f, loss)
-    row = self._commit(rid, ids, res, before, after, t0)
+    # The new files are written (and fsynced) while the request's "after"
+    # metrics run; nothing is visible until _commit's SQLite row, and files
+    # no generation names are removed when the store next opens.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+      written = pool.submit(self._write_objects, res)
+      after = _request_metrics(apply_fn, res.params, x_f, y_f, loss)
+      written = written.result()
+    row = self._commit(rid, ids, res, before, after, t0, written)
     return RequestResult(rid, "applied", row)
+
+  def _write_objects(self, res) -> dict:
+    """The request's new immutable files: state, parameters, their digest."""
+    t = time.perf_counter()
+    keys, scalars = _write_state(self.objects, res.state, self._previous)
+    pkey = self.objects.put_tree(res.params)
+    return {"keys": keys, "scalars": scalars, "params": pkey,
+            "params_sha256": params_sha256(res.params),
+            "seconds": time.perf_counter() - t}
 
   def _already_applied(self, rid: str, ids: np.ndarray) -> dict | None:
     prev = db.find_request(self.con, rid)
@@ -546,12 +562,11 @@ class DeletionStore:
           f"{emptied}; if that is intended, pass allow_empty_class=True "
           "(--allow-empty-class).")
 
-  def _commit(self, rid, ids, res, before, after, t0) -> dict:
-    t_write = time.perf_counter()
-    keys, scalars = _write_state(self.objects, res.state, self._previous)
-    pkey = self.objects.put_tree(res.params)
+  def _commit(self, rid, ids, res, before, after, t0, written) -> dict:
+    keys, scalars, pkey = (written["keys"], written["scalars"],
+                           written["params"])
     sha_before = self.generation["params_sha256"]
-    sha_after = params_sha256(res.params)
+    sha_after = written["params_sha256"]
     new_gen = {"created": _now(), "num_samples": int(res.state.num_samples),
                "params_sha256": sha_after,
                "objects": {**self.generation["objects"], "params": pkey,
@@ -572,7 +587,7 @@ class DeletionStore:
            "versions": {**environment()["versions"],
                         "store_written_by": self.meta.get("fastntk_jax")},
            "extra": {"solve": solve,
-                     "write_seconds": time.perf_counter() - t_write,
+                     "write_seconds": written["seconds"],
                      "request_seconds": time.perf_counter() - t0}}
     db.commit_request(self.con, row, new_gen)
     # Visible from here on; the old generation's changed files are removed.
