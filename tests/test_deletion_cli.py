@@ -31,6 +31,22 @@ def test_bad_inputs_are_reported_before_work(tmp_path, capsys):
   assert cli.main(["deletion", "init", str(tmp_path / "s"), "--checkpoint",
                    str(tmp_path / "m.ckpt"), "--damping", "0"]) == 2
   assert "--damping must be > 0" in capsys.readouterr().err
+  assert cli.main(["deletion", "forget", str(tmp_path / "none"), "--ids",
+                   "-", "--host-devices", "0"]) == 2
+  assert "--host-devices must be >= 1" in capsys.readouterr().err
+  # This process's JAX has started with one CPU device: asking for two here
+  # is refused with the fix (a new process, or XLA_FLAGS before Python).
+  import jax
+  n = len(jax.devices("cpu"))
+  assert cli.main(["deletion", "forget", str(tmp_path / "none"), "--ids",
+                   "-", "--host-devices", str(n + 1)]) == 2
+  err = capsys.readouterr().err
+  assert "--host-devices" in err and "XLA_FLAGS" in err
+  # The count it already has is accepted; the next error is the store's.
+  assert cli.main(["deletion", "status", str(tmp_path / "none")]) == 2
+  assert cli.main(["deletion", "verify", str(tmp_path / "none"),
+                   "--host-devices", str(n)]) == 2
+  assert "no deletion store" in capsys.readouterr().err
 
 
 @pytest.mark.slow  # fine-tunes a ResNet-20 and compiles its Jacobians: ~2 min

@@ -279,6 +279,15 @@ _SUB = {"init": _init, "forget": _forget, "status": _status, "log": _log,
 
 
 def cmd_deletion(args) -> dict[str, Any]:
+  k = getattr(args, "host_devices", None)
+  if k is not None:
+    if k < 1:
+      raise UsageError(f"--host-devices must be >= 1, got {k}.")
+    from fastntk_jax.io.environment import request_host_devices
+    try:
+      request_host_devices(k)
+    except RuntimeError as err:  # JAX started earlier in this process
+      raise UsageError(f"--host-devices: {err}") from None
   out = _SUB[args.deletion_command](args)
   if getattr(args, "json", None):
     from fastntk_jax.io.checkpoint import atomic_write_json

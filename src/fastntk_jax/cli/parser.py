@@ -281,8 +281,14 @@ def _add_deletion(sub) -> None:
                    "to PATH")
     return a
 
-  a = action("init", "prepare a store from a `fastntk train` checkpoint and "
-             "its training set")
+  def host_devices(a):
+    a.add_argument("--host-devices", type=int, default=None, metavar="K",
+                   help="split the Jacobian work over K CPU devices, e.g. one "
+                   "per core (default: as JAX starts, one CPU device)")
+    return a
+
+  a = host_devices(action("init", "prepare a store from a `fastntk train` "
+                          "checkpoint and its training set"))
   a.add_argument("--checkpoint", required=True, metavar="PATH",
                  help="a `fastntk train` checkpoint (w_0, w_D, frozen)")
   a.add_argument("--samples", metavar="NPZ", help="the training set as an "
@@ -302,8 +308,9 @@ def _add_deletion(sub) -> None:
                  default=DEFAULT_MEMORY_BUDGET / 2**30,
                  help="GiB the prepared state may take; refused before any "
                  f"work when over (default {DEFAULT_MEMORY_BUDGET / 2**30:g})")
-  a = action("forget", "apply one deletion request (all or nothing; a "
-             "request applied before changes nothing)")
+  a = host_devices(action("forget", "apply one deletion request (all or "
+                          "nothing; a request applied before changes "
+                          "nothing)"))
   a.add_argument("--ids", required=True, metavar="FILE",
                  help="the sample ids: a file ('-' for standard input) of "
                  "integers separated by spaces, commas or newlines, or a "
@@ -323,8 +330,8 @@ def _add_deletion(sub) -> None:
                  help="use a store written by another fastntk_jax version")
   action("status", "counts, sizes, the last request and verification")
   action("log", "every applied request")
-  a = action("verify", "recompute from scratch on the kept samples and "
-             "compare (recorded in the store)")
+  a = host_devices(action("verify", "recompute from scratch on the kept "
+                          "samples and compare (recorded in the store)"))
   a.add_argument("--allow-other-version", action="store_true",
                  help="use a store written by another fastntk_jax version")
   a = action("export", "the current model as a checkpoint the other "

@@ -35,10 +35,12 @@ A request then
    ``eps₃₂·‖M‖``, and positive definite) and refactors it (``|F|·C·P²`` +
    ``P³/3`` flops); ``M`` only preconditions: the answer is fixed by the
    float64 gradient;
-3. minimises ``Φ_{S∖F}`` from ``x_S`` with steps ``−M⁻¹∇Φ`` (Newton with the
-   Hessian frozen at ``M``: ``x_S`` is close to ``x_{S∖F}`` and ``M`` to the
-   true Hessian there, so it converges in a few steps), and, if that is slow
-   (more than 20 steps), continues by Newton-CG preconditioned with ``M``.
+3. minimises ``Φ_{S∖F}`` from ``x_S`` by L-BFGS with ``M⁻¹`` as the initial
+   inverse Hessian (Newton with the Hessian frozen at ``M``, corrected by the
+   last 10 pairs of steps and gradient changes: ``x_S`` is close to
+   ``x_{S∖F}`` and ``M`` to the true Hessian there, so it converges in a few
+   steps), and, if that is slow (more than 20 steps), continues by
+   Newton-CG preconditioned with ``M``.
    Every product is a pass over the kept rows (``2·N·C·P`` flops): no model
    evaluation.
 
@@ -92,6 +94,10 @@ __all__ = ["DeletionResult", "PreparedState", "compact", "forget", "prepare",
 #: Steps of the frozen-Hessian iteration before a request switches to
 #: Newton-CG.
 _FROZEN_STEPS = 20
+
+#: L-BFGS pairs that correct ``M`` within a request's solve
+#: (:func:`fastntk_jax.core.newton.solve_preconditioned`).
+_LBFGS_PAIRS = 10
 
 
 class PreparedState(NamedTuple):
@@ -587,11 +593,11 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
     weights = jnp.asarray(active, prec)
   common = dict(weights=weights, tol=tol, solve_dtype=prec,
                 preconditioner=precond)
-  # Newton with the Hessian frozen at M (two passes a step) first; where it
-  # converges slowly, Newton-CG preconditioned with M from where it stopped.
+  # L-BFGS from M (two passes a step) first; where it converges slowly,
+  # Newton-CG preconditioned with M from where it stopped.
   x_new, rep = newton.solve_preconditioned(
       op, state.offsets, state.labels, loss, lam, x0=state.solution,
-      max_iter=min(max_steps, _FROZEN_STEPS), **common)
+      max_iter=min(max_steps, _FROZEN_STEPS), memory=_LBFGS_PAIRS, **common)
   left = max_steps - rep.iterations
   if not rep.converged and rep.status != "factorisation_failed" and left > 0:
     first = rep
