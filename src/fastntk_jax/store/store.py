@@ -41,6 +41,7 @@ import concurrent.futures
 import datetime
 import fcntl
 import hashlib
+import math
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -63,7 +64,7 @@ from fastntk_jax.store.objects import fsync_dir
 
 __all__ = ["CorruptStoreError", "DeletionStore", "RequestResult",
            "StoreError", "StoreLockedError", "ids_key", "params_sha256",
-           "sample_digests", "take"]
+           "refresh_due", "sample_digests", "take"]
 
 _NUMPY_FIELDS = ("ids", "labels", "active", "row_ids")
 _SCALAR_FIELDS = ("num_samples", "num_outputs", "damping", "loss",
@@ -239,6 +240,40 @@ def take(samples, wanted, digests=None, name: str = "samples"):
   return xs, ys
 
 
+def refresh_due(iterations, step_seconds: float,
+                refresh_seconds: float) -> bool:
+  """Whether a cross-entropy store should form ``M`` again now.
+
+  ``iterations``: the solve steps of every request since ``M`` was last
+  formed, the current one last. With a fresh ``M`` a request takes about
+  ``min(iterations)`` steps; the steps over that are what a stale ``M`` has
+  cost so far. The rule refreshes once that cost, in seconds, reaches the
+  cost of a refresh: the ski-rental rule, whose total is at most twice that
+  of the best schedule chosen with hindsight (when a refresh brings the
+  steps back to the minimum). Steps and refreshes are both measured on this
+  machine, so the rule needs no tuning.
+  """
+  its = [int(i) for i in iterations]
+  if not its or not math.isfinite(float(refresh_seconds)):
+    return False
+  excess = sum(i - min(its) for i in its)
+  return excess * float(step_seconds) >= float(refresh_seconds)
+
+
+def _time_refresh(state: deletion.PreparedState) -> float | None:
+  """Seconds a refresh of ``state``'s ``M`` would take (``"ce"``), from a
+  timed refresh over up to 1,000 samples scaled to all (the work is linear
+  in the samples); None for ``"mse"``."""
+  if state.loss != "ce":
+    return None
+  n = int(state.num_samples)
+  rows = np.arange(min(n, 1000))
+  deletion.refresh_preconditioner(state, rows)  # compiles
+  t = time.perf_counter()
+  jax.block_until_ready(deletion.refresh_preconditioner(state, rows).chol)
+  return (time.perf_counter() - t) * n / len(rows)
+
+
 def _request_metrics(apply_fn, params, x, y, loss: str) -> dict:
   """Accuracy and mean loss on a request (``"mse"``: ½‖f − onehot‖²)."""
   z = np.asarray(kernels.predict(apply_fn, params, x), np.float64)
@@ -342,6 +377,7 @@ class DeletionStore:
     state = deletion.prepare(apply_fn, params, data, anchor=anchor, ids=ids,
                              **prepare_kw)
     seconds = time.perf_counter() - t0
+    refresh_estimate = _time_refresh(state)
     order = np.argsort(ids)
     x, y = np.asarray(data[0]), np.asarray(data[1])
     keys, scalars = _write_state(objs, state, {})
@@ -360,7 +396,8 @@ class DeletionStore:
             "fastntk_jax": env["versions"]["fastntk_jax"], "environment": env,
             "prepare": {k: v for k, v in prepare_kw.items()
                         if isinstance(v, (int, float, str, bool, type(None)))},
-            "prepare_seconds": seconds, "description": description}
+            "prepare_seconds": seconds, "description": description,
+            "refresh_seconds_estimate": refresh_estimate}
     db.create(root / "store.sqlite", meta, gen0)
     fsync_dir(root)
     return cls._load(root, db.connect(root / "store.sqlite"), lock)
@@ -499,9 +536,23 @@ class DeletionStore:
     before = _request_metrics(apply_fn, self.params, x_f, y_f, loss)
     # A long-lived cross-entropy store refreshes its preconditioner when a
     # request's solve slows down (deletion.forget, refresh_steps).
-    forget_kw.setdefault("refresh_steps", 8)
+    # A long-lived cross-entropy store forms M again when the steps it has
+    # cost since the last refresh would have paid for one (refresh_due),
+    # unless the caller sets deletion.forget's own refresh_steps rule.
+    own_rule = loss == "ce" and "refresh_steps" not in forget_kw
     res = deletion.forget(self.state, apply_fn, self.params, (x_f, y_f),
                           ids=ids, **forget_kw)
+    refresh = None
+    if own_rule and res.solve is not None:
+      its = self._iterations_since_refresh() + [int(res.solve.iterations)]
+      step = res.seconds / max(int(res.solve.iterations), 1)
+      cost = self._refresh_cost()
+      refresh = {"iterations_since": its, "step_seconds": step,
+                 "refresh_seconds_estimate": cost, "seconds": None}
+      if refresh_due(its, step, cost):
+        t = time.perf_counter()
+        res = res._replace(state=deletion.refresh_preconditioner(res.state))
+        refresh["seconds"] = time.perf_counter() - t
     # The new files are written (and fsynced) while the request's "after"
     # metrics run; nothing is visible until _commit's SQLite row, and files
     # no generation names are removed when the store next opens.
@@ -509,8 +560,31 @@ class DeletionStore:
       written = pool.submit(self._write_objects, res)
       after = _request_metrics(apply_fn, res.params, x_f, y_f, loss)
       written = written.result()
-    row = self._commit(rid, ids, res, before, after, t0, written)
+    row = self._commit(rid, ids, res, before, after, t0, written, refresh)
     return RequestResult(rid, "applied", row)
+
+  def _iterations_since_refresh(self) -> list[int]:
+    """Solve steps of the requests since M was last formed (init or a
+    refresh), oldest first."""
+    its = []
+    for r in reversed(db.requests(self.con)):
+      extra = r.get("extra") or {}
+      if (extra.get("refresh") or {}).get("seconds") is not None:
+        break
+      solve = extra.get("solve") or {}
+      if "iterations" in solve:
+        its.append(int(solve["iterations"]))
+    return its[::-1]
+
+  def _refresh_cost(self) -> float:
+    """Seconds a refresh takes: the last one measured, else init's estimate
+    (``inf`` when neither exists: never refresh)."""
+    for r in reversed(db.requests(self.con)):
+      sec = ((r.get("extra") or {}).get("refresh") or {}).get("seconds")
+      if sec is not None:
+        return float(sec)
+    est = self.meta.get("refresh_seconds_estimate")
+    return float("inf") if est is None else float(est)
 
   def _write_objects(self, res) -> dict:
     """The request's new immutable files: state, parameters, their digest."""
@@ -562,7 +636,8 @@ class DeletionStore:
           f"{emptied}; if that is intended, pass allow_empty_class=True "
           "(--allow-empty-class).")
 
-  def _commit(self, rid, ids, res, before, after, t0, written) -> dict:
+  def _commit(self, rid, ids, res, before, after, t0, written,
+              refresh=None) -> dict:
     keys, scalars, pkey = (written["keys"], written["scalars"],
                            written["params"])
     sha_before = self.generation["params_sha256"]
@@ -588,6 +663,7 @@ class DeletionStore:
                         "store_written_by": self.meta.get("fastntk_jax")},
            "extra": {"solve": solve,
                      "write_seconds": written["seconds"],
+                     "refresh": refresh,
                      "request_seconds": time.perf_counter() - t0}}
     db.commit_request(self.con, row, new_gen)
     # Visible from here on; the old generation's changed files are removed.
