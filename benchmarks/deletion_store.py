@@ -117,7 +117,9 @@ def run(args) -> dict:
                    "relative_residual": res.row["relative_residual"],
                    "acc_before": res.row["before"]["accuracy"],
                    "acc_after": res.row["after"]["accuracy"],
-                   "solve": res.row["extra"]["solve"]})
+                   "solve": res.row["extra"]["solve"],
+                   "refresh_seconds": (res.row["extra"].get("refresh") or {}
+                                       ).get("seconds")})
       print(f"request {i}: {wall:.2f} s (solve {res.row['seconds']:.2f} s, "
             f"write {res.row['extra']['write_seconds']:.2f} s)", flush=True)
     store.close()
