@@ -455,7 +455,8 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
       (one Gauss-Newton pass over the kept rows, ``N·C·P²`` flops), so that
       later requests converge as fast as the first; None (default) never
       refreshes. ``M`` only preconditions: the answer is the same up to the
-      solve's tolerance. :class:`fastntk_jax.store.DeletionStore` uses 8.
+      solve's tolerance. :class:`fastntk_jax.store.DeletionStore` has its
+      own rule instead (:func:`fastntk_jax.store.store.refresh_due`).
     mesh: as in :func:`prepare`.
 
   Returns:

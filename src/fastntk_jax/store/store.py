@@ -534,8 +534,6 @@ class DeletionStore:
     t0 = time.perf_counter()
     loss = self.state.loss
     before = _request_metrics(apply_fn, self.params, x_f, y_f, loss)
-    # A long-lived cross-entropy store refreshes its preconditioner when a
-    # request's solve slows down (deletion.forget, refresh_steps).
     # A long-lived cross-entropy store forms M again when the steps it has
     # cost since the last refresh would have paid for one (refresh_due),
     # unless the caller sets deletion.forget's own refresh_steps rule.
