@@ -316,6 +316,13 @@ def test_a_cross_entropy_store_refreshes_when_it_pays(tmp_path):
   with DeletionStore.open(tmp_path / "s") as s:  # the schedule survives
     assert s._iterations_since_refresh() == []
     assert s._refresh_cost() == r1["extra"]["refresh"]["seconds"]
+  # A store written before init kept an estimate, with no refresh logged:
+  # the cost is timed once in this process, not taken as infinite.
+  with _init(tmp_path / "old", "ce") as s:
+    del s.meta["refresh_seconds_estimate"]
+    cost = s._refresh_cost()
+    assert 0 < cost < float("inf")
+    assert s.meta["refresh_seconds_estimate"] == cost
 
 
 def test_unchanged_arrays_are_not_written_again(tmp_path, monkeypatch):

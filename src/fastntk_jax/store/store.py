@@ -575,13 +575,16 @@ class DeletionStore:
     return its[::-1]
 
   def _refresh_cost(self) -> float:
-    """Seconds a refresh takes: the last one measured, else init's estimate
-    (``inf`` when neither exists: never refresh)."""
+    """Seconds a refresh takes: the last one measured, else init's estimate,
+    else (a store from before the estimate was kept) one timed now on up to
+    1,000 samples, once per process."""
     for r in reversed(db.requests(self.con)):
       sec = ((r.get("extra") or {}).get("refresh") or {}).get("seconds")
       if sec is not None:
         return float(sec)
-    est = self.meta.get("refresh_seconds_estimate")
+    if "refresh_seconds_estimate" not in self.meta:
+      self.meta["refresh_seconds_estimate"] = _time_refresh(self.state)
+    est = self.meta["refresh_seconds_estimate"]
     return float("inf") if est is None else float(est)
 
   def _write_objects(self, res) -> dict:
