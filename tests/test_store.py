@@ -279,6 +279,19 @@ def test_a_failure_before_the_commit_leaves_the_old_state(tmp_path,
                     ).status == "applied"
 
 
+def test_latest_requests_are_newest_first_in_pages(tmp_path, monkeypatch):
+  with _init(tmp_path / "s", "mse") as s:
+    for i, r in enumerate(REQS):
+      s.forget(apply_fn, _sel(r), ids=np.array(r), request_id=f"r{i}")
+    for page in (1, 2, 3, 64):
+      monkeypatch.setattr(db, "PAGE", page)
+      assert [r["request_id"] for r in db.latest_requests(s.con)] == [
+          "r2", "r1", "r0"]
+    it = db.latest_requests(s.con)
+    assert next(it)["request_id"] == "r2"  # stopping early is fine:
+    s.forget(apply_fn, _sel([1001]), ids=np.array([1001]))  # commits work
+
+
 def test_refresh_rule_is_ski_rental():
   due = store_lib.refresh_due
   assert not due([], 0.1, 1.0) and not due([9], 0.1, 0.0 + 1e-9)

@@ -29,12 +29,13 @@ import json
 import os
 import sqlite3
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 __all__ = ["FORMAT", "VERSION", "connect", "commit_request", "create",
            "commit_event", "events", "find_request", "find_request_by_ids",
-           "generation", "head", "meta", "record_verification",
-           "requests", "verifications"]
+           "generation", "head", "latest_requests", "meta",
+           "record_verification", "requests", "verifications"]
 
 FORMAT = "fastntk_jax.store"
 VERSION = 1
@@ -191,6 +192,25 @@ def commit_request(con: sqlite3.Connection, row: dict[str, Any],
 
 def requests(con: sqlite3.Connection) -> list[dict[str, Any]]:
   return [_row(r) for r in con.execute("SELECT * FROM requests ORDER BY seq")]
+
+
+#: Rows a page of :func:`latest_requests` reads.
+PAGE = 64
+
+
+def latest_requests(con: sqlite3.Connection) -> Iterator[dict[str, Any]]:
+  """The requests newest first, read in pages of :data:`PAGE` as they are
+  consumed (a caller that stops early does not parse the whole log; no
+  statement stays open between pages)."""
+  offset = 0
+  while True:
+    page = con.execute("SELECT * FROM requests ORDER BY seq DESC LIMIT ? "
+                       "OFFSET ?", (PAGE, offset)).fetchall()
+    for r in page:
+      yield _row(r)
+    if len(page) < PAGE:
+      return
+    offset += PAGE
 
 
 def find_request(con: sqlite3.Connection, request_id: str

@@ -565,7 +565,7 @@ class DeletionStore:
     """Solve steps of the requests since M was last formed (init or a
     refresh), oldest first."""
     its = []
-    for r in reversed(db.requests(self.con)):
+    for r in db.latest_requests(self.con):
       extra = r.get("extra") or {}
       if (extra.get("refresh") or {}).get("seconds") is not None:
         break
@@ -578,7 +578,7 @@ class DeletionStore:
     """Seconds a refresh takes: the last one measured, else init's estimate,
     else (a store from before the estimate was kept) one timed now on up to
     1,000 samples, once per process."""
-    for r in reversed(db.requests(self.con)):
+    for r in db.latest_requests(self.con):
       sec = ((r.get("extra") or {}).get("refresh") or {}).get("seconds")
       if sec is not None:
         return float(sec)
