@@ -305,6 +305,13 @@ def test_refresh_rule_is_ski_rental():
 def test_a_cross_entropy_store_refreshes_when_it_pays(tmp_path):
   with _init(tmp_path / "s", "ce") as s:
     assert s.meta["refresh_seconds_estimate"] > 0
+    # The timed subset: M over those rows alone, as a mask would give it.
+    mask = np.zeros(len(IDS), bool)
+    mask[[2, 5, 7]] = True
+    sub = deletion.refresh_preconditioner(s.state, np.array([2, 5, 7]))
+    ref = deletion.refresh_preconditioner(s.state._replace(active=mask))
+    np.testing.assert_allclose(np.asarray(sub.gram), np.asarray(ref.gram),
+                               rtol=1e-10, atol=1e-12)
     s.meta["refresh_seconds_estimate"] = float("inf")  # never
     r0 = s.forget(apply_fn, _sel([1000]), ids=np.array([1000])).row
     assert r0["extra"]["refresh"]["seconds"] is None

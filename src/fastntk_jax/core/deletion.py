@@ -647,11 +647,11 @@ def refresh_preconditioner(state: PreparedState,
   c, prec = state.num_outputs, state.solve_dtype
   g_dtype = ravel_pytree(state.lin_params)[0].dtype
   with kernels.dtype_scope(prec):  # float64 rows stay float64
-    if rows is not None:
+    if rows is not None:  # by index: no copy of all N·C × P rows
       rows = np.asarray(rows)
-      p = state.jacobian.shape[-1]
+      idx = (rows[:, None] * c + np.arange(c)).reshape(-1)
       state = state._replace(
-          jacobian=state.jacobian.reshape(-1, c, p)[rows].reshape(-1, p),
+          jacobian=state.jacobian[idx],
           offsets=state.offsets[rows], active=state.active[rows],
           ref_logits=state.ref_logits[rows])
     op = newton.DenseJacobian(state.jacobian, c, ggn_dtype=g_dtype)
