@@ -207,8 +207,8 @@ def balanced_block(n: int, block: int, devices: int = 1) -> int:
   The last block is padded to the block size; balancing keeps that padding
   under one sample a block (and a device) instead of up to a whole block.
   A 100-image request in blocks of 16 computes 112 Jacobian rows; in
-  blocks of 15, 105. Large ``n`` keeps ``block`` (and its compiled shape)
-  whenever ``block`` divides it or nearly does.
+  blocks of 15, 105. ``n >= block²`` always keeps ``block`` (and its
+  compiled shape).
   """
   n, block, devices = max(int(n), 1), max(int(block), 1), max(int(devices), 1)
   k = -(-n // block)
@@ -222,8 +222,8 @@ def on_one_device(mesh: Mesh | None, tree):
 
   For the small dense algebra after a pass over blocks (P×P factorisations
   and solves): replicated over a mesh of CPU devices, every device would
-  repeat it on the same cores (measured 0.42 s against 0.18 s for one
-  ResNet-20 deletion request's algebra on two host devices).
+  repeat it on the same cores (``benchmarks/deletion_request_profile.py``
+  measures both placements).
   """
   if mesh is None:
     return tree

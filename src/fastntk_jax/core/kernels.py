@@ -57,6 +57,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from fastntk_jax.core import nt
+from fastntk_jax.core import validate
 from fastntk_jax.core.blocking import (
   CPU_BLOCK_PER_DEVICE,
   DATA_AXIS,
@@ -489,9 +490,7 @@ def _block_sums(apply_fn, params, x, t, extra, fn, shape_a, c, mesh,
 
 def _check_sketch(cotangents, r) -> None:
   """The sketches' shared checks: ``s`` an int ≥ 1, residuals given."""
-  if isinstance(cotangents, bool) or not isinstance(cotangents, int) or (
-      cotangents < 1):
-    raise ValueError(f"cotangents must be an int >= 1, got {cotangents!r}.")
+  validate.check_int("cotangents", cotangents, 1)
   if r is None:
     raise ValueError("r: the sketch returns the exact gradient Jᵀ r; pass "
                      "residuals (an (N, C) array or a function of logits).")

@@ -510,9 +510,7 @@ def solve_preconditioned(op, b, y, loss: Loss, damping: float, *,
   dtype = validate.check_solve_dtype(solve_dtype)
   tol = _tol(op, dtype, tol)
   validate.check_positive_int_or_none("max_iter", max_iter)
-  if isinstance(memory, bool) or not isinstance(memory, int) or memory < 0:
-    raise ValueError(f"memory must be an int >= 0 (0: no L-BFGS pairs), got "
-                     f"{memory!r}.")
+  validate.check_int("memory", memory, 0, " (0: no L-BFGS pairs)")
   with kernels.dtype_scope(solve_dtype):
     pairs, last = [], {}
 

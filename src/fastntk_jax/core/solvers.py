@@ -566,13 +566,6 @@ class MatrixFree(Solver):
     return Outcome(delta, jnp.linalg.norm(v.reshape(-1)), reports)
 
 
-def _check_cotangents(cotangents) -> None:
-  if isinstance(cotangents, bool) or not isinstance(cotangents, int) or (
-      cotangents < 1):
-    raise ValueError("cotangents must be an int >= 1 (reverse passes per "
-                     f"sample), got {cotangents!r}.")
-
-
 @dataclasses.dataclass(frozen=True)
 class Sketched(ParameterSpace):
   """Parameter space with a random-cotangent sketch of ``A_r`` (approximate).
@@ -604,7 +597,8 @@ class Sketched(ParameterSpace):
 
   def check(self) -> None:
     super().check()
-    _check_cotangents(self.cotangents)
+    validate.check_int("cotangents", self.cotangents, 1,
+                       " (reverse passes per sample)")
     if not isinstance(self.check_residual, bool):
       raise ValueError("check_residual must be True or False, got "
                        f"{self.check_residual!r}.")
@@ -697,7 +691,8 @@ class SketchedKernel(Solver):
 
   def check(self) -> None:
     super().check()
-    _check_cotangents(self.cotangents)
+    validate.check_int("cotangents", self.cotangents, 1,
+                       " (reverse passes per sample)")
     if not isinstance(self.exact_gradient, bool):
       raise ValueError("exact_gradient must be True or False, got "
                        f"{self.exact_gradient!r}.")

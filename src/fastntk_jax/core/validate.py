@@ -73,6 +73,13 @@ def check_finite_tree(name: str, tree) -> None:
       raise ValueError(f"{name}: contains NaN or infinite values.")
 
 
+def check_int(name: str, value, minimum: int, note: str = "") -> None:
+  """``value`` an int (not a bool) ``>= minimum``; ``note`` explains it."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an int >= {minimum}{note}, got "
+                     f"{value!r}.")
+
+
 def check_positive_int_or_none(name: str, value) -> None:
   if value is not None and (isinstance(value, bool) or int(value) != value
                             or value < 1):

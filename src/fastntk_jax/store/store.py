@@ -543,6 +543,8 @@ class DeletionStore:
     refresh = None
     if own_rule and res.solve is not None:
       its = self._iterations_since_refresh() + [int(res.solve.iterations)]
+      # Seconds a step, an upper bound (the request's fixed work is in it):
+      # refreshes come a little early rather than late.
       step = res.seconds / max(int(res.solve.iterations), 1)
       cost = self._refresh_cost()
       refresh = {"iterations_since": its, "step_seconds": step,
