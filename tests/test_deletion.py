@@ -193,6 +193,52 @@ def test_ce_requests_in_sequence_equal_unlearning_from_scratch(linearize_at):
                              atol=1e-6 * float(np.abs(want).max()))
 
 
+def test_ce_requests_start_from_the_downdated_gradient():
+  """The state carries the solution's logits, its gradient and ∇Φ(0) over
+  the current set, downdated by each request: they equal the sums written
+  out in numpy over the kept rows, and a state without them (as saved
+  before they existed) computes them and gives the same answer."""
+  apply_fn, w0, w_d, x, y = _problem(7, n=50)
+  ids = np.arange(50)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids,
+                        damping=0.5, loss="ce")
+  assert st.jacobian.dtype == jnp.float32  # kept as the model computed them
+  reqs = [np.array([1, 8, 9]), np.array([20, 33])]
+  runs = {}
+  for carried in (True, False):
+    state, params = st, w_d
+    for r in reqs:
+      if not carried:
+        state = state._replace(solution_logits=None, solution_grad=None,
+                               anchor_grad=None)
+      res = deletion.forget(state, apply_fn, params, (x[r], y[r]), ids=r)
+      state, params = res.state, res.params
+    runs[carried] = (state, params)
+  (s1, p1), (s0, p0) = runs[True], runs[False]
+  np.testing.assert_allclose(_flat(p1), _flat(p0), rtol=1e-9, atol=1e-12)
+  keep = s1.active
+  assert keep.sum() == 45
+  j = np.asarray(st.jacobian, np.float64)
+  b = np.asarray(st.offsets, np.float64)
+
+  def grad_terms(z):  # Σ_kept J_iᵀ (softmax(z_i) − e_{y_i})
+    p = np.exp(z - z.max(1, keepdims=True))
+    p /= p.sum(1, keepdims=True)
+    p[np.arange(len(y)), y] -= 1
+    return (p * keep[:, None]).reshape(-1) @ j
+
+  xs = np.asarray(s1.solution)
+  z = b + (j @ xs).reshape(-1, 3)
+  np.testing.assert_allclose(np.asarray(s1.solution_logits), z, atol=1e-10)
+  np.testing.assert_allclose(np.asarray(s1.anchor_grad), grad_terms(b),
+                             atol=1e-10)
+  g = grad_terms(z) + 0.5 * xs
+  np.testing.assert_allclose(np.asarray(s1.solution_grad), g, atol=1e-10)
+  # The carried gradient is the converged one: ≤ tol · ‖∇Φ(0)‖.
+  assert np.linalg.norm(g) <= 1e-9 * max(np.linalg.norm(grad_terms(b)),
+                                          0.5 * np.linalg.norm(xs))
+
+
 def test_ce_preconditioner_refresh_changes_the_matrix_not_the_answer():
   apply_fn, w0, w_d, x, y = _problem(5, n=60)
   ids = np.arange(60)

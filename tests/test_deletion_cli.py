@@ -61,7 +61,7 @@ def test_a_month_of_requests_through_the_cli(tmp_path, capsys, monkeypatch):
   (tmp_path / "r1.txt").write_text("5 6\n")
   assert cli.main(["deletion", "forget", str(st), "--ids",
                    str(tmp_path / "r1.txt"), "--request-id", "ticket-1",
-                   "--json", str(tmp_path / "r1.json")]) == 0
+                   "--no-refresh", "--json", str(tmp_path / "r1.json")]) == 0
   r1 = json.loads((tmp_path / "r1.json").read_text())
   assert r1["status"] == "applied" and r1["ids"] == [5, 6]
   # The same ids again, from standard input, under no request id.
@@ -75,6 +75,12 @@ def test_a_month_of_requests_through_the_cli(tmp_path, capsys, monkeypatch):
   assert "already forgotten" in capsys.readouterr().err
   assert cli.main(["deletion", "log", str(st)]) == 0
   assert "| 1 | ticket-1 |" in capsys.readouterr().out
+  # An MSE store has no preconditioner to form again; nothing changes.
+  assert cli.main(["deletion", "refresh", str(st), "--json",
+                   str(tmp_path / "rf.json")]) == 0
+  assert "nothing to refresh" in capsys.readouterr().out
+  assert json.loads((tmp_path / "rf.json").read_text())["status"] == (
+      "nothing_to_refresh")
   assert cli.main(["deletion", "verify", str(st), "--json",
                    str(tmp_path / "v.json")]) == 0
   v = json.loads((tmp_path / "v.json").read_text())

@@ -266,3 +266,70 @@ def test_lbfgs_pairs_correct_a_stale_preconditioner():
     for bad in (-1, 1.5, True):
       with pytest.raises(ValueError, match="memory must be an int >= 0"):
         newton.solve_preconditioned(op, b, y, loss, 0.5, memory=bad, **kw)
+
+
+@pytest.mark.parametrize("elems,rows", [(7 * 13, 31), (2**20, 30)])
+def test_float32_rows_give_exact_float64_products(monkeypatch, elems, rows):
+  """Rows kept in float32 and converted block by block inside the products
+  give the float64 products of the same rows (the float64 copy of J,
+  multiplied by numpy, is the reference): 4 blocks of 7 rows and a tail of
+  3, or one block. (Each case has its own shape, so that it is traced anew
+  under its ``_CONVERT_ELEMS``.)"""
+  monkeypatch.setattr(newton, "_CONVERT_ELEMS", elems)
+  assert newton._row_blocks(np.empty((rows, 13))) == ((7, 4) if rows == 31
+                                                       else (30, 1))
+  rng = np.random.default_rng(3)
+  j32 = rng.normal(size=(rows, 13)).astype(np.float32)  # C = 1
+  with jax.enable_x64(True):
+    v, u = rng.normal(size=13), rng.normal(size=rows)
+    h = rng.normal(size=(rows, 1, 1))
+    op = newton.DenseJacobian(jnp.asarray(j32), 1)
+    assert op.jac.dtype == jnp.float32  # kept as computed, not converted
+    j64 = j32.astype(np.float64)
+    jv = np.asarray(op.matvec(jnp.asarray(v)))
+    ju = np.asarray(op.rmatvec(jnp.asarray(u)))
+    hv = np.asarray(op.ggn_matvec(jnp.asarray(h))(jnp.asarray(v)))
+  assert jv.dtype == np.float64 and ju.dtype == np.float64
+  np.testing.assert_allclose(jv.reshape(-1), j64 @ v, rtol=1e-13, atol=1e-13)
+  np.testing.assert_allclose(ju, u @ j64, rtol=1e-13, atol=1e-13)
+  np.testing.assert_allclose(hv, (h[:, 0, 0] * (j64 @ v)) @ j64, rtol=1e-12,
+                             atol=1e-12)
+  # A float32 product would be ~1e-7 off: the test can tell.
+  assert np.max(np.abs(j32 @ v.astype(np.float32) - j64 @ v)) > 1e-9
+
+
+def test_a_given_start_replaces_the_first_passes():
+  """``start`` (logits, gradient and ‖∇Φ(0)‖ at x0) gives the solve the
+  caller computed; ``return_start`` returns them at the solution, equal to
+  direct evaluation; a wrong start is refused."""
+  with jax.enable_x64(True):
+    apply_fn, params, x, y = _model(4)
+    ce = objective.cross_entropy
+    op = newton.DenseJacobian(kernels.jacobian(apply_fn, params, x), 4)
+    b = apply_fn(params, x)
+    x0 = jnp.asarray(np.random.default_rng(2).normal(size=op.p)) * 0.1
+    z0 = b + op.matvec(x0)
+    g0 = op.rmatvec(ce.grad(z0, jnp.asarray(y))) + 0.7 * x0
+    ga = op.rmatvec(ce.grad(b, jnp.asarray(y)))
+    start = newton.Start(z0, g0, float(jnp.linalg.norm(ga)))
+    plain, rp = newton.solve_primal(op, b, y, ce, 0.7, x0=x0)
+    given, rg, at = newton.solve_primal(op, b, y, ce, 0.7, x0=x0, start=start,
+                                        return_start=True)
+    np.testing.assert_allclose(np.asarray(given), np.asarray(plain),
+                               rtol=1e-12, atol=1e-14)
+    assert rg.iterations == rp.iterations and rg.converged
+    np.testing.assert_allclose(np.asarray(at.logits),
+                               np.asarray(b + op.matvec(given)), atol=1e-12)
+    np.testing.assert_allclose(
+        np.asarray(at.grad), np.asarray(op.rmatvec(ce.grad(
+            at.logits, jnp.asarray(y))) + 0.7 * given), atol=1e-12)
+    assert at.grad0_norm == pytest.approx(float(jnp.linalg.norm(ga)))
+    # A start that is not at x0 changes the path: the caller vouches for it.
+    wrong = newton.Start(z0, g0 * 0, start.grad0_norm)
+    _, rw = newton.solve_primal(op, b, y, ce, 0.7, x0=x0, start=wrong)
+    assert rw.converged and rw.iterations == 0
+    with pytest.raises(ValueError, match="start: give x0"):
+      newton.solve_primal(op, b, y, ce, 0.7, start=start)
+    with pytest.raises(ValueError, match="start: logits"):
+      newton.solve_primal(op, b, y, ce, 0.7, x0=x0,
+                          start=newton.Start(z0[:3], g0, 1.0))

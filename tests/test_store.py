@@ -85,10 +85,13 @@ def test_requests_across_processes_equal_in_memory_and_from_scratch(
       for row in s.log():
         assert set(row["extra"]["refresh"]) == {
             "iterations_since", "step_seconds", "refresh_seconds_estimate",
-            "seconds"}
+            "due"}
       assert s.meta["refresh_seconds_estimate"] > 0
     np.testing.assert_array_equal(s.state.ids, state.ids)
-    assert s.head == 3 and len(s.log()) == 3
+    # A refresh after a request is a generation of its own (events).
+    refreshes = [e for e in db.events(s.con) if e["kind"] == "refresh"]
+    assert loss == "ce" or not refreshes
+    assert s.head == 3 + len(refreshes) and len(s.log()) == 3
     log = s.log()
     assert [r["request_id"] for r in log] == ["r0", "r1", "r2"]
     assert log[0]["params_sha256_before"] == params_sha256(P)
@@ -302,7 +305,7 @@ def test_refresh_rule_is_ski_rental():
   assert due([9], 0.1, 0.0)  # free refreshes are always taken
 
 
-def test_a_cross_entropy_store_refreshes_when_it_pays(tmp_path):
+def test_a_cross_entropy_store_refreshes_when_it_pays(tmp_path, monkeypatch):
   with _init(tmp_path / "s", "ce") as s:
     assert s.meta["refresh_seconds_estimate"] > 0
     # The timed subset: M over those rows alone, as a mask would give it.
@@ -313,16 +316,27 @@ def test_a_cross_entropy_store_refreshes_when_it_pays(tmp_path):
     np.testing.assert_allclose(np.asarray(sub.gram), np.asarray(ref.gram),
                                rtol=1e-10, atol=1e-12)
     s.meta["refresh_seconds_estimate"] = float("inf")  # never
-    r0 = s.forget(apply_fn, _sel([1000]), ids=np.array([1000])).row
-    assert r0["extra"]["refresh"]["seconds"] is None
+    out0 = s.forget(apply_fn, _sel([1000]), ids=np.array([1000]))
+    r0 = out0.row
+    assert not r0["extra"]["refresh"]["due"] and out0.refresh is None
     assert s._iterations_since_refresh() == [
         r0["extra"]["solve"]["iterations"]]
     stale = s.state
     s.meta["refresh_seconds_estimate"] = 0.0  # always
-    r1 = s.forget(apply_fn, _sel([1001]), ids=np.array([1001])).row
-    assert r1["extra"]["refresh"]["seconds"] > 0
+    head = s.head
+    out1 = s.forget(apply_fn, _sel([1001]), ids=np.array([1001]))
+    r1 = out1.row
+    assert r1["extra"]["refresh"]["due"]
     assert r1["extra"]["refresh"]["iterations_since"] == [
         r0["extra"]["solve"]["iterations"], r1["extra"]["solve"]["iterations"]]
+    # The request was committed first (its own generation, M as the solve
+    # left it), then the refresh as the next generation, logged in events.
+    assert r1["gen_after"] == head + 1 and s.head == head + 2
+    assert out1.refresh["status"] == "refreshed"
+    assert out1.refresh["seconds"] > 0 and out1.refresh["generation"] == s.head
+    ev = [e for e in db.events(s.con) if e["kind"] == "refresh"]
+    assert len(ev) == 1 and ev[0]["gen_before"] == r1["gen_after"]
+    assert s.generation["params_sha256"] == r1["params_sha256_after"]
     assert s._iterations_since_refresh() == []  # M is fresh again
     # The refreshed M is the Gauss-Newton matrix at the new solution over the
     # kept rows (not the downdated one the request started from).
@@ -332,10 +346,30 @@ def test_a_cross_entropy_store_refreshes_when_it_pays(tmp_path):
     assert not np.allclose(np.asarray(s.state.gram), np.asarray(stale.gram),
                            rtol=1e-6, atol=0)
     # The measured refresh replaces init's estimate.
-    assert s._refresh_cost() == r1["extra"]["refresh"]["seconds"]
+    assert s._refresh_cost() == out1.refresh["seconds"]
+    # refresh="off": due, not run; the steps keep counting; refresh() on
+    # demand resets them.
+    monkeypatch.setattr(store_lib, "refresh_due", lambda *a: True)
+    out2 = s.forget(apply_fn, _sel([1002]), ids=np.array([1002]),
+                    refresh="off")
+    assert out2.row["extra"]["refresh"]["due"] and out2.refresh is None
+    assert s._iterations_since_refresh() == [
+        out2.row["extra"]["solve"]["iterations"]]
+    assert s.refresh()["status"] == "refreshed"
+    assert s._iterations_since_refresh() == []
+    with pytest.raises(ValueError, match="refresh must be"):
+      s.forget(apply_fn, _sel([1003]), ids=np.array([1003]), refresh="later")
+    cost = s._refresh_cost()
   with DeletionStore.open(tmp_path / "s") as s:  # the schedule survives
     assert s._iterations_since_refresh() == []
-    assert s._refresh_cost() == r1["extra"]["refresh"]["seconds"]
+    assert s._refresh_cost() == cost
+    # The reopened state is the refreshed one (its files, read back).
+    np.testing.assert_allclose(np.asarray(s.state.gram),
+                               np.asarray(deletion.refresh_preconditioner(
+                                   s.state).gram), rtol=1e-12, atol=1e-12)
+  with DeletionStore.open(tmp_path / "s", readonly=True) as s:
+    with pytest.raises(StoreError, match="read-only"):
+      s.refresh()
   # A store written before init kept an estimate, with no refresh logged:
   # the cost is timed once in this process, not taken as infinite.
   with _init(tmp_path / "old", "ce") as s:
@@ -486,8 +520,8 @@ def test_compaction_drops_forgotten_rows_and_changes_no_answer(tmp_path):
     # The second request's rows are masked again until the next compaction.
     assert s.state.jacobian.shape[0] == rows - 2 * 3
     assert s.status()["jacobian_rows_of_forgotten_samples"] == 2
-    ev = db.events(s.con)
-    assert [e["kind"] for e in ev] == ["compact"] and ev[0]["gen_after"] == 2
+    ev = [e for e in db.events(s.con) if e["kind"] == "compact"]
+    assert len(ev) == 1 and ev[0]["gen_after"] == c["generation"]
   # An MSE store has nothing to compact.
   with _init(tmp_path / "m", "mse") as s:
     assert s.compact()["status"] == "nothing_to_compact"

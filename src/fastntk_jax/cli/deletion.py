@@ -171,7 +171,8 @@ def _forget(args) -> dict:
     from fastntk_jax.store import take
     x_f, y_f = take((x, y, sid), ids, name="--ids")
     r = store.forget(fn, (x_f, y_f), ids=ids, request_id=args.request_id,
-                     allow_empty_class=args.allow_empty_class)
+                     allow_empty_class=args.allow_empty_class,
+                     refresh="off" if args.no_refresh else "after")
     if args.compact:
       c = store.compact()
       if c["status"] == "compacted":
@@ -188,7 +189,11 @@ def _forget(args) -> dict:
           f"{row['delta_norm']:.4g}; accuracy on them {100 * b['accuracy']:.1f}"
           f" % -> {100 * a['accuracy']:.1f} %, loss {b['loss']:.4g} -> "
           f"{a['loss']:.4g}; generation {row['gen_after']}.")
-  return {"status": r.status, **row}
+    if r.refresh is not None and r.refresh["status"] == "refreshed":
+      print(f"then formed the preconditioner again in "
+            f"{r.refresh['seconds']:.2f} s (generation "
+            f"{r.refresh['generation']}).")
+  return {"status": r.status, **row, "refresh_after": r.refresh}
 
 
 def _status(args) -> dict:
@@ -253,6 +258,20 @@ def _compact(args) -> dict:
   return c
 
 
+def _refresh(args) -> dict:
+  with _open(args, readonly=False) as store:
+    r = store.refresh()
+  if r["status"] == "refreshed":
+    print(f"formed the preconditioner again in {r['seconds']:.2f} s "
+          f"(generation {r['generation']}).")
+  elif r["status"] == "kept":
+    print("the new preconditioner was not positive definite in rounding; "
+          "the old one is kept.")
+  else:
+    print("nothing to refresh (an MSE store).")
+  return r
+
+
 def _export(args) -> dict:
   import jax
   from fastntk_jax.io import checkpoint
@@ -275,7 +294,8 @@ def _export(args) -> dict:
 
 
 _SUB = {"init": _init, "forget": _forget, "status": _status, "log": _log,
-        "verify": _verify, "export": _export, "compact": _compact}
+        "verify": _verify, "export": _export, "compact": _compact,
+        "refresh": _refresh}
 
 
 def cmd_deletion(args) -> dict[str, Any]:

@@ -266,10 +266,15 @@ def _add_tune(sub) -> None:
   q.set_defaults(command="tune")
 
 
+def _other_version(a) -> None:
+  a.add_argument("--allow-other-version", action="store_true",
+                 help="use a store written by another fastntk_jax version")
+
+
 def _add_deletion(sub) -> None:
   q = sub.add_parser("deletion", help="a deletion store: prepare once, answer "
                      "requests for months (init, forget, status, log, verify, "
-                     "export, compact)")
+                     "export, compact, refresh)")
   q.set_defaults(command="deletion")
   ds = q.add_subparsers(dest="deletion_command", metavar="ACTION",
                         required=True, help="what to do with the store")
@@ -322,18 +327,23 @@ def _add_deletion(sub) -> None:
   a.add_argument("--compact", action="store_true",
                  help="then drop the forgotten samples' Jacobian rows "
                  "(cross-entropy stores; rewrites the rows)")
-  a.add_argument("--allow-other-version", action="store_true",
-                 help="use a store written by another fastntk_jax version")
+  a.add_argument("--no-refresh", action="store_true",
+                 help="cross-entropy stores: do not form the preconditioner "
+                 "again after this request even when due (run `fastntk "
+                 "deletion refresh` at a quiet time instead)")
+  _other_version(a)
   a = action("compact", "drop the Jacobian rows of forgotten samples from "
              "a cross-entropy store")
-  a.add_argument("--allow-other-version", action="store_true",
-                 help="use a store written by another fastntk_jax version")
+  _other_version(a)
+  a = action("refresh", "form a cross-entropy store's preconditioner again "
+             "at the current solution (later requests take fewer steps; "
+             "the model does not change)")
+  _other_version(a)
   action("status", "counts, sizes, the last request and verification")
   action("log", "every applied request")
   a = host_devices(action("verify", "recompute from scratch on the kept "
                           "samples and compare (recorded in the store)"))
-  a.add_argument("--allow-other-version", action="store_true",
-                 help="use a store written by another fastntk_jax version")
+  _other_version(a)
   a = action("export", "the current model as a checkpoint the other "
              "commands read")
   a.add_argument("--out", required=True, metavar="PATH",

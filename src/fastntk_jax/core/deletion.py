@@ -21,8 +21,8 @@ matrix and one ``P×P`` factorisation (``P³/3`` flops), whatever ``|D|``.
 
 **Cross-entropy** (``loss="ce"``). The Hessian ``JᵀH(z)J + λI`` depends on the
 iterate, so a request is not a rank update. :func:`prepare` keeps what the
-solves need: the Jacobian rows of ``D`` (``N·C × P``, stored in ``solve_dtype``
-so that the products over them are fast, exact float64 ones), the
+solves need: the Jacobian rows of ``D`` (``N·C × P``, in the model's dtype;
+the products over them are exact ones in ``solve_dtype``), the
 anchor logits ``b = f(w_lin) + J(w_0 − w_lin)``, the solution ``x_D`` (Newton
 with the ``P×P`` Gauss-Newton matrix) and the factor of
 ``M = Σ_i J_iᵀ H_i(z̄_i) J_i + λI`` at the prepared logits ``z̄ = b + J x_D``.
@@ -45,7 +45,9 @@ A request then
    evaluation.
 
 Cost of a request: one forward pass over ``F``, the ``P×P`` downdate and
-factorisation, and two passes over the kept rows per step (plus two per CG
+factorisation, and two passes over the kept rows per step (the solve starts
+from the previous one's logits and gradient, less the request's terms, so
+there is no pass before the first step) (plus two per CG
 step if Newton-CG takes over); ``result.solve`` reports the steps.
 Memory: the rows (``N·C·P`` numbers) and three ``P×P`` matrices in
 ``solve_dtype``; :func:`prepare` refuses before any work when that exceeds
@@ -124,7 +126,8 @@ class PreparedState(NamedTuple):
     anchored_at, linearized_at: ``"w_0"``/``"w_D"``, as in
       :class:`fastntk_jax.core.unlearn.UnlearnResult`.
     jacobian: ``"ce"``: the prepared set's Jacobian rows ``(N_0·C, P)`` in
-      ``solve_dtype`` (rows of forgotten samples stay, unused).
+      the model's dtype (states saved before kept them in ``solve_dtype``;
+      either works) — rows of forgotten samples stay, unused.
     offsets: ``"ce"``: ``b``, the linear model's logits at the anchor,
       ``(N_0, C)``.
     labels: ``"ce"``: ``(N_0,)``.
@@ -134,6 +137,12 @@ class PreparedState(NamedTuple):
     ref_logits: ``"ce"``: ``z̄`` ``(N_0, C)``, where ``gram``'s terms were
       formed.
     row_ids: ``"ce"``: the id of each prepared row ``(N_0,)`` int64.
+    solution_logits: ``"ce"``: ``b + J x_S`` ``(N_0, C)``, the linear model's
+      logits at the solution; with the next two, the next request's solve
+      starts without a pass over the rows. None in states saved before these
+      fields existed (a request then computes them: three passes).
+    solution_grad: ``"ce"``: ``∇Φ_S(x_S)`` over the current set ``(P,)``.
+    anchor_grad: ``"ce"``: ``∇Φ_S(0)`` over the current set ``(P,)``.
   """
   lin_params: Any
   gram: jax.Array
@@ -158,6 +167,9 @@ class PreparedState(NamedTuple):
   solution: jax.Array | None = None
   ref_logits: jax.Array | None = None
   row_ids: np.ndarray | None = None
+  solution_logits: jax.Array | None = None
+  solution_grad: jax.Array | None = None
+  anchor_grad: jax.Array | None = None
 
 
 class DeletionResult(NamedTuple):
@@ -205,14 +217,14 @@ def state_bytes(loss: str, n: int, c: int, p: int, itemsize: int = 4,
   """Memory of a :class:`PreparedState` (its dominant terms), in bytes.
 
   ``"mse"``: ``A``, its factor and, during a request, their successors (four
-  ``P×P``). ``"ce"``: also the Jacobian rows ``N·C·P``, kept in
-  ``solve_dtype`` (and in the model's dtype while they are computed), and a
-  Gauss-Newton matrix being formed (five ``P×P``).
+  ``P×P``). ``"ce"``: also the Jacobian rows ``N·C·P``, kept in the model's
+  dtype (``itemsize`` bytes each), and a Gauss-Newton matrix being formed
+  (five ``P×P``).
   """
   pp = p * p * np.dtype(solve_dtype).itemsize
   if loss == "mse":
     return 4 * pp
-  return n * c * p * (itemsize + np.dtype(solve_dtype).itemsize) + 5 * pp
+  return n * c * p * itemsize + 5 * pp
 
 
 def _legacy_precision(solve_dtype, legacy: dict):
@@ -355,15 +367,20 @@ def _prepare_ce(apply_fn, x, y, ids, common, blk, tol, max_steps):
   f0 = kernels.predict(apply_fn, lin, x, mesh=blk["mesh"])
   _check_logits(f0)
   with kernels.dtype_scope(solve_dtype):
-    # Rows in the solve precision: exact, fast float64 products (newton).
-    op = newton.DenseJacobian(jac, c, dtype=solve_dtype,
-                              ggn_dtype=ravel_pytree(lin)[0].dtype)
+    # Rows in the model's dtype; the products are exact ones in the solve's
+    # (newton.DenseJacobian converts them block by block).
+    op = newton.DenseJacobian(jac, c, ggn_dtype=ravel_pytree(lin)[0].dtype)
     del jac
     b = f0.astype(solve_dtype)
     if common["shift"] is not None:
       b = b + op.matvec(common["shift"])
-  sol, rep = newton.solve_primal(op, b, y, loss, lam, tol=tol,
-                                 max_iter=max_steps, solve_dtype=solve_dtype)
+  with kernels.dtype_scope(solve_dtype):
+    g0 = op.rmatvec(loss.grad(b, jnp.asarray(y)))  # kept: ∇Φ(0) downdates
+    x0 = jnp.zeros((op.p,), g0.dtype)
+    start = newton.Start(b, g0, float(jnp.linalg.norm(g0)))
+  sol, rep, at = newton.solve_primal(
+      op, b, y, loss, lam, tol=tol, max_iter=max_steps,
+      solve_dtype=solve_dtype, x0=x0, return_start=True, start=start)
   if not rep.converged:
     raise UnlearningError(
         f"prepare: the Newton solve on D stopped with status {rep.status!r} "
@@ -381,7 +398,8 @@ def _prepare_ce(apply_fn, x, y, ids, common, blk, tol, max_steps):
       gram=gram, grad=None, chol=chol, jacobian=op.jac, offsets=b,
       labels=np.array(y, copy=True),
       logits=f0, active=np.ones(len(y), bool), solution=sol,
-      ref_logits=z_ref, row_ids=ids, **common)
+      ref_logits=z_ref, row_ids=ids, solution_logits=at.logits,
+      solution_grad=at.grad, anchor_grad=g0, **common)
 
 
 @jax.jit
@@ -596,19 +614,21 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
           "downdate; raise damping or use solve_dtype='float64'.")
     precond = functools.partial(_cho_apply, chol)
     weights = jnp.asarray(active, prec)
+    start, anchor_grad = _request_start(state, op, sub, rows, weights)
   common = dict(weights=weights, tol=tol, solve_dtype=prec,
-                preconditioner=precond)
+                preconditioner=precond, return_start=True)
   # L-BFGS from M (two passes a step) first; where it converges slowly,
   # Newton-CG preconditioned with M from where it stopped.
-  x_new, rep = newton.solve_preconditioned(
+  x_new, rep, at = newton.solve_preconditioned(
       op, state.offsets, state.labels, loss, lam, x0=state.solution,
-      max_iter=min(max_steps, _FROZEN_STEPS), memory=_LBFGS_PAIRS, **common)
+      start=start, max_iter=min(max_steps, _FROZEN_STEPS),
+      memory=_LBFGS_PAIRS, **common)
   left = max_steps - rep.iterations
   if not rep.converged and rep.status != "factorisation_failed" and left > 0:
     first = rep
-    x_new, rep = newton.solve_newton_cg(
-        op, state.offsets, state.labels, loss, lam, x0=x_new, max_iter=left,
-        cg_max_steps=cg_max_steps, **common)
+    x_new, rep, at = newton.solve_newton_cg(
+        op, state.offsets, state.labels, loss, lam, x0=x_new, start=at,
+        max_iter=left, cg_max_steps=cg_max_steps, **common)
     rep = rep._replace(iterations=rep.iterations + first.iterations)
   if not rep.converged:
     raise UnlearningError(
@@ -622,12 +642,33 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
     delta = delta.astype(ravel_pytree(params)[0].dtype)
   new_params = _apply(params, delta)
   new_state = state._replace(gram=gram, chol=chol, active=active,
-                             solution=x_new,
+                             solution=x_new, solution_logits=at.logits,
+                             solution_grad=at.grad, anchor_grad=anchor_grad,
                              num_samples=state.num_samples - len(rows),
                              ids=remaining)
   return DeletionResult(new_params, new_state, len(rows), delta_norm,
                         float("nan"), rep.grad_norm,
                         time.perf_counter() - t0, rep)
+
+
+def _request_start(state, op, sub, rows, weights):
+  """The solve's :class:`fastntk_jax.core.newton.Start` at ``x_S`` over the
+  remaining set, and ``∇Φ(0)`` there: the state's, less the request's terms
+  (``sub``: its rows), so that no pass over all rows is needed. A state
+  saved before these fields existed lacks them: three passes then."""
+  loss = objective.cross_entropy
+  if state.solution_grad is None:
+    y = jnp.asarray(state.labels)
+    g0 = op.rmatvec(weights[:, None] * loss.grad(state.offsets, y))
+    z = state.offsets + op.matvec(state.solution)
+    g = op.rmatvec(weights[:, None] * loss.grad(z, y)) + (
+        state.damping * state.solution)
+  else:
+    y = jnp.asarray(state.labels[rows])
+    g0 = state.anchor_grad - sub.rmatvec(loss.grad(state.offsets[rows], y))
+    z = state.solution_logits
+    g = state.solution_grad - sub.rmatvec(loss.grad(z[rows], y))
+  return newton.Start(z, g, float(jnp.linalg.norm(g0))), g0
 
 
 def refresh_preconditioner(state: PreparedState,
@@ -653,7 +694,9 @@ def refresh_preconditioner(state: PreparedState,
       state = state._replace(
           jacobian=state.jacobian[idx],
           offsets=state.offsets[rows], active=state.active[rows],
-          ref_logits=state.ref_logits[rows])
+          ref_logits=state.ref_logits[rows], solution_logits=(
+              None if state.solution_logits is None
+              else state.solution_logits[rows]))
     op = newton.DenseJacobian(state.jacobian, c, ggn_dtype=g_dtype)
     z = state.offsets + op.matvec(state.solution).reshape(-1, c)
     keep = jnp.asarray(state.active, z.dtype)[:, None, None]
@@ -687,4 +730,6 @@ def compact(state: PreparedState) -> PreparedState:
         jacobian=jac.reshape(-1, jac.shape[-1]), offsets=state.offsets[keep],
         labels=state.labels[keep], logits=state.logits[keep],
         ref_logits=state.ref_logits[keep], row_ids=state.row_ids[keep],
+        solution_logits=(None if state.solution_logits is None
+                         else state.solution_logits[keep]),
         active=np.ones(keep.size, bool))

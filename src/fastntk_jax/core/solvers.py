@@ -859,7 +859,7 @@ def _run_ce_primal(solver, prob: Problem, solve, keep: bool) -> Outcome:
   if keep:
     jac = kernels.jacobian(apply_fn, lin, x_all, **blk)
     with kernels.dtype_scope(sd):
-      op = newton.DenseJacobian(jac, prob.shape.c, dtype=dt)
+      op = newton.DenseJacobian(jac, prob.shape.c, ggn_dtype=dt)
     del jac
   else:
     op = newton.PassJacobian(apply_fn, lin, x_all, **blk)

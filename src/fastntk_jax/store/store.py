@@ -91,10 +91,14 @@ class RequestResult(NamedTuple):
     request_id: the request's id.
     status: ``"applied"``, or ``"already_applied"`` (nothing changed).
     row: the request's log row (for ``"already_applied"``, the earlier one).
+    refresh: what :meth:`DeletionStore.refresh` did right after the request
+      was committed (``refresh="after"`` and the rule said it was due), or
+      None.
   """
   request_id: str
   status: str
   row: dict
+  refresh: dict | None = None
 
 
 def _now() -> str:
@@ -500,7 +504,7 @@ class DeletionStore:
   # ------------------------------------------------------------ requests
   def forget(self, apply_fn: Callable, forget_set, *, ids,
              request_id: str | None = None, allow_empty_class: bool = False,
-             **forget_kw) -> RequestResult:
+             refresh: str = "after", **forget_kw) -> RequestResult:
     """Applies one deletion request, entirely or not at all.
 
     Args:
@@ -514,6 +518,14 @@ class DeletionStore:
         changes nothing.
       allow_empty_class: allow a request that removes the last samples of a
         class (refused by default: it is usually a wrong id list).
+      refresh: cross-entropy stores. ``"after"`` (default): when the rule
+        says the preconditioner ``M`` is due to be formed again
+        (:func:`refresh_due`), :meth:`refresh` runs right after the request
+        is committed, as its own generation: the request is durable, and
+        its answer final, before that work starts (a kill during it loses
+        only the refresh, which the next request then finds due).
+        ``"off"``: never here; call :meth:`refresh` (``fastntk deletion
+        refresh``) at a quiet time. The parameters are the same either way.
       forget_kw: passed to :func:`fastntk_jax.core.deletion.forget`.
 
     Raises:
@@ -522,6 +534,8 @@ class DeletionStore:
     if self._lock is None:
       raise StoreError("this store was opened read-only; open it with "
                        "readonly=False to apply requests.")
+    if refresh not in ("after", "off"):
+      raise ValueError(f"refresh must be 'after' or 'off', got {refresh!r}.")
     ids = _check_ids("ids", ids)
     rid = ids_key(ids) if request_id is None else _check_request_id(
         request_id)
@@ -540,19 +554,16 @@ class DeletionStore:
     own_rule = loss == "ce" and "refresh_steps" not in forget_kw
     res = deletion.forget(self.state, apply_fn, self.params, (x_f, y_f),
                           ids=ids, **forget_kw)
-    refresh = None
+    rule = None
     if own_rule and res.solve is not None:
       its = self._iterations_since_refresh() + [int(res.solve.iterations)]
       # Seconds a step, an upper bound (the request's fixed work is in it):
       # refreshes come a little early rather than late.
       step = res.seconds / max(int(res.solve.iterations), 1)
       cost = self._refresh_cost()
-      refresh = {"iterations_since": its, "step_seconds": step,
-                 "refresh_seconds_estimate": cost, "seconds": None}
-      if refresh_due(its, step, cost):
-        t = time.perf_counter()
-        res = res._replace(state=deletion.refresh_preconditioner(res.state))
-        refresh["seconds"] = time.perf_counter() - t
+      rule = {"iterations_since": its, "step_seconds": step,
+              "refresh_seconds_estimate": cost,
+              "due": refresh_due(its, step, cost)}
     # The new files are written (and fsynced) while the request's "after"
     # metrics run; nothing is visible until _commit's SQLite row, and files
     # no generation names are removed when the store next opens.
@@ -560,15 +571,57 @@ class DeletionStore:
       written = pool.submit(self._write_objects, res)
       after = _request_metrics(apply_fn, res.params, x_f, y_f, loss)
       written = written.result()
-    row = self._commit(rid, ids, res, before, after, t0, written, refresh)
-    return RequestResult(rid, "applied", row)
+    row = self._commit(rid, ids, res, before, after, t0, written, rule)
+    done = None
+    if rule is not None and rule["due"] and refresh == "after":
+      done = self.refresh()
+    return RequestResult(rid, "applied", row, done)
+
+  def refresh(self) -> dict:
+    """Forms the cross-entropy preconditioner ``M`` again at the current
+    solution (:func:`fastntk_jax.core.deletion.refresh_preconditioner`, about
+    ``N·C·P²`` flops) as a new generation, logged in ``events`` with its
+    seconds. Later requests converge in fewer steps; the parameters and the
+    answers do not change. A no-op for MSE stores."""
+    if self._lock is None:
+      raise StoreError("this store was opened read-only; open it with "
+                       "readonly=False to refresh it.")
+    if self.state.loss != "ce":
+      return {"status": "nothing_to_refresh"}
+    t0 = time.perf_counter()
+    new = deletion.refresh_preconditioner(self.state)
+    jax.block_until_ready(new.chol)
+    sec = time.perf_counter() - t0
+    if new is self.state:  # M + λI not positive definite in rounding: kept
+      return {"status": "kept", "seconds": sec}
+    t = time.perf_counter()
+    keys, scalars = _write_state(self.objects, new, self._previous)
+    gen = {"created": _now(), "num_samples": int(new.num_samples),
+           "params_sha256": self.generation["params_sha256"],
+           "objects": {**self.generation["objects"], "state": keys,
+                       "scalars": scalars}}
+    detail = {"seconds": sec, "write_seconds": time.perf_counter() - t}
+    db.commit_event(self.con, "refresh", self.head, gen, detail)
+    self._advance(new, keys)
+    return {"status": "refreshed", **detail, "generation": self.head}
+
+  def _last_refresh(self) -> dict | None:
+    """The newest ``refresh`` event, or None."""
+    for e in reversed(db.events(self.con)):
+      if e["kind"] == "refresh":
+        return e
+    return None
 
   def _iterations_since_refresh(self) -> list[int]:
     """Solve steps of the requests since M was last formed (init or a
     refresh), oldest first."""
+    last = self._last_refresh()
     its = []
     for r in db.latest_requests(self.con):
+      if last is not None and r["gen_after"] <= last["gen_before"]:
+        break
       extra = r.get("extra") or {}
+      # Stores before refresh events refreshed inside the request.
       if (extra.get("refresh") or {}).get("seconds") is not None:
         break
       solve = extra.get("solve") or {}
@@ -580,6 +633,9 @@ class DeletionStore:
     """Seconds a refresh takes: the last one measured, else init's estimate,
     else (a store from before the estimate was kept) one timed now on up to
     1,000 samples, once per process."""
+    last = self._last_refresh()
+    if last is not None:
+      return float(last["detail"]["seconds"])
     for r in db.latest_requests(self.con):
       sec = ((r.get("extra") or {}).get("refresh") or {}).get("seconds")
       if sec is not None:
