@@ -282,6 +282,34 @@ def test_a_failure_before_the_commit_leaves_the_old_state(tmp_path,
                     ).status == "applied"
 
 
+def test_a_failure_during_the_refresh_after_a_request_keeps_the_request(
+    tmp_path, monkeypatch):
+  """The request is committed before the refresh starts: a crash between
+  the refresh's files and its commit leaves the request applied, no stray
+  file after reopening, and the refresh due again at the next request."""
+  with _init(tmp_path / "s", "ce") as s:
+    s.meta["refresh_seconds_estimate"] = 0.0  # due after every request
+
+    def crash(*a, **k):
+      raise KeyboardInterrupt("killed between the refresh's files and commit")
+
+    monkeypatch.setattr(db, "commit_event", crash)
+    with pytest.raises(KeyboardInterrupt):
+      s.forget(apply_fn, _sel([1000]), ids=np.array([1000]))
+    monkeypatch.undo()
+  with DeletionStore.open(tmp_path / "s") as s:
+    assert [r["request_id"] for r in s.log()] == [
+        store_lib.ids_key(np.array([1000]))]
+    assert s.head == 1 and not db.events(s.con)
+    assert set(s.objects.keys()) == s._live_keys()  # its files removed
+    # No refresh was logged: the steps since init still count, and the next
+    # request's refresh (init's estimate is again the cost) goes through.
+    assert len(s._iterations_since_refresh()) == 1
+    s.meta["refresh_seconds_estimate"] = 0.0
+    out = s.forget(apply_fn, _sel([1001]), ids=np.array([1001]))
+    assert out.refresh["status"] == "refreshed" and s.head == 3
+
+
 def test_latest_requests_are_newest_first_in_pages(tmp_path, monkeypatch):
   with _init(tmp_path / "s", "mse") as s:
     for i, r in enumerate(REQS):
