@@ -111,10 +111,12 @@ def run(args) -> dict:
                      args.requests + 1, args.size)
     rows = []
     for i, r in enumerate(reqs[:-1]):
+      ru0 = resource.getrusage(resource.RUSAGE_SELF)
       t = time.perf_counter()
       res = store.forget(model.apply_fn, (x[r], y[r]), ids=r,
                          request_id=f"r{i}")
       wall = time.perf_counter() - t
+      ru1 = resource.getrusage(resource.RUSAGE_SELF)
       ex = res.row["extra"]
       after = res.refresh or {}
       # latency: until the request is committed (its answer durable); a
@@ -128,10 +130,14 @@ def run(args) -> dict:
                    "acc_before": res.row["before"]["accuracy"],
                    "acc_after": res.row["after"]["accuracy"],
                    "solve": ex["solve"], "refresh_rule": ex.get("refresh"),
-                   "refresh_after": res.refresh})
+                   "refresh_after": res.refresh,
+                   # the process's page faults and CPU seconds over the call
+                   "rusage": {k: getattr(ru1, k) - getattr(ru0, k) for k in (
+                       "ru_minflt", "ru_majflt", "ru_utime", "ru_stime")}})
       print(f"request {i}: {latency:.2f} s (solve {res.row['seconds']:.2f} s"
             f", {(ex['solve'] or {}).get('iterations')} steps, write "
-            f"{ex['write_seconds']:.2f} s)" + (
+            f"{ex['write_seconds']:.2f} s; {ru1.ru_minflt - ru0.ru_minflt} "
+            "page faults)" + (
                 f"; then M refreshed in {after['seconds']:.2f} s"
                 if after.get("status") == "refreshed" else ""), flush=True)
     store.close()
