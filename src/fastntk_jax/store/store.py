@@ -595,15 +595,9 @@ class DeletionStore:
     if new is self.state:  # M + λI not positive definite in rounding: kept
       return {"status": "kept", "seconds": sec}
     t = time.perf_counter()
-    keys, scalars = _write_state(self.objects, new, self._previous)
-    gen = {"created": _now(), "num_samples": int(new.num_samples),
-           "params_sha256": self.generation["params_sha256"],
-           "objects": {**self.generation["objects"], "state": keys,
-                       "scalars": scalars}}
-    detail = {"seconds": sec, "write_seconds": time.perf_counter() - t}
-    db.commit_event(self.con, "refresh", self.head, gen, detail)
-    self._advance(new, keys)
-    return {"status": "refreshed", **detail, "generation": self.head}
+    return {"status": "refreshed", **self._commit_state(
+        "refresh", new, lambda: {"seconds": sec,
+                                 "write_seconds": time.perf_counter() - t})}
 
   def _last_refresh(self) -> dict | None:
     """The newest ``refresh`` event, or None."""
@@ -753,15 +747,25 @@ class DeletionStore:
     if new is self.state:
       return {"status": "nothing_to_compact", "rows_dropped": 0}
     t0 = time.perf_counter()
+    return {"status": "compacted", **self._commit_state(
+        "compact", new, lambda: {"samples_dropped": held,
+                                 "seconds": time.perf_counter() - t0})}
+
+  def _commit_state(self, kind: str, new: deletion.PreparedState,
+                    detail: Callable[[], dict]) -> dict:
+    """``new`` (same parameters) as the next generation: its files, then
+    the ``events`` row (``detail()``, called once the files are written)
+    and the new head in one transaction. Returns the detail and the
+    generation."""
     keys, scalars = _write_state(self.objects, new, self._previous)
     gen = {"created": _now(), "num_samples": int(new.num_samples),
            "params_sha256": self.generation["params_sha256"],
            "objects": {**self.generation["objects"], "state": keys,
                        "scalars": scalars}}
-    detail = {"samples_dropped": held, "seconds": time.perf_counter() - t0}
-    db.commit_event(self.con, "compact", self.head, gen, detail)
+    info = detail()
+    db.commit_event(self.con, kind, self.head, gen, info)
     self._advance(new, keys)
-    return {"status": "compacted", **detail, "generation": self.head}
+    return {**info, "generation": self.head}
 
   # ------------------------------------------------------------- reading
   def log(self) -> list[dict]:
