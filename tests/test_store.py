@@ -551,6 +551,13 @@ def test_sigkill_twenty_times(tmp_path):
   assert len(seen) >= 12
 
 
+@pytest.mark.slow  # the same for a cross-entropy store: minutes
+def test_sigkill_a_cross_entropy_store_twenty_times(tmp_path):
+  seen, total = _kill_trials(tmp_path, trials=20, seed=3, hidden=300,
+                             loss="ce")
+  assert len(seen) >= 12
+
+
 def test_compaction_drops_forgotten_rows_and_changes_no_answer(tmp_path):
   a, b = _init(tmp_path / "a", "ce"), _init(tmp_path / "b", "ce")
   for s in (a, b):
