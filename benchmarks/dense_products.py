@@ -24,22 +24,10 @@ median of ``--repeats`` runs after one untimed run. Writes JSON atomically::
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import time
 from pathlib import Path
 
-
-def _timed(fn, repeats: int) -> dict:
-  import jax
-  jax.block_until_ready(fn())
-  ts = []
-  for _ in range(repeats):
-    t = time.perf_counter()
-    jax.block_until_ready(fn())
-    ts.append(time.perf_counter() - t)
-  ts.sort()
-  return {"best": ts[0], "median": ts[len(ts) // 2], "all": ts}
+from deletion_request_profile import _timed  # best and median of runs
 
 
 def run(args) -> dict:
@@ -108,9 +96,8 @@ def main(argv=None):
   args = ap.parse_args(argv)
   out = run(args)
   if args.out is not None:
-    from fastntk_jax.io import atomic
-    text = json.dumps(out, indent=1)
-    atomic.atomic_write(args.out, lambda f: f.write(text.encode()))
+    from fastntk_jax.io.checkpoint import atomic_write_json
+    atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
 
 

@@ -14,7 +14,6 @@ not the library's. This fills ``--gib`` GiB one GiB at a time (numpy
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -52,9 +51,8 @@ def main(argv=None):
         " ".join(f"{s:.2f}" for s in out["fill_seconds_per_gib"]),
         f"; one GiB again after freeing: {out['refill_seconds']:.2f} s")
   if args.out is not None:
-    from fastntk_jax.io import atomic
-    text = json.dumps(out, indent=1)
-    atomic.atomic_write(args.out, lambda f: f.write(text.encode()))
+    from fastntk_jax.io.checkpoint import atomic_write_json
+    atomic_write_json(args.out, out)
     print(f"wrote {args.out}")
 
 
