@@ -45,10 +45,10 @@ A request then
    evaluation.
 
 Cost of a request: one forward pass over ``F``, the ``P×P`` downdate and
-factorisation, and two passes over the kept rows per step (the solve starts
-from the previous one's logits and gradient, less the request's terms, so
-there is no pass before the first step) (plus two per CG
-step if Newton-CG takes over); ``result.solve`` reports the steps.
+factorisation, and two passes over the kept rows per step (plus two per CG
+step if Newton-CG takes over); ``result.solve`` reports the steps. The solve
+starts from the previous one's logits and gradient less the request's
+terms, so no pass precedes its first step.
 Memory: the rows (``N·C·P`` numbers) and three ``P×P`` matrices in
 ``solve_dtype``; :func:`prepare` refuses before any work when that exceeds
 ``memory_budget``.
@@ -601,10 +601,8 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
     # The downdate forms the request's terms as prepare() formed them.
     g_dtype = ravel_pytree(state.lin_params)[0].dtype
     op = newton.DenseJacobian(state.jacobian, c)
-    # The request's rows by index: reshaping the N·C × P rows first would
-    # copy all of them (eagerly, ~0.4 s at N = 10,000).
-    idx = (np.asarray(rows)[:, None] * c + np.arange(c)).reshape(-1)
-    sub = newton.DenseJacobian(state.jacobian[idx], c, ggn_dtype=g_dtype)
+    sub = newton.DenseJacobian(state.jacobian[_row_index(rows, c)], c,
+                               ggn_dtype=g_dtype)
     gram = state.gram - sub.ggn(loss.hess_factor(state.ref_logits[rows]),
                                 prec)
     chol = _cholesky(gram, lam)
@@ -651,6 +649,13 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
                         time.perf_counter() - t0, rep)
 
 
+def _row_index(rows, c: int) -> np.ndarray:
+  """The Jacobian rows (sample-major, ``c`` a sample) of samples ``rows``.
+  Indexing by them copies only those rows; reshaping the ``N·C × P`` rows to
+  pick samples copies all of them (eagerly, ~0.4 s at N = 10,000)."""
+  return (np.asarray(rows)[:, None] * c + np.arange(c)).reshape(-1)
+
+
 def _request_start(state, op, sub, rows, weights):
   """The solve's :class:`fastntk_jax.core.newton.Start` at ``x_S`` over the
   remaining set, and ``∇Φ(0)`` there: the state's, less the request's terms
@@ -688,11 +693,10 @@ def refresh_preconditioner(state: PreparedState,
   c, prec = state.num_outputs, state.solve_dtype
   g_dtype = ravel_pytree(state.lin_params)[0].dtype
   with kernels.dtype_scope(prec):  # float64 rows stay float64
-    if rows is not None:  # by index: no copy of all N·C × P rows
+    if rows is not None:
       rows = np.asarray(rows)
-      idx = (rows[:, None] * c + np.arange(c)).reshape(-1)
       state = state._replace(
-          jacobian=state.jacobian[idx],
+          jacobian=state.jacobian[_row_index(rows, c)],
           offsets=state.offsets[rows], active=state.active[rows],
           ref_logits=state.ref_logits[rows], solution_logits=(
               None if state.solution_logits is None
