@@ -49,3 +49,18 @@ def test_forget_score_bench_tiny(tmp_path):
   assert again["scores"] == res["scores"]
   assert stamps == [(tmp_path / "fs" / f"model{k}.json").stat().st_mtime_ns
                     for k in range(3)]
+  # A second run with another method extends the same records: the stored
+  # methods are kept as they were, and the result scores all of them.
+  more = bench.run(str(cfg), 3, ["ga"], out, 200)
+  recs2 = [json.loads((tmp_path / "fs" / f"model{k}.json").read_text())
+           for k in range(3)]
+  for r, r2 in zip(recs, recs2):
+    assert {k: v for k, v in r2.items() if k != "ga"} == r
+    assert len(r2["ga"]["confidence"]) == 3
+  assert more["methods"] == ["full", "retrain", "retrain_other_seed", "ga"]
+  assert more["computed_this_run"] == ["retrain", "ga"]
+  for name in ("full", "retrain_other_seed"):
+    assert more["scores"][name] == res["scores"][name]
+  u = np.asarray([r["ga"]["confidence"] for r in recs2])
+  assert more["scores"]["ga"]["forget_score"] == pytest.approx(
+      fs.forget_score(u, ref).score)
