@@ -22,6 +22,12 @@ time)::
     python benchmarks/deletion_store.py --loss ce \
         --out benchmarks/results/deletion_store_ce_cpu.json
     python benchmarks/deletion_store.py --n-train 2000 --requests 3   # smoke
+
+``--probe`` times, before each request and outside its timing, two fixed
+NumPy workloads that share nothing with the store's code: a float32
+matrix-vector product over as many bytes as the state's Jacobian rows
+(memory-bound) and a 512² float64 matmul (compute-bound). A request that is
+slow while the probes are too points at the machine, not at the solve.
 """
 
 from __future__ import annotations
@@ -80,6 +86,29 @@ def _stats(v) -> dict:
           "min": float(np.min(v)), "mean": float(np.mean(v))}
 
 
+class _Probe:
+  """Two fixed NumPy workloads, timed (median of 3) on demand."""
+
+  def __init__(self, n_rows: int, width: int):
+    rng = np.random.default_rng(0)
+    self.rows = rng.standard_normal((n_rows, width), dtype=np.float32)
+    self.vec = rng.standard_normal(width, dtype=np.float32)
+    self.sq = rng.standard_normal((512, 512))
+
+  @staticmethod
+  def _median(fn) -> float:
+    ts = []
+    for _ in range(3):
+      t = time.perf_counter()
+      fn()
+      ts.append(time.perf_counter() - t)
+    return float(np.median(ts))
+
+  def __call__(self) -> dict:
+    return {"rows_matvec_seconds": self._median(lambda: self.rows @ self.vec),
+            "matmul512_seconds": self._median(lambda: self.sq @ self.sq)}
+
+
 def run(args) -> dict:
   out = {"benchmark": "deletion_store", **environment(),
          "cpu_count": os.cpu_count(),
@@ -110,7 +139,12 @@ def run(args) -> dict:
     reqs = _requests(np.random.default_rng(args.seed + 1), len(y),
                      args.requests + 1, args.size)
     rows = []
+    # As many float32 bytes as the state's rows (N·C rows of P).
+    width = sum(int(np.size(v))
+                for v in jax.tree_util.tree_leaves(model.init_params))
+    probe = _Probe(len(y) * 10, width) if args.probe else None
     for i, r in enumerate(reqs[:-1]):
+      machine = probe() if probe is not None else None
       ru0 = resource.getrusage(resource.RUSAGE_SELF)
       t = time.perf_counter()
       res = store.forget(model.apply_fn, (x[r], y[r]), ids=r,
@@ -133,7 +167,8 @@ def run(args) -> dict:
                    "refresh_after": res.refresh,
                    # the process's page faults and CPU seconds over the call
                    "rusage": {k: getattr(ru1, k) - getattr(ru0, k) for k in (
-                       "ru_minflt", "ru_majflt", "ru_utime", "ru_stime")}})
+                       "ru_minflt", "ru_majflt", "ru_utime", "ru_stime")},
+                   "probe": machine})
       print(f"request {i}: {latency:.2f} s (solve {res.row['seconds']:.2f} s"
             f", {(ex['solve'] or {}).get('iterations')} steps, write "
             f"{ex['write_seconds']:.2f} s; {ru1.ru_minflt - ru0.ru_minflt} "
@@ -184,6 +219,10 @@ def main(argv=None):
                   help="CPU devices XLA exposes, one XLA program each; the "
                   "Jacobian work is sharded over them (default 1; 2 on this "
                   "2-core machine is the faster MSE setting, docs/scale.md)")
+  ap.add_argument("--probe", action="store_true",
+                  help="time two fixed NumPy workloads before each request "
+                  "(outside its timing), to tell a slow machine from a slow "
+                  "solve")
   ap.add_argument("--out", type=Path, default=None)
   args = ap.parse_args(argv)
   if args.host_devices < 1:

@@ -331,6 +331,16 @@ def test_refresh_rule_is_ski_rental():
   assert due([12, 9, 10], 1.0, 4.0)  # the minimum, not the first, is the base
   assert not due([9, 30, 40], 0.1, float("inf"))  # no estimate: never
   assert due([9], 0.1, 0.0)  # free refreshes are always taken
+  # The latency rule: the current request's steps over the fewest, in
+  # seconds, against the slack; the cost rule still applies beside it.
+  assert due([9, 13], 0.1, float("inf"), 0.3)  # 0.4 s > 0.3 s
+  assert not due([9, 11], 0.1, float("inf"), 0.3)  # 0.2 s
+  assert not due([9, 13], 0.1, float("inf"))  # no slack: cost rule only
+  assert not due([8, 11, 11, 11], 0.125, 10.0, 0.375)  # not over the slack
+  assert due([8, 12], 0.125, 10.0, 0.375)
+  assert not due([9, 19, 9], 0.1, 10.0, 0.5)  # the current one, not the worst
+  assert due([9, 19, 9], 0.1, 1.0, 0.5)  # ... while the cost rule sums them
+  assert not due([], 0.1, 1.0, 0.0)
 
 
 def test_a_cross_entropy_store_refreshes_when_it_pays(tmp_path, monkeypatch):
@@ -387,6 +397,21 @@ def test_a_cross_entropy_store_refreshes_when_it_pays(tmp_path, monkeypatch):
     assert s._iterations_since_refresh() == []
     with pytest.raises(ValueError, match="refresh must be"):
       s.forget(apply_fn, _sel([1003]), ids=np.array([1003]), refresh="later")
+    for bad in (-1.0, float("nan"), float("inf"), True, "1"):
+      with pytest.raises(ValueError, match="refresh_slack must be"):
+        s.forget(apply_fn, _sel([1003]), ids=np.array([1003]),
+                 refresh_slack=bad)
+    assert out2.row["extra"]["refresh"]["slack_seconds"] is None
+    # The slack reaches the rule and the log.
+    seen = []
+    monkeypatch.setattr(store_lib, "refresh_due",
+                        lambda *a: seen.append(a) or False)
+    out3 = s.forget(apply_fn, _sel([1003]), ids=np.array([1003]),
+                    refresh_slack=0.25)
+    assert seen[-1][3] == 0.25 and out3.refresh is None
+    assert out3.row["extra"]["refresh"]["slack_seconds"] == 0.25
+    assert not out3.row["extra"]["refresh"]["due"]
+    assert s.refresh()["status"] == "refreshed"
     cost = s._refresh_cost()
   with DeletionStore.open(tmp_path / "s") as s:  # the schedule survives
     assert s._iterations_since_refresh() == []

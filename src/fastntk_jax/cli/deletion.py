@@ -20,6 +20,7 @@ against the SHA-256 recorded per sample at ``init``.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -163,6 +164,13 @@ def _init(args) -> dict:
 
 
 def _forget(args) -> dict:
+  slack = args.refresh_slack
+  if slack is not None and not (math.isfinite(slack) and slack >= 0):
+    raise UsageError(f"--refresh-slack must be a number of seconds >= 0, got "
+                     f"{slack}.")
+  if slack is not None and args.no_refresh:
+    raise UsageError("--refresh-slack and --no-refresh contradict each other; "
+                     "give one.")
   ids = _ids_arg(args.ids)
   with _open(args, readonly=False) as store:
     _compilation_cache(args.store)
@@ -172,7 +180,8 @@ def _forget(args) -> dict:
     x_f, y_f = take((x, y, sid), ids, name="--ids")
     r = store.forget(fn, (x_f, y_f), ids=ids, request_id=args.request_id,
                      allow_empty_class=args.allow_empty_class,
-                     refresh="off" if args.no_refresh else "after")
+                     refresh="off" if args.no_refresh else "after",
+                     refresh_slack=slack)
     if args.compact:
       c = store.compact()
       if c["status"] == "compacted":

@@ -331,6 +331,11 @@ def _add_deletion(sub) -> None:
                  help="cross-entropy stores: do not form the preconditioner "
                  "again after this request even when due (run `fastntk "
                  "deletion refresh` at a quiet time instead)")
+  a.add_argument("--refresh-slack", type=float, metavar="SECONDS",
+                 help="cross-entropy stores: also refresh the preconditioner "
+                 "after a request that a stale one made more than SECONDS "
+                 "slower than a fresh one would have (a latency rule beside "
+                 "the default cost rule; docs/deletion_store.md)")
   _other_version(a)
   a = action("compact", "drop the Jacobian rows of forgotten samples from "
              "a cross-entropy store")

@@ -244,8 +244,8 @@ def take(samples, wanted, digests=None, name: str = "samples"):
   return xs, ys
 
 
-def refresh_due(iterations, step_seconds: float,
-                refresh_seconds: float) -> bool:
+def refresh_due(iterations, step_seconds: float, refresh_seconds: float,
+                slack_seconds: float | None = None) -> bool:
   """Whether a cross-entropy store should form ``M`` again now.
 
   ``iterations``: the solve steps of every request since ``M`` was last
@@ -256,9 +256,20 @@ def refresh_due(iterations, step_seconds: float,
   of the best schedule chosen with hindsight (when a refresh brings the
   steps back to the minimum). Steps and refreshes are both measured on this
   machine, so the rule needs no tuning.
+
+  ``slack_seconds`` adds a latency rule: also due once the current request
+  took more than that many seconds longer than a fresh ``M`` would have
+  (its steps over the fewest, times ``step_seconds``). The refresh runs
+  after the request's commit, so this trades refresh work, off the request
+  path, for requests that stay near their fresh-``M`` time.
   """
   its = [int(i) for i in iterations]
-  if not its or not math.isfinite(float(refresh_seconds)):
+  if not its:
+    return False
+  if (slack_seconds is not None
+      and (its[-1] - min(its)) * float(step_seconds) > float(slack_seconds)):
+    return True
+  if not math.isfinite(float(refresh_seconds)):
     return False
   excess = sum(i - min(its) for i in its)
   return excess * float(step_seconds) >= float(refresh_seconds)
@@ -504,7 +515,8 @@ class DeletionStore:
   # ------------------------------------------------------------ requests
   def forget(self, apply_fn: Callable, forget_set, *, ids,
              request_id: str | None = None, allow_empty_class: bool = False,
-             refresh: str = "after", **forget_kw) -> RequestResult:
+             refresh: str = "after", refresh_slack: float | None = None,
+             **forget_kw) -> RequestResult:
     """Applies one deletion request, entirely or not at all.
 
     Args:
@@ -526,6 +538,9 @@ class DeletionStore:
         only the refresh, which the next request then finds due).
         ``"off"``: never here; call :meth:`refresh` (``fastntk deletion
         refresh``) at a quiet time. The parameters are the same either way.
+      refresh_slack: cross-entropy stores: seconds a stale ``M`` may add to
+        a request before a refresh is due regardless of the cost rule
+        (:func:`refresh_due`'s latency rule; default None: cost rule only).
       forget_kw: passed to :func:`fastntk_jax.core.deletion.forget`.
 
     Raises:
@@ -536,6 +551,12 @@ class DeletionStore:
                        "readonly=False to apply requests.")
     if refresh not in ("after", "off"):
       raise ValueError(f"refresh must be 'after' or 'off', got {refresh!r}.")
+    if refresh_slack is not None and not (
+        isinstance(refresh_slack, (int, float))
+        and not isinstance(refresh_slack, bool) and refresh_slack >= 0
+        and math.isfinite(refresh_slack)):
+      raise ValueError("refresh_slack must be a finite number of seconds >= 0 "
+                       f"or None, got {refresh_slack!r}.")
     ids = _check_ids("ids", ids)
     rid = ids_key(ids) if request_id is None else _check_request_id(
         request_id)
@@ -563,7 +584,8 @@ class DeletionStore:
       cost = self._refresh_cost()
       rule = {"iterations_since": its, "step_seconds": step,
               "refresh_seconds_estimate": cost,
-              "due": refresh_due(its, step, cost)}
+              "slack_seconds": refresh_slack,
+              "due": refresh_due(its, step, cost, refresh_slack)}
     # The new files are written (and fsynced) while the request's "after"
     # metrics run; nothing is visible until _commit's SQLite row, and files
     # no generation names are removed when the store next opens.
