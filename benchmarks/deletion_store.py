@@ -148,7 +148,8 @@ def run(args) -> dict:
       ru0 = resource.getrusage(resource.RUSAGE_SELF)
       t = time.perf_counter()
       res = store.forget(model.apply_fn, (x[r], y[r]), ids=r,
-                         request_id=f"r{i}")
+                         request_id=f"r{i}",
+                         refresh_slack=args.refresh_slack)
       wall = time.perf_counter() - t
       ru1 = resource.getrusage(resource.RUSAGE_SELF)
       ex = res.row["extra"]
@@ -219,6 +220,9 @@ def main(argv=None):
                   help="CPU devices XLA exposes, one XLA program each; the "
                   "Jacobian work is sharded over them (default 1; 2 on this "
                   "2-core machine is the faster MSE setting, docs/scale.md)")
+  ap.add_argument("--refresh-slack", type=float, default=None,
+                  metavar="SECONDS", help="cross-entropy: the store's latency "
+                  "rule for refreshing M (default: the cost rule only)")
   ap.add_argument("--probe", action="store_true",
                   help="time two fixed NumPy workloads before each request "
                   "(outside its timing), to tell a slow machine from a slow "
