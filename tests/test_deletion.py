@@ -350,6 +350,33 @@ def test_bad_ce_requests_are_refused_and_change_nothing():
   assert ok.solve.converged
 
 
+def test_ce_requests_go_on_with_newton_cg_when_lbfgs_runs_out(monkeypatch):
+  """A request that the preconditioned L-BFGS steps do not finish goes on
+  with Newton-CG, to the same answer; the caps leave Newton-CG at least one
+  step (with equal caps it used to get none, and the request failed)."""
+  apply_fn, w0, w_d, x, y = _problem(7, n=20)
+  ids = np.arange(20)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, loss="ce", ids=ids)
+  ref = deletion.forget(st, apply_fn, w_d, (x[:5], y[:5]), ids=ids[:5])
+  assert ref.solve.converged and ref.solve.cg_steps == 0
+  assert ref.solve.iterations > 2  # so that two L-BFGS steps do not finish
+  monkeypatch.setattr(deletion, "_FROZEN_STEPS", 2)
+  got = deletion.forget(st, apply_fn, w_d, (x[:5], y[:5]), ids=ids[:5])
+  assert got.solve.converged and got.solve.cg_steps > 0
+  assert got.solve.iterations > 2
+  assert _rel(_flat(got.params), _flat(ref.params)) < 1e-8
+  # Equal caps: L-BFGS stops one step short, leaving Newton-CG a step.
+  seen, real = [], newton.solve_preconditioned
+  monkeypatch.setattr(deletion, "_FROZEN_STEPS", 50)
+  monkeypatch.setattr(newton, "solve_preconditioned",
+                      lambda *a, **k: (seen.append(k["max_iter"]),
+                                       real(*a, **k))[1])
+  deletion.forget(st, apply_fn, w_d, (x[:5], y[:5]), ids=ids[:5],
+                  newton_max_steps=50)
+  deletion.forget(st, apply_fn, w_d, (x[:5], y[:5]), ids=ids[:5])
+  assert seen == [49, 50]  # the default cap is 100
+
+
 def test_mse_requests_with_the_anchor_apart_from_the_linearisation_point():
   """anchor=w_0 with J at w_D: the residual at the anchor enters the Grams'
   gradient; requests still equal unlearn() from scratch."""

@@ -96,7 +96,10 @@ __all__ = ["DeletionResult", "PreparedState", "compact", "forget", "prepare",
 #: Steps of the preconditioned L-BFGS iteration before a request switches to
 #: Newton-CG (whose steps cost several passes each: on 3,000 CIFAR-10 images,
 #: requests that switched after 20 steps took 2.7-5.8 s, those that converged
-#: in 17 steps 1.7 s).
+#: in 17 steps 1.7 s). At most ``newton_max_steps − 1``: Newton-CG always
+#: gets at least one step (with the two caps equal, it never ran, and a
+#: request that L-BFGS could not finish in 50 steps failed where one
+#: preconditioned Newton-CG step would have converged).
 _FROZEN_STEPS = 50
 
 #: L-BFGS pairs that correct ``M`` within a request's solve
@@ -451,7 +454,7 @@ def _request_ids(state, ids, n_f):
 
 def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
            params, forget_set, *, ids=None, block_size: int | None = None,
-           newton_tol: float | None = None, newton_max_steps: int = 50,
+           newton_tol: float | None = None, newton_max_steps: int = 100,
            cg_max_steps: int | None = None, refresh_steps: int | None = None,
            mesh=None) -> DeletionResult:
   """Answers one deletion request: forgets ``forget_set`` from ``params``.
@@ -468,6 +471,8 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
     newton_tol, newton_max_steps, cg_max_steps: the ``"ce"`` solve's
       tolerance and caps (a solve that does not converge raises
       :class:`UnlearningError` and leaves ``state`` unchanged).
+      ``newton_max_steps`` counts the L-BFGS steps (at most 50, and at most
+      ``newton_max_steps − 1``) and the Newton-CG steps after them.
     refresh_steps: ``"ce"``: when the solve took more steps than this, the
       preconditioner ``M`` is formed again at the new solution's logits
       (one Gauss-Newton pass over the kept rows, ``N·C·P²`` flops), so that
@@ -619,7 +624,7 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
   # Newton-CG preconditioned with M from where it stopped.
   x_new, rep, at = newton.solve_preconditioned(
       op, state.offsets, state.labels, loss, lam, x0=state.solution,
-      start=start, max_iter=min(max_steps, _FROZEN_STEPS),
+      start=start, max_iter=max(1, min(max_steps - 1, _FROZEN_STEPS)),
       memory=_LBFGS_PAIRS, **common)
   left = max_steps - rep.iterations
   if not rep.converged and rep.status != "factorisation_failed" and left > 0:
