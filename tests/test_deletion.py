@@ -398,3 +398,46 @@ def test_mse_requests_with_the_anchor_apart_from_the_linearisation_point():
                   damping=0.5, solver="primal")
   np.testing.assert_allclose(r1.forget_residual_norm,
                              one.forget_residual_norm, rtol=1e-4)
+
+
+def test_padded_request_rows_come_in_few_bucket_sizes():
+  for n, size in ((1, 16), (10, 16), (16, 16), (17, 32), (37, 48), (100, 112),
+                  (128, 128), (129, 144), (5000, 5120)):
+    rows = np.arange(3, 3 + n) * 7
+    padded, mask = deletion._padded_rows(rows)
+    assert len(padded) == len(mask) == size
+    np.testing.assert_array_equal(padded[:n], rows)
+    assert (padded[n:] == rows[0]).all()
+    assert mask.sum() == n and (mask[:n] == 1).all()
+  sizes = {len(deletion._padded_rows(np.arange(n))[0]) for n in range(1, 1025)}
+  assert len(sizes) <= 8 * 7 + 1  # eight a doubling from 16 to 1,024
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_requests_of_new_sizes_compile_nothing_new(loss):
+  """After one request, a request of another size (in the same bucket)
+  runs programs already compiled: its blocks and padded rows have the
+  shapes of the first (a deletion store answers requests of every size)."""
+  apply_fn, w0, w_d, x, y = _problem(9, n=60)
+  ids = np.arange(60)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids, loss=loss)
+  first = deletion.forget(st, apply_fn, w_d, (x[:3], y[:3]), ids=ids[:3])
+  compiles = []
+
+  def listen(event, seconds, **kw):
+    del seconds, kw
+    if event == "/jax/core/compile/backend_compile_duration":
+      compiles.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    sel = np.arange(10, 17)  # 7 samples: another size, the same bucket
+    out = deletion.forget(first.state, apply_fn, first.params,
+                          (x[sel], y[sel]), ids=ids[sel])
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+  assert compiles == []
+  # And the answer is the one a request of 3 + 7 from the start gives.
+  both = np.concatenate([np.arange(3), sel])
+  ref = deletion.forget(st, apply_fn, w_d, (x[both], y[both]), ids=ids[both])
+  assert _rel(out.params, ref.params) < 1e-6

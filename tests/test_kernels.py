@@ -173,6 +173,37 @@ def test_automatic_jacobian_blocks_are_small_on_cpu(resnet):
   assert block_nt > kernels.CPU_BLOCK_PER_DEVICE
   assert blocking.resolve_block(apply_fn, w, x, 48, "jac", fn,
                                 lambda xb: (w, xb))[0] == 48  # explicit wins
+  # stable=True: the block of a large input, whatever the input's size
+  # (short inputs are padded to it): one compiled shape for every size.
+  for n in (1, 3, 100, 64):
+    got, _, _ = blocking.resolve_block(apply_fn, w, jnp.zeros(
+        (n, 32, 32, 3)), None, "jac", fn, lambda xb: (w, xb), stable=True)
+    assert got == kernels.CPU_BLOCK_PER_DEVICE
+  assert blocking.resolve_block(apply_fn, w, x[:3], 8, "jac", fn,
+                                lambda xb: (w, xb), stable=True)[0] == 8
+
+
+def test_stable_shapes_give_the_same_grams_and_logits(resnet):
+  """gram/predict with stable_shape=True (a short input padded to a whole
+  block, NumPy inputs kept on the host): the values of the default path."""
+  apply_fn, w, x1, _ = resnet
+  y = np.asarray([3, 1, 4, 1, 5, 9])
+  res = lambda f, t: f - jax.nn.one_hot(t, 10, dtype=f.dtype)
+  for x in (x1[:3], np.asarray(x1)):
+    n = x.shape[0]
+    a, b, f = kernels.gram(apply_fn, w, x, res, y=y[:n], solve_dtype="float64",
+                           return_outputs=True)
+    a2, b2, f2 = kernels.gram(apply_fn, w, x, res, y=y[:n],
+                              solve_dtype="float64", return_outputs=True,
+                              stable_shape=True)
+    np.testing.assert_allclose(a2, a, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(b2, b, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(f2, f, rtol=1e-6, atol=1e-6)
+    assert f2.shape == (n, 10)
+    p = kernels.predict(apply_fn, w, x, block_size=4, stable_shape=True)
+    np.testing.assert_allclose(p, apply_fn(w, jnp.asarray(x)), rtol=1e-5,
+                               atol=1e-5)
+    assert p.shape == (n, 10)
 
 
 def test_train_mode_batchnorm_couples_samples(resnet):

@@ -85,7 +85,7 @@ def test_requests_across_processes_equal_in_memory_and_from_scratch(
       for row in s.log():
         assert set(row["extra"]["refresh"]) == {
             "iterations_since", "step_seconds", "refresh_seconds_estimate",
-            "due"}
+            "slack_seconds", "due"}
       assert s.meta["refresh_seconds_estimate"] > 0
     np.testing.assert_array_equal(s.state.ids, state.ids)
     # A refresh after a request is a generation of its own (events).
@@ -609,3 +609,28 @@ def test_compaction_drops_forgotten_rows_and_changes_no_answer(tmp_path):
   # An MSE store has nothing to compact.
   with _init(tmp_path / "m", "mse") as s:
     assert s.compact()["status"] == "nothing_to_compact"
+
+
+@pytest.mark.parametrize("loss", ["mse", "ce"])
+def test_the_first_request_after_init_compiles_nothing(tmp_path, loss):
+  """init runs a one-sample request and discards it, so that the request
+  path is compiled before the first real request (of any size in the
+  smallest bucket)."""
+  with _init(tmp_path / "s", loss) as s:
+    assert s.meta["warm_up_seconds"] > 0
+    head = s.head
+    compiles = []
+
+    def listen(event, seconds, **kw):
+      del seconds, kw
+      if event == "/jax/core/compile/backend_compile_duration":
+        compiles.append(event)
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+      out = s.forget(apply_fn, _sel(REQS[0]), ids=np.array(REQS[0]),
+                     refresh="off")
+    finally:
+      jax.monitoring.unregister_event_duration_listener(listen)
+    assert out.status == "applied" and s.head == head + 1
+    assert compiles == []

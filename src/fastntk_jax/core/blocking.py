@@ -236,17 +236,26 @@ def iter_blocks(n: int, block: int) -> Iterator[tuple[int, int]]:
 
 
 def pad_block(x, block: int):
-  """Pads a last, short block to ``block`` rows (one compilation per shape)."""
+  """Pads a last, short block to ``block`` rows (one compilation per shape;
+  a NumPy array is padded on the host, which compiles nothing)."""
   n = x.shape[0]
   if n == block:
     return x
-  reps = jnp.broadcast_to(x[:1], (block - n,) + x.shape[1:])
-  return jnp.concatenate([x, reps], axis=0)
+  xp = np if isinstance(x, np.ndarray) else jnp
+  reps = xp.broadcast_to(x[:1], (block - n,) + x.shape[1:])
+  return xp.concatenate([x, reps], axis=0)
 
 
 def resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
-                   args_for=None, mesh=None):
-  """(samples per block, C, P); the block is a multiple of mesh's devices."""
+                   args_for=None, mesh=None, stable: bool = False):
+  """(samples per block, C, P); the block is a multiple of mesh's devices.
+
+  ``stable``: the block does not depend on ``len(x)`` — the automatic block
+  is that of a large input (not balanced to ``len(x)``, not cut to it), and
+  a short input is padded to it — so inputs of any size run one compiled
+  block shape, the one a large pass over the same model compiled (deletion
+  requests of varying sizes after ``prepare``).
+  """
   c = num_outputs(apply_fn, params, x)
   p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
   if block_size is None:
@@ -257,12 +266,13 @@ def resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
       fallback = 16.0 * c * p * 4
       per = bytes_per_sample(kind, jitted, args_for, params, x, fallback,
                               mesh=mesh)
-      block_size = auto_block_size(len(x), per)
+      block_size = auto_block_size(2**62 if stable else len(x), per)
       if kind == "jac" and device_platform(mesh) == "cpu":
         block_size = min(block_size, CPU_BLOCK_PER_DEVICE * n_devices(mesh))
-      block_size = balanced_block(len(x), block_size, n_devices(mesh))
+      if not stable:
+        block_size = balanced_block(len(x), block_size, n_devices(mesh))
   if int(block_size) < 1:
     raise ValueError(f"block_size must be >= 1, got {block_size}.")
-  block = int(min(block_size, max(len(x), 1)))
+  block = int(block_size) if stable else int(min(block_size, max(len(x), 1)))
   d = n_devices(mesh)
   return -(-block // d) * d, c, p

@@ -543,17 +543,21 @@ def _forget_mse(state, apply_fn, params, x_f, y_f, remaining, block_size,
   """Work ∝ |F|: the request's Gram pass and one P×P factorisation."""
   n_f = int(y_f.shape[0])
   lin = state.lin_params
+  # Blocks of prepare's shape, a short request padded: requests of any size
+  # run the compiled pass (stable_shape), and the small per-request
+  # arithmetic below is NumPy's, which compiles nothing either.
   a_f, g_f, f0 = kernels.gram(apply_fn, lin, x_f, RESIDUAL_FNS["mse"], y=y_f,
                               solve_dtype=state.solve_dtype, block_size=block_size,
-                              mesh=mesh, return_outputs=True)
-  r_f = RESIDUAL_FNS["mse"](f0, jnp.asarray(y_f))
+                              mesh=mesh, return_outputs=True, stable_shape=True)
+  f0 = np.asarray(f0)
+  r_f = f0 - np.eye(f0.shape[1], dtype=f0.dtype)[np.asarray(y_f)]
   # The P×P algebra once, on one device of the request's mesh (the state may
   # come from another mesh, or from a checkpoint on the host); replicated,
   # every device would repeat it on the same cores.
   a_f, g_f = blocking.on_one_device(mesh, (a_f, g_f))
   with kernels.dtype_scope(state.solve_dtype):
-    rr_f = blocking.on_one_device(
-        mesh, jnp.sum(jnp.asarray(r_f, state.gram.dtype) ** 2))
+    rr_f = blocking.on_one_device(mesh, jnp.asarray(
+        np.sum(r_f.astype(state.gram.dtype) ** 2), state.gram.dtype))
     if state.shift is not None:  # the residual at the anchor: r + J_F d
       d = blocking.on_one_device(mesh, state.shift)
       rr_f = rr_f + 2 * d @ g_f + d @ (a_f @ d)
@@ -589,11 +593,16 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
   if not np.array_equal(state.labels[rows], y_f):
     raise ValueError("forget_set: the labels differ from those prepared for "
                      "these ids; pass each sample with its own id.")
+  # The request's rows padded to a bucket size (weight 0 on the padding):
+  # every request size in a bucket runs the same compiled programs.
+  padded, mask = _padded_rows(rows)
   # The request's inputs must be the prepared samples: one forward pass.
-  f_req = kernels.predict(apply_fn, state.lin_params, x_f, mesh=mesh)
-  ref = state.logits[rows]
-  scale = float(jnp.max(jnp.abs(ref))) + 1.0
-  if float(jnp.max(jnp.abs(f_req - ref))) > 1e-3 * scale:
+  f_req = np.asarray(kernels.predict(apply_fn, state.lin_params, x_f,
+                                     block_size=_REQUEST_BLOCK, mesh=mesh,
+                                     stable_shape=True))
+  ref = np.asarray(state.logits)[rows]
+  scale = float(np.max(np.abs(ref))) + 1.0
+  if float(np.max(np.abs(f_req - ref))) > 1e-3 * scale:
     raise ValueError("forget_set: the inputs give other logits at the "
                      "linearisation point than the prepared samples with "
                      "these ids; pass each sample with its own id, "
@@ -606,10 +615,13 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
     # The downdate forms the request's terms as prepare() formed them.
     g_dtype = ravel_pytree(state.lin_params)[0].dtype
     op = newton.DenseJacobian(state.jacobian, c)
-    sub = newton.DenseJacobian(state.jacobian[_row_index(rows, c)], c,
-                               ggn_dtype=g_dtype)
-    gram = state.gram - sub.ggn(loss.hess_factor(state.ref_logits[rows]),
-                                prec)
+    z = state.solution_logits
+    ggn_f, g0_f, g_f = _request_terms(
+        state.jacobian, jnp.asarray(padded), jnp.asarray(mask, prec),
+        jnp.asarray(state.ref_logits), jnp.asarray(state.offsets),
+        None if z is None else jnp.asarray(z), jnp.asarray(state.labels),
+        c=c, ggn_dtype=np.dtype(g_dtype).name, dtype=np.dtype(prec).name)
+    gram = state.gram - ggn_f
     chol = _cholesky(gram, lam)
     if not bool(jnp.all(jnp.isfinite(chol))):
       raise UnlearningError(
@@ -617,7 +629,7 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
           "downdate; raise damping or use solve_dtype='float64'.")
     precond = functools.partial(_cho_apply, chol)
     weights = jnp.asarray(active, prec)
-    start, anchor_grad = _request_start(state, op, sub, rows, weights)
+    start, anchor_grad = _request_start(state, op, g0_f, g_f, weights)
   common = dict(weights=weights, tol=tol, solve_dtype=prec,
                 preconditioner=precond, return_start=True)
   # L-BFGS from M (two passes a step) first; where it converges slowly,
@@ -658,14 +670,52 @@ def _row_index(rows, c: int) -> np.ndarray:
   """The Jacobian rows (sample-major, ``c`` a sample) of samples ``rows``.
   Indexing by them copies only those rows; reshaping the ``N·C × P`` rows to
   pick samples copies all of them (eagerly, ~0.4 s at N = 10,000)."""
-  return (np.asarray(rows)[:, None] * c + np.arange(c)).reshape(-1)
+  xp = np if isinstance(rows, np.ndarray) else jnp
+  return (xp.asarray(rows)[:, None] * c + xp.arange(c)).reshape(-1)
 
 
-def _request_start(state, op, sub, rows, weights):
+#: Samples per block of a request's forward pass (padded: one compiled shape).
+_REQUEST_BLOCK = 32
+
+
+def _padded_rows(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """``rows`` padded with copies of ``rows[0]`` to a bucket size, and the
+  mask (1 on ``rows``, 0 on the padding). Buckets: multiples of
+  ``max(16, 2^(⌊log₂ n⌋ − 3))`` — eight a doubling of ``n``, less than an
+  eighth of ``n`` (or 16 rows) of padding — so a stream of requests of many
+  sizes compiles a few shapes, not one per size."""
+  n = len(rows)
+  q = max(16, 2 ** max(0, int(n).bit_length() - 1 - 3))
+  size = -(-n // q) * q
+  padded = np.concatenate([rows, np.full(size - n, rows[0], rows.dtype)])
+  mask = np.concatenate([np.ones(n), np.zeros(size - n)])
+  return padded, mask
+
+
+@functools.partial(jax.jit, static_argnames=("c", "ggn_dtype", "dtype"))
+def _request_terms(jac, rows, mask, ref_logits, offsets, z, labels, *, c,
+                   ggn_dtype, dtype):
+  """A cross-entropy request's terms over its (padded, masked) rows: the
+  Gauss-Newton matrix at the prepared logits ``Σ J_iᵀ L_i L_iᵀ J_i`` (formed
+  in ``ggn_dtype`` as :func:`prepare` formed ``M``), and ``Σ J_iᵀ ∇ℓ_i`` at
+  the offsets (``∇Φ(0)``'s terms) and, when ``z`` is given, at the current
+  solution's logits."""
+  loss = objective.cross_entropy
+  sub = newton.DenseJacobian(jac[_row_index(rows, c)], c, ggn_dtype=ggn_dtype)
+  y = labels[rows]
+  m = mask.astype(dtype)
+  ggn = sub.ggn(loss.hess_factor(ref_logits[rows]) * m[:, None, None], dtype)
+  g0 = sub.rmatvec(m[:, None] * loss.grad(offsets[rows], y))
+  g = None if z is None else sub.rmatvec(m[:, None] * loss.grad(z[rows], y))
+  return ggn, g0, g
+
+
+def _request_start(state, op, g0_f, g_f, weights):
   """The solve's :class:`fastntk_jax.core.newton.Start` at ``x_S`` over the
   remaining set, and ``∇Φ(0)`` there: the state's, less the request's terms
-  (``sub``: its rows), so that no pass over all rows is needed. A state
-  saved before these fields existed lacks them: three passes then."""
+  (``g0_f``, ``g_f`` from :func:`_request_terms`), so that no pass over all
+  rows is needed. A state saved before these fields existed lacks them:
+  three passes then."""
   loss = objective.cross_entropy
   if state.solution_grad is None:
     y = jnp.asarray(state.labels)
@@ -674,10 +724,9 @@ def _request_start(state, op, sub, rows, weights):
     g = op.rmatvec(weights[:, None] * loss.grad(z, y)) + (
         state.damping * state.solution)
   else:
-    y = jnp.asarray(state.labels[rows])
-    g0 = state.anchor_grad - sub.rmatvec(loss.grad(state.offsets[rows], y))
+    g0 = state.anchor_grad - g0_f
     z = state.solution_logits
-    g = state.solution_grad - sub.rmatvec(loss.grad(z[rows], y))
+    g = state.solution_grad - g_f
   return newton.Start(z, g, float(jnp.linalg.norm(g0))), g0
 
 

@@ -370,7 +370,9 @@ def _gram_inputs(r, y, weights, solve_dtype, n: int, c: int, dtype):
     if y is None:
       raise ValueError("y: r is a function of (logits, y_block); pass the "
                        "per-sample targets y=... (N rows).")
-    y = jnp.asarray(y)
+    # On the host unless already on a device (jnp.asarray of a NumPy array
+    # compiles a staging program for every new shape).
+    y = y if isinstance(y, jax.Array) else np.asarray(y)
     if y.shape[:1] != (n,):
       raise ValueError(f"y must have one row per sample of x ({n}), got "
                        f"shape {y.shape}.")
@@ -392,7 +394,7 @@ def _gram_inputs(r, y, weights, solve_dtype, n: int, c: int, dtype):
 def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
          block_size: int | None = None, mesh: Mesh | None = None,
          solve_dtype: str | None = None, return_outputs: bool = False,
-         weights=None):
+         weights=None, stable_shape: bool = False):
   """Parameter-space Gram matrix and gradient, accumulated over blocks.
 
   One pass over ``x``: each block's forward pass gives both its logits and
@@ -422,6 +424,11 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
       output is then ``Σ_i J_iᵀ L_i L_iᵀ J_i`` (a generalised Gauss-Newton
       matrix, e.g. with :meth:`fastntk_jax.core.objective.Loss.hess_factor`); the
       gradient ``Jᵀ r`` is unchanged.
+    stable_shape: with ``block_size=None``, blocks of the size a large input
+      gets, a short input padded to one: any number of samples runs the
+      block shape that a pass over many compiled (no compilation per size;
+      :func:`fastntk_jax.core.blocking.resolve_block`). For small inputs
+      that recur in many sizes, such as deletion requests.
 
   Returns:
     ``(JᵀJ, Jᵀ r)`` of shapes ``(P, P)`` and ``(P,)`` (the second is None
@@ -430,7 +437,12 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
     Memory, per device: a ``P²`` sum in ``solve_dtype``, a block's ``P²`` term
     in the model's dtype, and a block's Jacobian rows.
   """
-  x = jnp.asarray(x)
+  # Stable shapes keep a NumPy input on the host (sliced and padded there):
+  # jnp.asarray would compile a staging program for every new size.
+  if not stable_shape:
+    x = jnp.asarray(x)
+  elif not isinstance(x, jax.Array):
+    x = np.asarray(x)
   n = x.shape[0]
   mesh = resolve_mesh(mesh)
   flat, _ = ravel_pytree(params)
@@ -440,7 +452,8 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
                                          flat.dtype)
   fn = _gram_block_fn(apply_fn, residual_fn, mesh, weights is not None)
   a, b, logits = _block_sums(apply_fn, params, x, t, weights, fn, (p, p), c,
-                             mesh, block_size, solve_dtype, return_outputs)
+                             mesh, block_size, solve_dtype, return_outputs,
+                             stable_shape)
   b = None if r is None else b
   if return_outputs:
     return a, b, logits
@@ -448,7 +461,7 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
 
 
 def _block_sums(apply_fn, params, x, t, extra, fn, shape_a, c, mesh,
-                block_size, solve_dtype, return_outputs):
+                block_size, solve_dtype, return_outputs, stable=False):
   """The pass over blocks that :func:`gram` and :func:`sketched_gram` share.
 
   ``fn(params, x_b, t_b, keep_b[, extra_b]) -> (f_b, A_b, b_b)`` with
@@ -462,8 +475,11 @@ def _block_sums(apply_fn, params, x, t, extra, fn, shape_a, c, mesh,
   params_r = replicate(mesh, params)
   block, _, _ = resolve_block(
       apply_fn, params, x, block_size, "jac", jac_block_fn(apply_fn),
-      lambda xb: (params_r, shard_rows(mesh, xb)), mesh=mesh)
+      lambda xb: (params_r, shard_rows(mesh, xb)), mesh=mesh, stable=stable)
   d = n_devices(mesh)
+  if stable:  # slices and padding on the host: nothing compiled per size
+    x, t = np.asarray(x), np.asarray(t)
+    extra = None if extra is None else np.asarray(extra)
   with dtype_scope(solve_dtype):
     acc_a, acc_b = shard_rows(mesh, (jnp.zeros((d, *shape_a), dt),
                                       jnp.zeros((d, flat.shape[0]), dt)))
@@ -802,18 +818,20 @@ def vjp(apply_fn: ApplyFn, params, x, cotangent, *,
 def _rows_of_blocks(mesh: Mesh | None, outs, sizes) -> jax.Array:
   """The first ``sizes[k]`` rows of each block output, concatenated.
 
-  On a mesh of several devices the blocks come back to the host first:
-  cutting and concatenating row-sharded arrays on the devices reshards them,
-  with all-to-all collectives dispatched between the block programs. Two
-  runs of ``benchmarks/speedup.py`` on two host CPU devices stopped on an
-  all-to-all that never completed; these eager reshardings are the suspected
-  source (not confirmed), and the copy to the host costs next to nothing.
+  The blocks come back to the host first (they are small: ``B × C``
+  outputs). On a mesh of several devices, cutting and concatenating
+  row-sharded arrays on the devices reshards them, with all-to-all
+  collectives dispatched between the block programs. Two runs of
+  ``benchmarks/speedup.py`` on two host CPU devices stopped on an all-to-all
+  that never completed; these eager reshardings are the suspected source
+  (not confirmed). On one device, cutting on the device compiles a slice
+  and a concatenation for every new input size (a deletion request's).
   """
-  if mesh is None:
-    return jnp.concatenate([o if o.shape[0] == k else o[:k]
-                            for o, k in zip(outs, sizes)], axis=0)
-  return jnp.asarray(np.concatenate([np.asarray(o)[:k]
-                                     for o, k in zip(outs, sizes)], axis=0))
+  del mesh
+  # device_put, not jnp.asarray: the latter compiles a staging program for
+  # every new shape.
+  return jax.device_put(np.concatenate([np.asarray(o)[:k]
+                                        for o, k in zip(outs, sizes)], axis=0))
 
 
 @per_apply_fn
@@ -822,16 +840,20 @@ def _predict_block_fn(apply_fn):
 
 
 def predict(apply_fn: ApplyFn, params, x, *, block_size: int = 256,
-            mesh: Mesh | None = None) -> jax.Array:
+            mesh: Mesh | None = None, stable_shape: bool = False) -> jax.Array:
   """``apply_fn(params, x)`` in blocks of samples, shape ``(N, C)``.
 
   ``mesh``: devices to shard the blocks of samples over (module docstring);
   ``block_size`` is rounded up to a multiple of their number.
+  ``stable_shape``: blocks of ``block_size`` even for fewer samples (padded),
+  so that any number of samples runs one compiled shape.
   """
   mesh = resolve_mesh(mesh)
-  x = jnp.asarray(x)
+  # Stable shapes slice and pad on the host: nothing compiled per size.
+  x = np.asarray(x) if stable_shape else jnp.asarray(x)
   d = n_devices(mesh)
-  block = -(-int(max(1, min(block_size, x.shape[0]))) // d) * d
+  want = block_size if stable_shape else min(block_size, x.shape[0])
+  block = -(-int(max(1, want)) // d) * d
   fn = _predict_block_fn(apply_fn)
   params_r = replicate(mesh, params)
   spans = list(iter_blocks(x.shape[0], block))

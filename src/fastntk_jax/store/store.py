@@ -289,9 +289,30 @@ def _time_refresh(state: deletion.PreparedState) -> float | None:
   return (time.perf_counter() - t) * n / len(rows)
 
 
+def _warm_up(state, apply_fn, params, x, y, ids) -> float | None:
+  """Seconds of a one-sample request run and discarded right after
+  ``prepare``: it compiles the request path (the pass shapes are those of
+  any request, :func:`fastntk_jax.core.deletion.forget`), so that the first
+  real request after ``init`` does not pay for it, nor, through the CLI's
+  compilation cache, later processes. None with a single sample."""
+  if len(ids) < 2:
+    return None
+  t = time.perf_counter()
+  res = deletion.forget(state, apply_fn, params, (x[:1], y[:1]),
+                        ids=np.asarray(ids[:1]))
+  _request_metrics(apply_fn, res.params, x[:1], y[:1], state.loss)
+  return time.perf_counter() - t
+
+
+#: Samples per block of the request metrics' forward pass (one compiled
+#: shape for every request size).
+_METRICS_BLOCK = 32
+
+
 def _request_metrics(apply_fn, params, x, y, loss: str) -> dict:
   """Accuracy and mean loss on a request (``"mse"``: ½‖f − onehot‖²)."""
-  z = np.asarray(kernels.predict(apply_fn, params, x), np.float64)
+  z = np.asarray(kernels.predict(apply_fn, params, x, block_size=_METRICS_BLOCK,
+                                 stable_shape=True), np.float64)
   y = np.asarray(y)
   acc = float(np.mean(np.argmax(z, -1) == y))
   if loss == "ce":
@@ -395,6 +416,7 @@ class DeletionStore:
     refresh_estimate = _time_refresh(state)
     order = np.argsort(ids)
     x, y = np.asarray(data[0]), np.asarray(data[1])
+    warm_up = _warm_up(state, apply_fn, params, x, y, ids)
     keys, scalars = _write_state(objs, state, {})
     fixed = {"trained": objs.put_tree(params),
              "sample_ids": objs.put_array(ids[order]),
@@ -412,7 +434,8 @@ class DeletionStore:
             "prepare": {k: v for k, v in prepare_kw.items()
                         if isinstance(v, (int, float, str, bool, type(None)))},
             "prepare_seconds": seconds, "description": description,
-            "refresh_seconds_estimate": refresh_estimate}
+            "refresh_seconds_estimate": refresh_estimate,
+            "warm_up_seconds": warm_up}
     db.create(root / "store.sqlite", meta, gen0)
     fsync_dir(root)
     return cls._load(root, db.connect(root / "store.sqlite"), lock)
