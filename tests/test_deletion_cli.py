@@ -31,6 +31,14 @@ def test_bad_inputs_are_reported_before_work(tmp_path, capsys):
   assert cli.main(["deletion", "init", str(tmp_path / "s"), "--checkpoint",
                    str(tmp_path / "m.ckpt"), "--damping", "0"]) == 2
   assert "--damping must be > 0" in capsys.readouterr().err
+  # A folder in use is refused before anything is written into it (the
+  # compilation cache included).
+  (tmp_path / "busy").mkdir()
+  (tmp_path / "busy" / "notes.txt").write_text("mine")
+  assert cli.main(["deletion", "init", str(tmp_path / "busy"), "--checkpoint",
+                   str(tmp_path / "m.ckpt")]) == 2
+  assert "not empty" in capsys.readouterr().err
+  assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == ["notes.txt"]
   assert cli.main(["deletion", "forget", str(tmp_path / "none"), "--ids",
                    "-", "--host-devices", "0"]) == 2
   assert "--host-devices must be >= 1" in capsys.readouterr().err

@@ -140,6 +140,10 @@ def _init(args) -> dict:
   from fastntk_jax.store import DeletionStore
   if args.damping <= 0:
     raise UsageError("--damping must be > 0 (requests use Cholesky factors).")
+  DeletionStore.check_new_path(args.store)
+  # init's warm-up request is compiled into the store's cache, so that the
+  # first `forget` process finds its programs there.
+  _compilation_cache(args.store)
   name, _, apply_fn, ckpt, prep = model_from_checkpoint(args.checkpoint)
   cfg = ckpt.config
   desc = {"checkpoint": str(Path(args.checkpoint).resolve()),

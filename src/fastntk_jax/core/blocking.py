@@ -206,9 +206,11 @@ def balanced_block(n: int, block: int, devices: int = 1) -> int:
 
   The last block is padded to the block size; balancing keeps that padding
   under one sample a block (and a device) instead of up to a whole block.
-  A 100-image request in blocks of 16 computes 112 Jacobian rows; in
-  blocks of 15, 105. ``n >= block²`` always keeps ``block`` (and its
-  compiled shape).
+  100 images in blocks of 16 compute 112 Jacobian rows; in blocks of 15,
+  105. ``n >= block²`` always keeps ``block`` (and its compiled shape).
+  Small inputs of many sizes (deletion requests) take
+  :func:`resolve_block`'s ``stable`` blocks instead: a little more padding,
+  no compilation per size.
   """
   n, block, devices = max(int(n), 1), max(int(block), 1), max(int(devices), 1)
   k = -(-n // block)

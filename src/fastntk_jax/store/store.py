@@ -360,6 +360,27 @@ class DeletionStore:
     self.meta = db.meta(con)
 
   # ------------------------------------------------------------- opening
+  @staticmethod
+  def check_new_path(path) -> Path:
+    """``path`` as a :class:`~pathlib.Path` if :meth:`init` may write a store
+    there: a folder that does not exist, or is empty, or holds only what an
+    unfinished ``init`` leaves (and the CLI's ``xla-cache``); else
+    :class:`StoreError`."""
+    root = Path(path)
+    if (root / "store.sqlite").exists():
+      raise StoreError(f"path: {root} already holds a deletion store; open it "
+                       "(fastntk deletion status) or choose another folder.")
+    if root.exists() and not root.is_dir():
+      raise StoreError(f"path: {root} is a file; choose a new folder for the "
+                       "store.")
+    # What an init that did not finish leaves may be there.
+    if root.exists() and any(p.name not in ("objects", "lock",
+                                            "store.sqlite.new", "xla-cache")
+                             for p in root.iterdir()):
+      raise StoreError(f"path: {root} exists and is not empty; choose a new "
+                       "folder for the store.")
+    return root
+
   @classmethod
   def init(cls, path, apply_fn: Callable, params, data, *, ids, anchor=None,
            extra: Mapping[str, Any] | None = None,
@@ -379,16 +400,7 @@ class DeletionStore:
       description: JSON kept in ``meta`` (e.g. the checkpoint's config and
         where the data comes from).
     """
-    root = Path(path)
-    if (root / "store.sqlite").exists():
-      raise StoreError(f"path: {root} already holds a deletion store; open it "
-                       "(fastntk deletion status) or choose another folder.")
-    # What an init that did not finish leaves may be there.
-    if root.exists() and any(p.name not in ("objects", "lock",
-                                            "store.sqlite.new")
-                             for p in root.iterdir()):
-      raise StoreError(f"path: {root} exists and is not empty; choose a new "
-                       "folder for the store.")
+    root = cls.check_new_path(path)
     x, y = data
     ids = _check_ids("ids", ids)
     if len(ids) != len(np.asarray(y)):
