@@ -139,10 +139,12 @@ def run(args) -> dict:
     reqs = _requests(np.random.default_rng(args.seed + 1), len(y),
                      args.requests + 1, args.size)
     rows = []
-    # As many float32 bytes as the state's rows (N·C rows of P).
+    # As many float32 bytes as the state's rows (N·C rows of P); a second
+    # array that size in this process (documented in --probe's help).
     width = sum(int(np.size(v))
                 for v in jax.tree_util.tree_leaves(model.init_params))
-    probe = _Probe(len(y) * 10, width) if args.probe else None
+    c = int(np.asarray(model.apply_fn(model.init_params, x[:1])).shape[-1])
+    probe = _Probe(len(y) * c, width) if args.probe else None
     for i, r in enumerate(reqs[:-1]):
       machine = probe() if probe is not None else None
       ru0 = resource.getrusage(resource.RUSAGE_SELF)
@@ -226,7 +228,8 @@ def main(argv=None):
   ap.add_argument("--probe", action="store_true",
                   help="time two fixed NumPy workloads before each request "
                   "(outside its timing), to tell a slow machine from a slow "
-                  "solve")
+                  "solve; allocates an array the size of the state's "
+                  "Jacobian rows in this process")
   ap.add_argument("--out", type=Path, default=None)
   args = ap.parse_args(argv)
   if args.host_devices < 1:

@@ -36,6 +36,7 @@ hold.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -97,6 +98,15 @@ def _model_record(cfg, k_seed, module, variables, data, work: Path,
   return out
 
 
+def _record_key(cfg: dict, k_seed: int) -> str:
+  """What a model's record depends on: the whole configuration (data,
+  forget set, recipe, every method's hyperparameters) and the pipeline
+  seed. A record with another key is not merged into this run."""
+  text = json.dumps({"config": cfg, "seed": int(k_seed), "record": 1},
+                    sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
 def _scores(records: list[dict], names) -> dict:
   ref = np.asarray([r["retrain"]["confidence"] for r in records])
   ra_r = np.mean([r["retrain"]["acc_retain"] for r in records])
@@ -135,20 +145,21 @@ def run(config: str, models: int, names, out: Path, base_seed: int) -> dict:
           runner.preprocess(m["name"], x_te), y_te, class_names)
   work = out.with_suffix("")
   work.mkdir(parents=True, exist_ok=True)
-  records, t0 = [], time.perf_counter()
+  records, computed, t0 = [], set(), time.perf_counter()
   for k in range(models):
     path = work / f"model{k}.json"
+    key = _record_key(cfg, base_seed + k)
     rec = json.loads(path.read_text()) if path.is_file() else {}
+    if rec and rec.get("key") != key:
+      raise ValueError(
+          f"{path} was written for another configuration, pipeline seed or "
+          "version of this benchmark; give another --out.")
     missing = [n for n in names if n not in rec]
     if missing:
-      new = _model_record(cfg, base_seed + k, module, variables, data, work,
-                          missing)
-      if rec and rec["forget_indices"] != new["forget_indices"]:
-        raise ValueError(
-            f"{path} was written for another forget set (another config or "
-            "--base-seed); give another --out.")
-      rec = {**rec, **new}
+      rec = {**rec, **_model_record(cfg, base_seed + k, module, variables,
+                                    data, work, missing), "key": key}
       checkpoint.atomic_write_json(path, rec)
+      computed.update(missing)
     records.append(rec)
     print(f"model {k + 1}/{models} ({time.perf_counter() - t0:.0f} s)",
           flush=True)
@@ -156,7 +167,7 @@ def run(config: str, models: int, names, out: Path, base_seed: int) -> dict:
             if all(n in r for r in records)]
   result = {"config": config, "models_per_side": models,
             "base_seed": base_seed, "methods": scored,
-            "computed_this_run": names,
+            "computed_this_run": [n for n in names if n in computed],
             "scores": _scores(records, scored),
             "seconds": time.perf_counter() - t0, **environment()}
   checkpoint.atomic_write_json(out, result)

@@ -203,7 +203,8 @@ def test_ce_requests_start_from_the_downdated_gradient():
   st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids,
                         damping=0.5, loss="ce")
   assert st.jacobian.dtype == jnp.float32  # kept as the model computed them
-  reqs = [np.array([1, 8, 9]), np.array([20, 33])]
+  # 3 samples (bucket 16) and 18 (bucket 32): padded rows must add nothing.
+  reqs = [np.array([1, 8, 9]), np.arange(20, 38)]
   runs = {}
   for carried in (True, False):
     state, params = st, w_d
@@ -217,9 +218,20 @@ def test_ce_requests_start_from_the_downdated_gradient():
   (s1, p1), (s0, p0) = runs[True], runs[False]
   np.testing.assert_allclose(_flat(p1), _flat(p0), rtol=1e-9, atol=1e-12)
   keep = s1.active
-  assert keep.sum() == 45
+  assert keep.sum() == 29
   j = np.asarray(st.jacobian, np.float64)
   b = np.asarray(st.offsets, np.float64)
+  # M downdated by the removed samples' Gauss-Newton terms at the prepared
+  # logits, Σ J_iᵀ (diag p_i − p_i p_iᵀ) J_i.
+  ref = np.asarray(st.ref_logits, np.float64)
+  pr = np.exp(ref - ref.max(1, keepdims=True))
+  pr /= pr.sum(1, keepdims=True)
+  m = np.zeros_like(np.asarray(st.gram, np.float64))
+  for i in np.flatnonzero(~keep):
+    ji = j[3 * i:3 * i + 3]
+    m += ji.T @ (np.diag(pr[i]) - np.outer(pr[i], pr[i])) @ ji
+  np.testing.assert_allclose(np.asarray(st.gram) - np.asarray(s1.gram), m,
+                             atol=1e-5 * np.abs(m).max())
 
   def grad_terms(z):  # Σ_kept J_iᵀ (softmax(z_i) − e_{y_i})
     p = np.exp(z - z.max(1, keepdims=True))

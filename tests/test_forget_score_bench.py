@@ -58,7 +58,11 @@ def test_forget_score_bench_tiny(tmp_path):
     assert {k: v for k, v in r2.items() if k != "ga"} == r
     assert len(r2["ga"]["confidence"]) == 3
   assert more["methods"] == ["full", "retrain", "retrain_other_seed", "ga"]
-  assert more["computed_this_run"] == ["retrain", "ga"]
+  assert more["computed_this_run"] == ["ga"]  # retrain was there
+  # Records of another configuration are refused before any work.
+  cfg.write_text(cfg.read_text().replace("epochs = 1", "epochs = 2"))
+  with pytest.raises(ValueError, match="another configuration"):
+    bench.run(str(cfg), 3, ["ga"], out, 200)
   for name in ("full", "retrain_other_seed"):
     assert more["scores"][name] == res["scores"][name]
   u = np.asarray([r["ga"]["confidence"] for r in recs2])

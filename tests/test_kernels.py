@@ -181,6 +181,12 @@ def test_automatic_jacobian_blocks_are_small_on_cpu(resnet):
     assert got == kernels.CPU_BLOCK_PER_DEVICE
   assert blocking.resolve_block(apply_fn, w, x[:3], 8, "jac", fn,
                                 lambda xb: (w, xb), stable=True)[0] == 8
+  # A given block caps the bucket (a power of two, at least 16): a short
+  # input is not padded to a large block.
+  for n, want in ((3, 16), (17, 32), (100, 128), (300, 256)):
+    got, _, _ = blocking.resolve_block(apply_fn, w, jnp.zeros(
+        (n, 32, 32, 3)), 256, "jac", fn, lambda xb: (w, xb), stable=True)
+    assert got == want
 
 
 def test_stable_shapes_give_the_same_grams_and_logits(resnet):

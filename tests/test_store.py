@@ -401,13 +401,16 @@ def test_a_cross_entropy_store_refreshes_when_it_pays(tmp_path, monkeypatch):
       with pytest.raises(ValueError, match="refresh_slack must be"):
         s.forget(apply_fn, _sel([1003]), ids=np.array([1003]),
                  refresh_slack=bad)
+    with pytest.raises(ValueError, match="cannot apply with refresh='off'"):
+      s.forget(apply_fn, _sel([1003]), ids=np.array([1003]), refresh="off",
+               refresh_slack=0.5)
     assert out2.row["extra"]["refresh"]["slack_seconds"] is None
     # The slack reaches the rule and the log.
     seen = []
     monkeypatch.setattr(store_lib, "refresh_due",
                         lambda *a: seen.append(a) or False)
     out3 = s.forget(apply_fn, _sel([1003]), ids=np.array([1003]),
-                    refresh_slack=0.25)
+                    refresh_slack=np.float32(0.25))
     assert seen[-1][3] == 0.25 and out3.refresh is None
     assert out3.row["extra"]["refresh"]["slack_seconds"] == 0.25
     assert not out3.row["extra"]["refresh"]["due"]
@@ -634,3 +637,18 @@ def test_the_first_request_after_init_compiles_nothing(tmp_path, loss):
       jax.monitoring.unregister_event_duration_listener(listen)
     assert out.status == "applied" and s.head == head + 1
     assert compiles == []
+
+
+def test_a_failed_warm_up_does_not_stop_init(tmp_path, monkeypatch):
+  def fail(*a, **k):
+    raise unlearn_lib.UnlearningError("not positive definite (injected)")
+
+  monkeypatch.setattr(deletion, "forget", fail)
+  with pytest.warns(RuntimeWarning, match="warm-up request.*injected"):
+    s = _init(tmp_path / "s", "mse")
+  with s:
+    assert s.meta["warm_up_seconds"] is None and s.head == 0
+  monkeypatch.undo()
+  with DeletionStore.open(tmp_path / "s") as s:  # and it answers requests
+    assert s.forget(apply_fn, _sel(REQS[0]),
+                    ids=np.array(REQS[0])).status == "applied"

@@ -102,8 +102,10 @@ def store_model(store):
 
 def _compilation_cache(store_path) -> None:
   """Compiled programs cached in ``STORE/xla-cache``, so that a later
-  ``forget`` process skips most of XLA's compile time. Only the writer (the
-  lock holder) turns it on; a ``JAX_COMPILATION_CACHE_DIR`` already set wins.
+  ``forget`` process skips most of XLA's compile time. Only a writer turns
+  it on: ``forget`` as the lock holder, ``init`` after checking that the
+  folder is free for a new store (its lock is taken inside
+  ``DeletionStore.init``); a ``JAX_COMPILATION_CACHE_DIR`` already set wins.
   JAX recompiles when an entry cannot be read."""
   import os
   import jax

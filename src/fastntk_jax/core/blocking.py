@@ -26,6 +26,7 @@ __all__ = [
   "DATA_AXIS",
   "DEFAULT_BLOCK_BYTES",
   "PROBE_SAMPLES",
+  "STABLE_MIN_BLOCK",
   "auto_block_size",
   "balanced_block",
   "bytes_per_sample",
@@ -55,6 +56,10 @@ PROBE_SAMPLES = 8
 #: out of the caches; ``benchmarks/profile_jacobian.py`` times block sizes).
 #: Accelerators take the largest block that fits :data:`DEFAULT_BLOCK_BYTES`.
 CPU_BLOCK_PER_DEVICE = 16
+
+#: The smallest block, in samples a device, of :func:`resolve_block`'s
+#: ``stable`` blocks (small inputs are padded to it).
+STABLE_MIN_BLOCK = 16
 
 #: The mesh axis that blocks of samples are sharded along.
 DATA_AXIS = "data"
@@ -252,11 +257,13 @@ def resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
                    args_for=None, mesh=None, stable: bool = False):
   """(samples per block, C, P); the block is a multiple of mesh's devices.
 
-  ``stable``: the block does not depend on ``len(x)`` — the automatic block
-  is that of a large input (not balanced to ``len(x)``, not cut to it), and
-  a short input is padded to it — so inputs of any size run one compiled
-  block shape, the one a large pass over the same model compiled (deletion
-  requests of varying sizes after ``prepare``).
+  ``stable``: the block depends on ``len(x)`` only through a bucket — the
+  power of two at or above ``len(x)``, at least :data:`STABLE_MIN_BLOCK`
+  samples a device — capped by the block a large input gets (or the given
+  ``block_size``), with a short input padded to it: inputs of many sizes
+  run a few compiled shapes. On CPU, where a large input's block is
+  :data:`CPU_BLOCK_PER_DEVICE` a device, that is one shape, the one a large
+  pass over the same model compiled (deletion requests after ``prepare``).
   """
   c = num_outputs(apply_fn, params, x)
   p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
@@ -275,6 +282,10 @@ def resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
         block_size = balanced_block(len(x), block_size, n_devices(mesh))
   if int(block_size) < 1:
     raise ValueError(f"block_size must be >= 1, got {block_size}.")
-  block = int(block_size) if stable else int(min(block_size, max(len(x), 1)))
   d = n_devices(mesh)
+  if stable:
+    bucket = max(STABLE_MIN_BLOCK * d, 1 << max(0, len(x) - 1).bit_length())
+    block = int(min(block_size, bucket))
+  else:
+    block = int(min(block_size, max(len(x), 1)))
   return -(-block // d) * d, c, p

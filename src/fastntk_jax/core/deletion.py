@@ -96,10 +96,10 @@ __all__ = ["DeletionResult", "PreparedState", "compact", "forget", "prepare",
 #: Steps of the preconditioned L-BFGS iteration before a request switches to
 #: Newton-CG (whose steps cost several passes each: on 3,000 CIFAR-10 images,
 #: requests that switched after 20 steps took 2.7-5.8 s, those that converged
-#: in 17 steps 1.7 s). At most ``newton_max_steps − 1``: Newton-CG always
-#: gets at least one step (with the two caps equal, it never ran, and a
-#: request that L-BFGS could not finish in 50 steps failed where one
-#: preconditioned Newton-CG step would have converged).
+#: in 17 steps 1.7 s). At most ``newton_max_steps − 1`` (and at least 1):
+#: Newton-CG gets at least one step unless ``newton_max_steps=1`` (with the
+#: two caps equal, it never ran, and a request that L-BFGS could not finish
+#: in 50 steps failed where one preconditioned Newton-CG step converged).
 _FROZEN_STEPS = 50
 
 #: L-BFGS pairs that correct ``M`` within a request's solve
@@ -472,7 +472,9 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
       tolerance and caps (a solve that does not converge raises
       :class:`UnlearningError` and leaves ``state`` unchanged).
       ``newton_max_steps`` counts the L-BFGS steps (at most 50, and at most
-      ``newton_max_steps − 1``) and the Newton-CG steps after them.
+      ``newton_max_steps − 1``, so that Newton-CG gets at least one step;
+      with ``newton_max_steps=1`` the one step is L-BFGS's) and the
+      Newton-CG steps after them.
     refresh_steps: ``"ce"``: when the solve took more steps than this, the
       preconditioner ``M`` is formed again at the new solution's logits
       (one Gauss-Newton pass over the kept rows, ``N·C·P²`` flops), so that

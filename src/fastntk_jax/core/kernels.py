@@ -424,11 +424,13 @@ def gram(apply_fn: ApplyFn, params, x, r=None, *, y=None,
       output is then ``Σ_i J_iᵀ L_i L_iᵀ J_i`` (a generalised Gauss-Newton
       matrix, e.g. with :meth:`fastntk_jax.core.objective.Loss.hess_factor`); the
       gradient ``Jᵀ r`` is unchanged.
-    stable_shape: with ``block_size=None``, blocks of the size a large input
-      gets, a short input padded to one: any number of samples runs the
-      block shape that a pass over many compiled (no compilation per size;
-      :func:`fastntk_jax.core.blocking.resolve_block`). For small inputs
-      that recur in many sizes, such as deletion requests.
+    stable_shape: blocks whose size depends on ``N`` only through a
+      power-of-two bucket, capped by the automatic (or given) block; a
+      short input is padded, and NumPy inputs are sliced on the host
+      (:func:`fastntk_jax.core.blocking.resolve_block`). With ``r`` a
+      function and no ``weights``, inputs of many sizes then run a few
+      compiled programs (on CPU one, that of a large pass); for small
+      inputs that recur in many sizes, such as deletion requests.
 
   Returns:
     ``(JᵀJ, Jᵀ r)`` of shapes ``(P, P)`` and ``(P,)`` (the second is None
@@ -499,7 +501,7 @@ def _block_sums(apply_fn, params, x, t, extra, fn, shape_a, c, mesh,
     a, b = _sum_partials_fn(mesh)(acc_a, acc_b)
   logits = None
   if return_outputs:
-    logits = (_rows_of_blocks(mesh, outs, sizes) if outs
+    logits = (_rows_of_blocks(mesh, outs, sizes, host=stable) if outs
               else jnp.zeros((0, c), flat.dtype))
   return a, b, logits
 
@@ -815,19 +817,22 @@ def vjp(apply_fn: ApplyFn, params, x, cotangent, *,
   return total
 
 
-def _rows_of_blocks(mesh: Mesh | None, outs, sizes) -> jax.Array:
+def _rows_of_blocks(mesh: Mesh | None, outs, sizes,
+                    host: bool = False) -> jax.Array:
   """The first ``sizes[k]`` rows of each block output, concatenated.
 
-  The blocks come back to the host first (they are small: ``B × C``
-  outputs). On a mesh of several devices, cutting and concatenating
-  row-sharded arrays on the devices reshards them, with all-to-all
-  collectives dispatched between the block programs. Two runs of
-  ``benchmarks/speedup.py`` on two host CPU devices stopped on an all-to-all
-  that never completed; these eager reshardings are the suspected source
-  (not confirmed). On one device, cutting on the device compiles a slice
-  and a concatenation for every new input size (a deletion request's).
+  On a mesh of several devices (or with ``host``) the blocks come back to
+  the host first: cutting and concatenating row-sharded arrays on the
+  devices reshards them, with all-to-all collectives dispatched between the
+  block programs. Two runs of ``benchmarks/speedup.py`` on two host CPU
+  devices stopped on an all-to-all that never completed; these eager
+  reshardings are the suspected source (not confirmed). On one device
+  they stay there, unless ``host`` (stable shapes: cutting on the device
+  compiles a slice and a concatenation for every new input size).
   """
-  del mesh
+  if mesh is None and not host:
+    return jnp.concatenate([o if o.shape[0] == k else o[:k]
+                            for o, k in zip(outs, sizes)], axis=0)
   # device_put, not jnp.asarray: the latter compiles a staging program for
   # every new shape.
   return jax.device_put(np.concatenate([np.asarray(o)[:k]
@@ -845,8 +850,8 @@ def predict(apply_fn: ApplyFn, params, x, *, block_size: int = 256,
 
   ``mesh``: devices to shard the blocks of samples over (module docstring);
   ``block_size`` is rounded up to a multiple of their number.
-  ``stable_shape``: blocks of ``block_size`` even for fewer samples (padded),
-  so that any number of samples runs one compiled shape.
+  ``stable_shape``: blocks of ``block_size`` even for fewer samples (padded,
+  on the host), so that any number of samples runs one compiled shape.
   """
   mesh = resolve_mesh(mesh)
   # Stable shapes slice and pad on the host: nothing compiled per size.
@@ -859,4 +864,5 @@ def predict(apply_fn: ApplyFn, params, x, *, block_size: int = 256,
   spans = list(iter_blocks(x.shape[0], block))
   outs = [fn(params_r, shard_rows(mesh, pad_block(x[s:e], block)))
           for s, e in spans]
-  return _rows_of_blocks(mesh, outs, [e - s for s, e in spans])
+  return _rows_of_blocks(mesh, outs, [e - s for s, e in spans],
+                         host=stable_shape)

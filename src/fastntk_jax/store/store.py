@@ -42,8 +42,10 @@ import datetime
 import fcntl
 import hashlib
 import math
+import numbers
 import os
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -289,17 +291,25 @@ def _time_refresh(state: deletion.PreparedState) -> float | None:
   return (time.perf_counter() - t) * n / len(rows)
 
 
-def _warm_up(state, apply_fn, params, x, y, ids) -> float | None:
+def _warm_up(state, apply_fn, params, x, y, ids, forget_kw) -> float | None:
   """Seconds of a one-sample request run and discarded right after
-  ``prepare``: it compiles the request path (the pass shapes are those of
-  any request, :func:`fastntk_jax.core.deletion.forget`), so that the first
-  real request after ``init`` does not pay for it, nor, through the CLI's
-  compilation cache, later processes. None with a single sample."""
+  ``prepare``: it compiles the request path (on CPU, every request's Gram
+  pass; a cross-entropy request's bucket of up to 16 samples), so that the
+  first real request after ``init`` does not pay for it, nor, through the
+  CLI's compilation cache, later processes. None with a single sample, or
+  when the request fails (a warning says why; the store is still written,
+  and a real request would report the same failure)."""
   if len(ids) < 2:
     return None
   t = time.perf_counter()
-  res = deletion.forget(state, apply_fn, params, (x[:1], y[:1]),
-                        ids=np.asarray(ids[:1]))
+  try:
+    res = deletion.forget(state, apply_fn, params, (x[:1], y[:1]),
+                          ids=np.asarray(ids[:1]), **forget_kw)
+  except (unlearn_lib.UnlearningError, ValueError) as err:
+    warnings.warn(f"init: the warm-up request (one sample, discarded) "
+                  f"failed, so the first request will compile: {err}",
+                  RuntimeWarning, stacklevel=3)
+    return None
   _request_metrics(apply_fn, res.params, x[:1], y[:1], state.loss)
   return time.perf_counter() - t
 
@@ -428,7 +438,9 @@ class DeletionStore:
     refresh_estimate = _time_refresh(state)
     order = np.argsort(ids)
     x, y = np.asarray(data[0]), np.asarray(data[1])
-    warm_up = _warm_up(state, apply_fn, params, x, y, ids)
+    warm_up = _warm_up(state, apply_fn, params, x, y, ids,
+                       {k: prepare_kw[k] for k in ("block_size", "mesh")
+                        if k in prepare_kw})
     keys, scalars = _write_state(objs, state, {})
     fixed = {"trained": objs.put_tree(params),
              "sample_ids": objs.put_array(ids[order]),
@@ -576,6 +588,8 @@ class DeletionStore:
       refresh_slack: cross-entropy stores: seconds a stale ``M`` may add to
         a request before a refresh is due regardless of the cost rule
         (:func:`refresh_due`'s latency rule; default None: cost rule only).
+        Needs ``refresh="after"``; an MSE store has nothing to refresh and
+        ignores it.
       forget_kw: passed to :func:`fastntk_jax.core.deletion.forget`.
 
     Raises:
@@ -586,12 +600,17 @@ class DeletionStore:
                        "readonly=False to apply requests.")
     if refresh not in ("after", "off"):
       raise ValueError(f"refresh must be 'after' or 'off', got {refresh!r}.")
-    if refresh_slack is not None and not (
-        isinstance(refresh_slack, (int, float))
-        and not isinstance(refresh_slack, bool) and refresh_slack >= 0
-        and math.isfinite(refresh_slack)):
-      raise ValueError("refresh_slack must be a finite number of seconds >= 0 "
-                       f"or None, got {refresh_slack!r}.")
+    if refresh_slack is not None:
+      if not (isinstance(refresh_slack, numbers.Real)
+              and not isinstance(refresh_slack, bool)
+              and math.isfinite(refresh_slack) and refresh_slack >= 0):
+        raise ValueError("refresh_slack must be a finite number of seconds "
+                         f">= 0 or None, got {refresh_slack!r}.")
+      if refresh == "off" or "refresh_steps" in forget_kw:
+        raise ValueError("refresh_slack is a rule for refresh='after'; it "
+                         "cannot apply with refresh='off' or refresh_steps. "
+                         "Give one of them.")
+      refresh_slack = float(refresh_slack)
     ids = _check_ids("ids", ids)
     rid = ids_key(ids) if request_id is None else _check_request_id(
         request_id)
