@@ -266,6 +266,18 @@ def _add_tune(sub) -> None:
   q.set_defaults(command="tune")
 
 
+def _refresh_options(a) -> None:
+  a.add_argument("--no-refresh", action="store_true",
+                 help="cross-entropy stores: do not form the preconditioner "
+                 "again after this request even when due (run `fastntk "
+                 "deletion refresh` at a quiet time instead)")
+  a.add_argument("--refresh-slack", type=float, metavar="SECONDS",
+                 help="cross-entropy stores: also refresh the preconditioner "
+                 "after a request that a stale one made more than SECONDS "
+                 "slower than a fresh one would have (a latency rule beside "
+                 "the default cost rule; docs/deletion_store.md)")
+
+
 def _other_version(a) -> None:
   a.add_argument("--allow-other-version", action="store_true",
                  help="use a store written by another fastntk_jax version")
@@ -327,15 +339,7 @@ def _add_deletion(sub) -> None:
   a.add_argument("--compact", action="store_true",
                  help="then drop the forgotten samples' Jacobian rows "
                  "(cross-entropy stores; rewrites the rows)")
-  a.add_argument("--no-refresh", action="store_true",
-                 help="cross-entropy stores: do not form the preconditioner "
-                 "again after this request even when due (run `fastntk "
-                 "deletion refresh` at a quiet time instead)")
-  a.add_argument("--refresh-slack", type=float, metavar="SECONDS",
-                 help="cross-entropy stores: also refresh the preconditioner "
-                 "after a request that a stale one made more than SECONDS "
-                 "slower than a fresh one would have (a latency rule beside "
-                 "the default cost rule; docs/deletion_store.md)")
+  _refresh_options(a)
   _other_version(a)
   a = action("compact", "drop the Jacobian rows of forgotten samples from "
              "a cross-entropy store")

@@ -291,6 +291,24 @@ def _time_refresh(state: deletion.PreparedState) -> float | None:
   return (time.perf_counter() - t) * n / len(rows)
 
 
+def _check_refresh(refresh, slack, forget_kw) -> float | None:
+  """:meth:`DeletionStore.forget`'s ``refresh`` and ``refresh_slack``
+  checked together; the slack as a float."""
+  if refresh not in ("after", "off"):
+    raise ValueError(f"refresh must be 'after' or 'off', got {refresh!r}.")
+  if slack is None:
+    return None
+  if not (isinstance(slack, numbers.Real) and not isinstance(slack, bool)
+          and math.isfinite(slack) and slack >= 0):
+    raise ValueError("refresh_slack must be a finite number of seconds >= 0 "
+                     f"or None, got {slack!r}.")
+  if refresh == "off" or "refresh_steps" in forget_kw:
+    raise ValueError("refresh_slack is a rule for refresh='after'; it cannot "
+                     "apply with refresh='off' or refresh_steps. Give one of "
+                     "them.")
+  return float(slack)
+
+
 def _warm_up(state, apply_fn, params, x, y, ids, forget_kw) -> float | None:
   """Seconds of a one-sample request run and discarded right after
   ``prepare``: it compiles the request path (on CPU, every request's Gram
@@ -598,19 +616,7 @@ class DeletionStore:
     if self._lock is None:
       raise StoreError("this store was opened read-only; open it with "
                        "readonly=False to apply requests.")
-    if refresh not in ("after", "off"):
-      raise ValueError(f"refresh must be 'after' or 'off', got {refresh!r}.")
-    if refresh_slack is not None:
-      if not (isinstance(refresh_slack, numbers.Real)
-              and not isinstance(refresh_slack, bool)
-              and math.isfinite(refresh_slack) and refresh_slack >= 0):
-        raise ValueError("refresh_slack must be a finite number of seconds "
-                         f">= 0 or None, got {refresh_slack!r}.")
-      if refresh == "off" or "refresh_steps" in forget_kw:
-        raise ValueError("refresh_slack is a rule for refresh='after'; it "
-                         "cannot apply with refresh='off' or refresh_steps. "
-                         "Give one of them.")
-      refresh_slack = float(refresh_slack)
+    refresh_slack = _check_refresh(refresh, refresh_slack, forget_kw)
     ids = _check_ids("ids", ids)
     rid = ids_key(ids) if request_id is None else _check_request_id(
         request_id)
