@@ -18,6 +18,7 @@ inputs do not need. On 2 cores it cuts about 30 % of a test file's time. Set
 """
 
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -67,3 +68,31 @@ def shared_data() -> Path:
   if not _SHARED_DATA.is_dir():
     pytest.skip(f"../shared/data not present: {_SHARED_DATA.resolve()} does not exist")
   return _SHARED_DATA.resolve()
+
+
+_LOWERED = "/jax/core/compile/jaxpr_to_mlir_module_duration"
+
+
+@contextlib.contextmanager
+def _lowered():
+  seen = []
+
+  def listen(event, seconds, **kw):
+    del seconds, kw
+    if event == _LOWERED:
+      seen.append(event)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield seen
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+@pytest.fixture
+def lowered_programs():
+  """``with lowered_programs() as seen:`` lists every program JAX lowers in
+  the block (an in-memory jit cache miss: new code or a new shape), also
+  when this session's persistent compilation cache then supplies the
+  compiled code, which a count of backend compilations would miss."""
+  return _lowered

@@ -615,28 +615,19 @@ def test_compaction_drops_forgotten_rows_and_changes_no_answer(tmp_path):
 
 
 @pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_the_first_request_after_init_compiles_nothing(tmp_path, loss):
+def test_the_first_request_after_init_compiles_nothing(tmp_path, loss,
+                                                     lowered_programs):
   """init runs a one-sample request and discards it, so that the request
   path is compiled before the first real request (of any size in the
   smallest bucket)."""
   with _init(tmp_path / "s", loss) as s:
     assert s.meta["warm_up_seconds"] > 0
     head = s.head
-    compiles = []
-
-    def listen(event, seconds, **kw):
-      del seconds, kw
-      if event == "/jax/core/compile/backend_compile_duration":
-        compiles.append(event)
-
-    jax.monitoring.register_event_duration_secs_listener(listen)
-    try:
+    with lowered_programs() as new:
       out = s.forget(apply_fn, _sel(REQS[0]), ids=np.array(REQS[0]),
                      refresh="off")
-    finally:
-      jax.monitoring.unregister_event_duration_listener(listen)
     assert out.status == "applied" and s.head == head + 1
-    assert compiles == []
+    assert new == []
 
 
 def test_a_failed_warm_up_does_not_stop_init(tmp_path, monkeypatch):
