@@ -156,10 +156,12 @@ def run(args) -> dict:
       ru1 = resource.getrusage(resource.RUSAGE_SELF)
       ex = res.row["extra"]
       after = res.refresh or {}
+      packed = res.compact or {}
       # latency: until the request is committed (its answer durable); a
-      # due refresh of M runs after that, as its own generation.
-      latency = wall - after.get("seconds", 0.0) - after.get(
-          "write_seconds", 0.0)
+      # due compaction and refresh of M run after that, each its own
+      # generation.
+      latency = (wall - after.get("seconds", 0.0)
+                 - after.get("write_seconds", 0.0) - packed.get("seconds", 0.0))
       rows.append({"wall_seconds": wall, "latency_seconds": latency,
                    "core_seconds": res.row["seconds"],
                    "write_seconds": ex["write_seconds"],
@@ -168,6 +170,7 @@ def run(args) -> dict:
                    "acc_after": res.row["after"]["accuracy"],
                    "solve": ex["solve"], "refresh_rule": ex.get("refresh"),
                    "refresh_after": res.refresh,
+                   "compact_after": res.compact,
                    # the process's page faults and CPU seconds over the call
                    "rusage": {k: getattr(ru1, k) - getattr(ru0, k) for k in (
                        "ru_minflt", "ru_majflt", "ru_utime", "ru_stime")},
@@ -176,6 +179,8 @@ def run(args) -> dict:
             f", {(ex['solve'] or {}).get('iterations')} steps, write "
             f"{ex['write_seconds']:.2f} s; {ru1.ru_minflt - ru0.ru_minflt} "
             "page faults)" + (
+                f"; then compacted in {packed['seconds']:.2f} s"
+                if packed.get("status") == "compacted" else "") + (
                 f"; then M refreshed in {after['seconds']:.2f} s"
                 if after.get("status") == "refreshed" else ""), flush=True)
     store.close()
@@ -195,7 +200,10 @@ def run(args) -> dict:
             [q["latency_seconds"] for q in rows[1:]]),
         "refreshes_after": [i for i, q in enumerate(rows)
                             if (q["refresh_after"] or {}).get("status")
-                            == "refreshed"]}
+                            == "refreshed"],
+        "compactions_after": [i for i, q in enumerate(rows)
+                              if (q["compact_after"] or {}).get("status")
+                              == "compacted"]}
     t = time.perf_counter()
     out["verify"] = store.verify(model.apply_fn, (x, y, ids))
     out["verify_seconds"] = time.perf_counter() - t

@@ -49,6 +49,9 @@ def test_bad_inputs_are_reported_before_work(tmp_path, capsys):
   assert cli.main(["deletion", "forget", str(tmp_path / "none"), "--ids",
                    "-", "--refresh-slack", "0.5", "--no-refresh"]) == 2
   assert "contradict" in capsys.readouterr().err
+  assert cli.main(["deletion", "forget", str(tmp_path / "none"), "--ids",
+                   "-", "--compact", "--no-compact"]) == 2
+  assert "contradict" in capsys.readouterr().err
   # This process's JAX has started with one CPU device: asking for two here
   # is refused with the fix (a new process, or XLA_FLAGS before Python).
   import jax

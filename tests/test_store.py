@@ -643,3 +643,41 @@ def test_a_failed_warm_up_does_not_stop_init(tmp_path, monkeypatch):
   with DeletionStore.open(tmp_path / "s") as s:  # and it answers requests
     assert s.forget(apply_fn, _sel(REQS[0]),
                     ids=np.array(REQS[0])).status == "applied"
+
+
+def test_a_cross_entropy_store_drops_forgotten_rows_at_a_quarter(tmp_path):
+  """compact="auto": once the held rows of forgotten samples are a quarter
+  of the rows, they are dropped after the request's commit, as their own
+  generation; the answers do not change."""
+  a, b, c = [1000, 1001, 1002, 1003, 1004, 1005], [1010, 1011], [1020]
+  state = deletion.prepare(apply_fn, P, (X, Y), anchor=W0, ids=IDS,
+                           loss="ce", damping=0.5)
+  params, chain = P, []
+  for r in (a, b, c):
+    res = deletion.forget(state, apply_fn, params, _sel(r), ids=np.array(r))
+    state, params = res.state, res.params
+    chain.append(params)
+  with _init(tmp_path / "s", "ce") as s:
+    out_a = s.forget(apply_fn, _sel(a), ids=np.array(a), refresh="off")
+    assert out_a.compact is None and int(np.sum(~s.state.active)) == 6
+    head = s.head
+    out_b = s.forget(apply_fn, _sel(b), ids=np.array(b), refresh="off")
+    assert out_b.compact["status"] == "compacted"  # 8 of 30 held
+    assert out_b.compact["samples_dropped"] == 8
+    assert out_b.row["gen_after"] == head + 1 and s.head == head + 2
+    assert out_b.compact["generation"] == s.head
+    assert s.state.active.all() and s.state.jacobian.shape[0] == 22 * 3
+    assert [e["kind"] for e in db.events(s.con)] == ["compact"]
+    s.forget(apply_fn, _sel(c), ids=np.array(c), refresh="off")
+    np.testing.assert_allclose(_flat(s.params), _flat(chain[-1]), rtol=1e-9,
+                               atol=1e-12)
+    with pytest.raises(ValueError, match="compact must be"):
+      s.forget(apply_fn, _sel([1021]), ids=np.array([1021]), compact="yes")
+  with DeletionStore.open(tmp_path / "s", readonly=True) as s:
+    assert s.state.jacobian.shape[0] == 22 * 3  # compacted, then one masked
+    assert int(np.sum(s.state.active)) == 21
+  with _init(tmp_path / "t", "ce") as t:  # compact="off" keeps them
+    for r in (a, b):
+      assert t.forget(apply_fn, _sel(r), ids=np.array(r), refresh="off",
+                      compact="off").compact is None
+    assert int(np.sum(~t.state.active)) == 8 and not db.events(t.con)

@@ -177,6 +177,9 @@ def _forget(args) -> dict:
   if slack is not None and args.no_refresh:
     raise UsageError("--refresh-slack and --no-refresh contradict each other; "
                      "give one.")
+  if args.compact and args.no_compact:
+    raise UsageError("--compact and --no-compact contradict each other; give "
+                     "one.")
   ids = _ids_arg(args.ids)
   with _open(args, readonly=False) as store:
     _compilation_cache(args.store)
@@ -187,7 +190,8 @@ def _forget(args) -> dict:
     r = store.forget(fn, (x_f, y_f), ids=ids, request_id=args.request_id,
                      allow_empty_class=args.allow_empty_class,
                      refresh="off" if args.no_refresh else "after",
-                     refresh_slack=slack)
+                     refresh_slack=slack,
+                     compact="off" if args.no_compact else "auto")
     if args.compact:
       c = store.compact()
       if c["status"] == "compacted":
@@ -204,11 +208,16 @@ def _forget(args) -> dict:
           f"{row['delta_norm']:.4g}; accuracy on them {100 * b['accuracy']:.1f}"
           f" % -> {100 * a['accuracy']:.1f} %, loss {b['loss']:.4g} -> "
           f"{a['loss']:.4g}; generation {row['gen_after']}.")
+    if r.compact is not None and r.compact["status"] == "compacted":
+      print(f"then dropped the rows of {r.compact['samples_dropped']} "
+            f"forgotten samples in {r.compact['seconds']:.2f} s (generation "
+            f"{r.compact['generation']}).")
     if r.refresh is not None and r.refresh["status"] == "refreshed":
       print(f"then formed the preconditioner again in "
             f"{r.refresh['seconds']:.2f} s (generation "
             f"{r.refresh['generation']}).")
-  return {"status": r.status, **row, "refresh_after": r.refresh}
+  return {"status": r.status, **row, "refresh_after": r.refresh,
+          "compact_after": r.compact}
 
 
 def _status(args) -> dict:

@@ -338,7 +338,12 @@ def _add_deletion(sub) -> None:
                  help="allow removing the last samples of a class")
   a.add_argument("--compact", action="store_true",
                  help="then drop the forgotten samples' Jacobian rows "
-                 "(cross-entropy stores; rewrites the rows)")
+                 "(cross-entropy stores; rewrites the rows; by default this "
+                 "happens once they are a quarter of the rows)")
+  a.add_argument("--no-compact", action="store_true",
+                 help="cross-entropy stores: do not drop the forgotten "
+                 "samples' rows after this request even when they are a "
+                 "quarter of the rows")
   _refresh_options(a)
   _other_version(a)
   a = action("compact", "drop the Jacobian rows of forgotten samples from "

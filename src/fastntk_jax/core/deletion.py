@@ -785,9 +785,10 @@ def compact(state: PreparedState) -> PreparedState:
   keep = np.flatnonzero(state.active)
   c = state.num_outputs
   with kernels.dtype_scope(state.solve_dtype):  # float64 stays float64
-    jac = state.jacobian.reshape(-1, c, state.jacobian.shape[-1])[keep]
+    # Rows by index (a reshape to pick samples would copy all of them).
+    jac = state.jacobian[_row_index(keep, c)]
     return state._replace(
-        jacobian=jac.reshape(-1, jac.shape[-1]), offsets=state.offsets[keep],
+        jacobian=jac, offsets=state.offsets[keep],
         labels=state.labels[keep], logits=state.logits[keep],
         ref_logits=state.ref_logits[keep], row_ids=state.row_ids[keep],
         solution_logits=(None if state.solution_logits is None

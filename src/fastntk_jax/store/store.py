@@ -66,7 +66,7 @@ from fastntk_jax.store.objects import fsync_dir
 
 __all__ = ["CorruptStoreError", "DeletionStore", "RequestResult",
            "StoreError", "StoreLockedError", "ids_key", "params_sha256",
-           "refresh_due", "sample_digests", "take"]
+           "refresh_due", "sample_digests", "take", "COMPACT_FRACTION"]
 
 _NUMPY_FIELDS = ("ids", "labels", "active", "row_ids")
 _SCALAR_FIELDS = ("num_samples", "num_outputs", "damping", "loss",
@@ -96,11 +96,15 @@ class RequestResult(NamedTuple):
     refresh: what :meth:`DeletionStore.refresh` did right after the request
       was committed (``refresh="after"`` and the rule said it was due), or
       None.
+    compact: what :meth:`DeletionStore.compact` did right after the request
+      was committed (``compact="auto"`` and a quarter of the rows were
+      forgotten samples'), or None.
   """
   request_id: str
   status: str
   row: dict
   refresh: dict | None = None
+  compact: dict | None = None
 
 
 def _now() -> str:
@@ -291,9 +295,25 @@ def _time_refresh(state: deletion.PreparedState) -> float | None:
   return (time.perf_counter() - t) * n / len(rows)
 
 
-def _check_refresh(refresh, slack, forget_kw) -> float | None:
-  """:meth:`DeletionStore.forget`'s ``refresh`` and ``refresh_slack``
-  checked together; the slack as a float."""
+#: The share of a cross-entropy state's rows held for forgotten samples at
+#: which ``forget(compact="auto")`` drops them: every solve step reads all
+#: rows, so at a quarter a step does a third more work than it needs, while
+#: a compaction costs about one pass and a rewrite of the rows.
+COMPACT_FRACTION = 0.25
+
+
+def _compact_due(state) -> bool:
+  """Whether ``forget(compact="auto")`` compacts ``state`` now."""
+  if state.loss != "ce" or state.active is None:
+    return False
+  return float(np.mean(~np.asarray(state.active))) >= COMPACT_FRACTION
+
+
+def _check_after(refresh, slack, compact, forget_kw) -> float | None:
+  """:meth:`DeletionStore.forget`'s ``refresh``, ``refresh_slack`` and
+  ``compact`` checked together; the slack as a float."""
+  if compact not in ("auto", "off"):
+    raise ValueError(f"compact must be 'auto' or 'off', got {compact!r}.")
   if refresh not in ("after", "off"):
     raise ValueError(f"refresh must be 'after' or 'off', got {refresh!r}.")
   if slack is None:
@@ -581,7 +601,7 @@ class DeletionStore:
   def forget(self, apply_fn: Callable, forget_set, *, ids,
              request_id: str | None = None, allow_empty_class: bool = False,
              refresh: str = "after", refresh_slack: float | None = None,
-             **forget_kw) -> RequestResult:
+             compact: str = "auto", **forget_kw) -> RequestResult:
     """Applies one deletion request, entirely or not at all.
 
     Args:
@@ -608,6 +628,11 @@ class DeletionStore:
         (:func:`refresh_due`'s latency rule; default None: cost rule only).
         Needs ``refresh="after"``; an MSE store has nothing to refresh and
         ignores it.
+      compact: cross-entropy stores. ``"auto"`` (default): once the rows of
+        forgotten samples make up :data:`COMPACT_FRACTION` of the rows every
+        solve step reads, :meth:`compact` drops them right after the
+        request is committed (before a due refresh, which then reads fewer
+        rows), as its own generation. ``"off"``: only on demand.
       forget_kw: passed to :func:`fastntk_jax.core.deletion.forget`.
 
     Raises:
@@ -616,7 +641,7 @@ class DeletionStore:
     if self._lock is None:
       raise StoreError("this store was opened read-only; open it with "
                        "readonly=False to apply requests.")
-    refresh_slack = _check_refresh(refresh, refresh_slack, forget_kw)
+    refresh_slack = _check_after(refresh, refresh_slack, compact, forget_kw)
     ids = _check_ids("ids", ids)
     rid = ids_key(ids) if request_id is None else _check_request_id(
         request_id)
@@ -635,17 +660,8 @@ class DeletionStore:
     own_rule = loss == "ce" and "refresh_steps" not in forget_kw
     res = deletion.forget(self.state, apply_fn, self.params, (x_f, y_f),
                           ids=ids, **forget_kw)
-    rule = None
-    if own_rule and res.solve is not None:
-      its = self._iterations_since_refresh() + [int(res.solve.iterations)]
-      # Seconds a step, an upper bound (the request's fixed work is in it):
-      # refreshes come a little early rather than late.
-      step = res.seconds / max(int(res.solve.iterations), 1)
-      cost = self._refresh_cost()
-      rule = {"iterations_since": its, "step_seconds": step,
-              "refresh_seconds_estimate": cost,
-              "slack_seconds": refresh_slack,
-              "due": refresh_due(its, step, cost, refresh_slack)}
+    rule = (self._refresh_rule(res, refresh_slack)
+            if own_rule and res.solve is not None else None)
     # The new files are written (and fsynced) while the request's "after"
     # metrics run; nothing is visible until _commit's SQLite row, and files
     # no generation names are removed when the store next opens.
@@ -654,10 +670,24 @@ class DeletionStore:
       after = _request_metrics(apply_fn, res.params, x_f, y_f, loss)
       written = written.result()
     row = self._commit(rid, ids, res, before, after, t0, written, rule)
-    done = None
-    if rule is not None and rule["due"] and refresh == "after":
-      done = self.refresh()
-    return RequestResult(rid, "applied", row, done)
+    # After the commit, each its own generation: compaction, then a refresh
+    # (which then reads fewer rows).
+    packed = (self.compact() if compact == "auto"
+              and _compact_due(self.state) else None)
+    done = (self.refresh() if rule is not None and rule["due"]
+            and refresh == "after" else None)
+    return RequestResult(rid, "applied", row, done, packed)
+
+  def _refresh_rule(self, res, slack) -> dict:
+    """The refresh rule's inputs and verdict after a solve (:func:`refresh_due`)."""
+    its = self._iterations_since_refresh() + [int(res.solve.iterations)]
+    # Seconds a step, an upper bound (the request's fixed work is in it):
+    # refreshes come a little early rather than late.
+    step = res.seconds / max(int(res.solve.iterations), 1)
+    cost = self._refresh_cost()
+    return {"iterations_since": its, "step_seconds": step,
+            "refresh_seconds_estimate": cost, "slack_seconds": slack,
+            "due": refresh_due(its, step, cost, slack)}
 
   def refresh(self) -> dict:
     """Forms the cross-entropy preconditioner ``M`` again at the current
@@ -825,10 +855,10 @@ class DeletionStore:
       raise StoreError("this store was opened read-only; open it with "
                        "readonly=False to compact it.")
     held = 0 if self.state.active is None else int(np.sum(~self.state.active))
+    t0 = time.perf_counter()
     new = deletion.compact(self.state)
     if new is self.state:
       return {"status": "nothing_to_compact", "rows_dropped": 0}
-    t0 = time.perf_counter()
     return {"status": "compacted", **self._commit_state(
         "compact", new, lambda: {"samples_dropped": held,
                                  "seconds": time.perf_counter() - t0})}
