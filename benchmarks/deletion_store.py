@@ -161,7 +161,8 @@ def run(args) -> dict:
       # due compaction and refresh of M run after that, each its own
       # generation.
       latency = (wall - after.get("seconds", 0.0)
-                 - after.get("write_seconds", 0.0) - packed.get("seconds", 0.0))
+                 - after.get("write_seconds", 0.0) - packed.get("seconds", 0.0)
+                 - (packed.get("warm_up_seconds") or 0.0))
       rows.append({"wall_seconds": wall, "latency_seconds": latency,
                    "core_seconds": res.row["seconds"],
                    "write_seconds": ex["write_seconds"],

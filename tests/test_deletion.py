@@ -443,3 +443,21 @@ def test_requests_of_new_sizes_compile_nothing_new(loss, lowered_programs):
   both = np.concatenate([np.arange(3), sel])
   ref = deletion.forget(st, apply_fn, w_d, (x[both], y[both]), ids=ids[both])
   assert _rel(out.params, ref.params) < 1e-6
+
+
+def test_warm_up_compiles_a_compacted_state_and_changes_nothing(
+    lowered_programs):
+  apply_fn, w0, w_d, x, y = _problem(3, n=40)
+  ids = np.arange(40)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids, loss="ce")
+  r = deletion.forget(st, apply_fn, w_d, (x[:12], y[:12]), ids=ids[:12])
+  small = deletion.compact(r.state)
+  before = np.asarray(small.solution).copy()
+  assert deletion.warm_up(small, r.params) > 0
+  np.testing.assert_array_equal(np.asarray(small.solution), before)
+  with lowered_programs() as new:  # the next request compiles nothing
+    deletion.forget(small, apply_fn, r.params, (x[20:23], y[20:23]),
+                    ids=ids[20:23])
+  assert new == []
+  mse = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids)
+  assert deletion.warm_up(mse, w_d) is None

@@ -645,7 +645,8 @@ def test_a_failed_warm_up_does_not_stop_init(tmp_path, monkeypatch):
                     ids=np.array(REQS[0])).status == "applied"
 
 
-def test_a_cross_entropy_store_drops_forgotten_rows_at_a_quarter(tmp_path):
+def test_a_cross_entropy_store_drops_forgotten_rows_at_a_quarter(
+    tmp_path, lowered_programs):
   """compact="auto": once the held rows of forgotten samples are a quarter
   of the rows, they are dropped after the request's commit, as their own
   generation; the answers do not change."""
@@ -668,7 +669,12 @@ def test_a_cross_entropy_store_drops_forgotten_rows_at_a_quarter(tmp_path):
     assert out_b.compact["generation"] == s.head
     assert s.state.active.all() and s.state.jacobian.shape[0] == 22 * 3
     assert [e["kind"] for e in db.events(s.con)] == ["compact"]
-    s.forget(apply_fn, _sel(c), ids=np.array(c), refresh="off")
+    # The solve was compiled for the new N after the compaction, not in the
+    # next request.
+    assert out_b.compact["warm_up_seconds"] > 0
+    with lowered_programs() as new:
+      s.forget(apply_fn, _sel(c), ids=np.array(c), refresh="off")
+    assert new == []
     np.testing.assert_allclose(_flat(s.params), _flat(chain[-1]), rtol=1e-9,
                                atol=1e-12)
     with pytest.raises(ValueError, match="compact must be"):

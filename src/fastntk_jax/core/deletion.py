@@ -91,7 +91,7 @@ from fastntk_jax.core.unlearn import RESIDUAL_FNS
 from fastntk_jax.core.unlearn import UnlearningError
 
 __all__ = ["DeletionResult", "PreparedState", "compact", "forget", "prepare",
-           "refresh_preconditioner", "state_bytes"]
+           "refresh_preconditioner", "state_bytes", "warm_up"]
 
 #: Steps of the preconditioned L-BFGS iteration before a request switches to
 #: Newton-CG (whose steps cost several passes each: on 3,000 CIFAR-10 images,
@@ -598,17 +598,8 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
   # The request's rows padded to a bucket size (weight 0 on the padding):
   # every request size in a bucket runs the same compiled programs.
   padded, mask = _padded_rows(rows)
-  # The request's inputs must be the prepared samples: one forward pass.
-  f_req = np.asarray(kernels.predict(apply_fn, state.lin_params, x_f,
-                                     block_size=_REQUEST_BLOCK, mesh=mesh,
-                                     stable_shape=True))
-  ref = np.asarray(state.logits)[rows]
-  scale = float(np.max(np.abs(ref))) + 1.0
-  if float(np.max(np.abs(f_req - ref))) > 1e-3 * scale:
-    raise ValueError("forget_set: the inputs give other logits at the "
-                     "linearisation point than the prepared samples with "
-                     "these ids; pass each sample with its own id, "
-                     "preprocessed as at prepare().")
+  if x_f is not None:  # None: warm_up's request, which has no inputs
+    _check_request_inputs(state, apply_fn, x_f, rows, mesh)
   loss = objective.cross_entropy
   c, lam, prec = state.num_outputs, state.damping, state.solve_dtype
   active = state.active.copy()
@@ -666,6 +657,47 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
   return DeletionResult(new_params, new_state, len(rows), delta_norm,
                         float("nan"), rep.grad_norm,
                         time.perf_counter() - t0, rep)
+
+
+def _check_request_inputs(state, apply_fn, x_f, rows, mesh) -> None:
+  """The request's inputs must be the prepared samples: one forward pass."""
+  f_req = np.asarray(kernels.predict(apply_fn, state.lin_params, x_f,
+                                     block_size=_REQUEST_BLOCK, mesh=mesh,
+                                     stable_shape=True))
+  ref = np.asarray(state.logits)[rows]
+  scale = float(np.max(np.abs(ref))) + 1.0
+  if float(np.max(np.abs(f_req - ref))) > 1e-3 * scale:
+    raise ValueError("forget_set: the inputs give other logits at the "
+                     "linearisation point than the prepared samples with "
+                     "these ids; pass each sample with its own id, "
+                     "preprocessed as at prepare().")
+
+
+def warm_up(state: PreparedState, params) -> float | None:
+  """Runs a one-sample request on a cross-entropy ``state`` and discards
+  it, so that the solve's programs for the state's shapes are compiled
+  before a real request needs them (after :func:`compact` changed ``N``).
+  The sample's inputs are not needed: the check of its logits is skipped.
+
+  Returns:
+    The seconds it took; None for an ``"mse"`` state (its request programs
+    do not depend on ``N``), with fewer than two samples, or when the solve
+    fails (a real request would report that).
+  """
+  if not isinstance(state, PreparedState):
+    raise TypeError("state must be a PreparedState.")
+  if state.loss != "ce" or state.num_samples < 2:
+    return None
+  t0 = time.perf_counter()
+  row = int(np.flatnonzero(state.active)[0])
+  req = np.asarray(state.row_ids[[row]])
+  remaining = np.setdiff1d(state.ids, req, assume_unique=True)
+  try:
+    _forget_ce(state, None, params, None, state.labels[[row]], req, remaining,
+               None, 100, None, blocking.resolve_mesh(None), t0)
+  except UnlearningError:
+    return None
+  return time.perf_counter() - t0
 
 
 def _row_index(rows, c: int) -> np.ndarray:

@@ -849,8 +849,10 @@ class DeletionStore:
   def compact(self) -> dict:
     """Drops the rows of forgotten samples from a cross-entropy state
     (:func:`fastntk_jax.core.deletion.compact`) as a new generation, logged
-    in ``events``; the old rows' files are then deleted. A no-op for MSE
-    stores and when nothing is held."""
+    in ``events``; the old rows' files are then deleted. Then compiles the
+    solve for the new number of rows (:func:`fastntk_jax.core.deletion.
+    warm_up`, ``warm_up_seconds``), so the next request does not. A no-op
+    for MSE stores and when nothing is held."""
     if self._lock is None:
       raise StoreError("this store was opened read-only; open it with "
                        "readonly=False to compact it.")
@@ -859,9 +861,13 @@ class DeletionStore:
     new = deletion.compact(self.state)
     if new is self.state:
       return {"status": "nothing_to_compact", "rows_dropped": 0}
-    return {"status": "compacted", **self._commit_state(
+    out = {"status": "compacted", **self._commit_state(
         "compact", new, lambda: {"samples_dropped": held,
                                  "seconds": time.perf_counter() - t0})}
+    # N changed: compile the solve for it now rather than in the next
+    # request (a one-sample request on the new state, discarded).
+    out["warm_up_seconds"] = deletion.warm_up(self.state, self.params)
+    return out
 
   def _commit_state(self, kind: str, new: deletion.PreparedState,
                     detail: Callable[[], dict]) -> dict:
