@@ -189,6 +189,16 @@ def test_automatic_jacobian_blocks_are_small_on_cpu(resnet):
     assert got == want
 
 
+def test_tail_blocks_pad_a_short_last_block_to_a_quarter_bucket():
+  tb = blocking.tail_block
+  assert [tb(r, 16) for r in (1, 4, 5, 8, 9, 13, 16)] == [4, 4, 8, 8, 12, 16,
+                                                           16]
+  assert tb(4, 32, 2) == 8 and tb(9, 32, 2) == 16 and tb(32, 32, 2) == 32
+  assert tb(3, 32, 4) == 8  # a multiple of the devices
+  assert {tb(r, 32, 2) for r in range(1, 33)} == {8, 16, 24, 32}
+  assert tb(1, 2) == 1 and tb(2, 2) == 2
+
+
 def test_stable_shapes_give_the_same_grams_and_logits(resnet):
   """gram/predict with stable_shape=True (a short input padded to a whole
   block, NumPy inputs kept on the host): the values of the default path."""

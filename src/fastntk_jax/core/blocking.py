@@ -42,6 +42,7 @@ __all__ = [
   "resolve_block",
   "resolve_mesh",
   "shard_rows",
+  "tail_block",
 ]
 
 ApplyFn = Callable[..., jax.Array]
@@ -235,6 +236,18 @@ def on_one_device(mesh: Mesh | None, tree):
   if mesh is None:
     return tree
   return jax.device_put(tree, mesh.devices.flat[0])
+
+
+def tail_block(rows: int, block: int, devices: int = 1) -> int:
+  """The padded size of a block of ``rows`` samples in ``stable`` passes
+  (:func:`resolve_block`): ``block`` when full, else the next multiple of a
+  quarter block (rounded to the devices). A short last block then costs
+  under a quarter block of padding, at four compiled shapes at most: 100
+  images in blocks of 32 on two devices compute 104 samples' rows, not 128.
+  """
+  d = max(int(devices), 1)
+  q = -(-max(int(block) // 4, 1) // d) * d
+  return int(min(block, -(-int(rows) // q) * q))
 
 
 def iter_blocks(n: int, block: int) -> Iterator[tuple[int, int]]:

@@ -73,6 +73,7 @@ from fastntk_jax.core.blocking import (
   resolve_block,
   resolve_mesh,
   shard_rows,
+  tail_block,
 )
 
 __all__ = [
@@ -487,10 +488,12 @@ def _block_sums(apply_fn, params, x, t, extra, fn, shape_a, c, mesh,
                                       jnp.zeros((d, flat.shape[0]), dt)))
   outs, sizes = [], []
   for s, e in iter_blocks(n, block):
-    keep = (jnp.arange(block) < (e - s)).astype(flat.dtype)
-    args = shard_rows(mesh, (pad_block(x[s:e], block), pad_block(t[s:e], block),
+    # Stable shapes pad a short last block only to a quarter-block bucket.
+    size = tail_block(e - s, block, d) if stable else block
+    keep = (np.arange(size) < (e - s)).astype(flat.dtype)
+    args = shard_rows(mesh, (pad_block(x[s:e], size), pad_block(t[s:e], size),
                              keep) + (() if extra is None
-                                      else (pad_block(extra[s:e], block),)))
+                                      else (pad_block(extra[s:e], size),)))
     out, g, gb = fn(params_r, *args)
     with dtype_scope(solve_dtype):
       acc_a, acc_b = add(acc_a, acc_b, g, gb)
