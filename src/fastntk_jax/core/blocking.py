@@ -273,10 +273,12 @@ def resolve_block(apply_fn, params, x, block_size, kind=None, jitted=None,
   ``stable``: the block depends on ``len(x)`` only through a bucket — the
   power of two at or above ``len(x)``, at least :data:`STABLE_MIN_BLOCK`
   samples a device — capped by the block a large input gets (or the given
-  ``block_size``), with a short input padded to it: inputs of many sizes
-  run a few compiled shapes. On CPU, where a large input's block is
-  :data:`CPU_BLOCK_PER_DEVICE` a device, that is one shape, the one a large
-  pass over the same model compiled (deletion requests after ``prepare``).
+  ``block_size``); a short last block is padded to a quarter-block bucket
+  (:func:`tail_block`): inputs of many sizes run a few compiled shapes. On
+  CPU, where a large input's block is :data:`CPU_BLOCK_PER_DEVICE` a
+  device, the full blocks have the shape a large pass over the same model
+  compiled (deletion requests after ``prepare``), and the last block one of
+  four.
   """
   c = num_outputs(apply_fn, params, x)
   p = sum(int(np.size(l)) for l in jax.tree_util.tree_leaves(params))
