@@ -23,6 +23,9 @@ time)::
         --out benchmarks/results/deletion_store_ce_cpu.json
     python benchmarks/deletion_store.py --n-train 2000 --requests 3   # smoke
 
+The process keeps the memory it frees (``keep_freed_memory``, as the CLI's
+``forget`` does); ``--release-memory`` leaves glibc's default.
+
 ``--probe`` times, before each request and outside its timing, two fixed
 NumPy workloads that share nothing with the store's code: a float32
 matrix-vector product over as many bytes as the state's Jacobian rows
@@ -48,6 +51,7 @@ import numpy as np
 from fastntk_jax import data
 from fastntk_jax.io import atomic
 from fastntk_jax.io.environment import environment
+from fastntk_jax.io.environment import keep_freed_memory
 from fastntk_jax.io.environment import request_host_devices
 from fastntk_jax.models import zoo
 from fastntk_jax.store import DeletionStore
@@ -239,8 +243,15 @@ def main(argv=None):
                   "(outside its timing), to tell a slow machine from a slow "
                   "solve; allocates an array the size of the state's "
                   "Jacobian rows in this process")
+  ap.add_argument("--release-memory", action="store_true",
+                  help="leave glibc's default of handing freed memory back "
+                  "(by default this process keeps it, as `fastntk deletion "
+                  "forget` does; docs/deletion_store.md)")
   ap.add_argument("--out", type=Path, default=None)
   args = ap.parse_args(argv)
+  # Before JAX starts its threads.
+  args.kept_freed_memory = (False if args.release_memory
+                            else keep_freed_memory())
   if args.host_devices < 1:
     ap.error("--host-devices must be >= 1")
   try:

@@ -11,6 +11,25 @@ from fastntk_jax.cli.deletion import read_ids
 from fastntk_jax.io import checkpoint
 
 
+@pytest.fixture(autouse=True)
+def kept(monkeypatch):
+  """Records ``keep_freed_memory`` calls instead of changing this test
+  process's malloc (the kill test's subprocesses make the real call)."""
+  calls = []
+  monkeypatch.setattr("fastntk_jax.io.environment.keep_freed_memory",
+                      lambda: calls.append(1) or True)
+  return calls
+
+
+def test_forget_keeps_freed_memory_unless_told(tmp_path, kept):
+  args = ["deletion", "forget", str(tmp_path / "none"), "--ids",
+          str(tmp_path / "ids.txt")]
+  assert cli.main(args) == 2 and len(kept) == 1
+  assert cli.main(args + ["--release-memory"]) == 2 and len(kept) == 1
+  assert cli.main(["deletion", "status", str(tmp_path / "none")]) == 2
+  assert len(kept) == 1
+
+
 def test_ids_are_read_from_text_or_json():
   np.testing.assert_array_equal(read_ids("3 1,2\n# a comment\n7 # more\n"),
                                 [3, 1, 2, 7])

@@ -323,6 +323,10 @@ _SUB = {"init": _init, "forget": _forget, "status": _status, "log": _log,
 
 
 def cmd_deletion(args) -> dict[str, Any]:
+  if args.deletion_command == "forget" and not args.release_memory:
+    # Before JAX starts its threads (keep_freed_memory's docstring).
+    from fastntk_jax.io.environment import keep_freed_memory
+    keep_freed_memory()
   k = getattr(args, "host_devices", None)
   if k is not None:
     if k < 1:

@@ -344,6 +344,10 @@ def _add_deletion(sub) -> None:
                  help="cross-entropy stores: do not drop the forgotten "
                  "samples' rows after this request even when they are a "
                  "quarter of the rows")
+  a.add_argument("--release-memory", action="store_true",
+                 help="leave glibc's default of handing freed memory back "
+                 "to the system (by default this process keeps it: faster "
+                 "on VMs that take freed memory back; docs/deletion_store.md)")
   _refresh_options(a)
   _other_version(a)
   a = action("compact", "drop the Jacobian rows of forgotten samples from "

@@ -6,7 +6,7 @@ import os
 import platform
 from typing import Any
 
-__all__ = ["environment", "request_host_devices"]
+__all__ = ["environment", "keep_freed_memory", "request_host_devices"]
 
 _HOST_FLAG = "--xla_force_host_platform_device_count"
 
@@ -40,6 +40,49 @@ def request_host_devices(k: int) -> int:
         f"call request_host_devices before any JAX computation, or set "
         f"XLA_FLAGS={_HOST_FLAG}={k} before starting Python.")
   return got
+
+
+# glibc's mallopt parameters (malloc.h).
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
+_KEEP = ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1))
+
+
+def keep_freed_memory() -> bool:
+  """Asks glibc to keep memory this process frees for its next allocations.
+
+  By default glibc serves large blocks with ``mmap`` and hands them back on
+  ``free``, and shrinks its heaps eagerly. On a VM whose balloon device
+  reports free pages (bit 5 of
+  ``/sys/bus/virtio/drivers/virtio_balloon/virtio*/features``), memory
+  handed back and taken again faults in the host on every first touch: a
+  process answering deletion requests spent part of each request there
+  (docs/deletion_store.md). This sets, with ``mallopt``, one arena, no
+  ``mmap`` blocks and a 2 GiB trim threshold — what
+  ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:``
+  ``glibc.malloc.trim_threshold=...`` does from the environment — so the
+  process's peak memory stays mapped until it exits.
+
+  Call it first thing in a process that answers requests, before JAX starts
+  its threads (their arenas are made then). ``fastntk deletion forget``
+  calls it unless given ``--release-memory``.
+
+  Returns:
+    ``True`` when glibc accepted all three settings; ``False`` where the C
+    library is not glibc (musl, macOS: nothing is done) or refused one.
+  """
+  import ctypes
+  try:
+    libc = ctypes.CDLL(None)
+    mallopt = libc.mallopt
+  except (OSError, AttributeError):
+    return False
+  mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+  mallopt.restype = ctypes.c_int
+  if not hasattr(libc, "gnu_get_libc_version"):
+    return False
+  return all(mallopt(k, v) == 1 for k, v in _KEEP)
 
 
 def environment() -> dict[str, Any]:
