@@ -19,6 +19,8 @@ Writes JSON atomically (device, versions, configuration, every request's
 time)::
 
     python benchmarks/deletion_store.py --loss mse --host-devices 2
+    python benchmarks/deletion_store.py --loss mse --keep-rows \
+        --out benchmarks/results/deletion_store_mse_rows_cpu.json
     python benchmarks/deletion_store.py --loss ce \
         --out benchmarks/results/deletion_store_ce_cpu.json
     python benchmarks/deletion_store.py --n-train 2000 --requests 3   # smoke
@@ -137,7 +139,8 @@ def run(args) -> dict:
     t = time.perf_counter()
     store = DeletionStore.init(path, model.apply_fn, w_d, (x, y), ids=ids,
                                anchor=model.init_params, loss=args.loss,
-                               damping=args.damping)
+                               damping=args.damping,
+                               keep_rows=args.keep_rows)
     out["init_seconds"] = time.perf_counter() - t
     out["prepare_seconds"] = store.meta["prepare_seconds"]
     reqs = _requests(np.random.default_rng(args.seed + 1), len(y),
@@ -243,6 +246,9 @@ def main(argv=None):
                   "(outside its timing), to tell a slow machine from a slow "
                   "solve; allocates an array the size of the state's "
                   "Jacobian rows in this process")
+  ap.add_argument("--keep-rows", action="store_true",
+                  help="MSE: the store keeps D's Jacobian rows, so a request "
+                  "reads its rows instead of computing them")
   ap.add_argument("--release-memory", action="store_true",
                   help="leave glibc's default of handing freed memory back "
                   "(by default this process keeps it, as `fastntk deletion "

@@ -425,14 +425,15 @@ def test_padded_request_rows_come_in_few_bucket_sizes():
   assert len(sizes) <= 8 * 7 + 1  # eight a doubling from 16 to 1,024
 
 
-@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("loss", ["mse", "mse-rows", "ce"])
 def test_requests_of_new_sizes_compile_nothing_new(loss, lowered_programs):
   """After one request, a request of another size (in the same bucket)
   runs programs already compiled: its blocks and padded rows have the
   shapes of the first (a deletion store answers requests of every size)."""
   apply_fn, w0, w_d, x, y = _problem(9, n=60)
   ids = np.arange(60)
-  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids, loss=loss)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids,
+                        loss=loss[:3], keep_rows=loss == "mse-rows")
   first = deletion.forget(st, apply_fn, w_d, (x[:3], y[:3]), ids=ids[:3])
   # 4 samples: another size, the same buckets (the last block's, a quarter
   # of 16; a CE request's rows, 16).
@@ -462,4 +463,81 @@ def test_warm_up_compiles_a_compacted_state_and_changes_nothing(
                     ids=ids[20:23])
   assert new == []
   mse = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids)
-  assert deletion.warm_up(mse, w_d) is None
+  assert deletion.warm_up(mse, w_d) is None  # nothing depends on N
+  # An MSE state with rows: its request programs take the rows' shape.
+  mse = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids,
+                         keep_rows=True)
+  r = deletion.forget(mse, apply_fn, w_d, (x[:12], y[:12]), ids=ids[:12])
+  small = deletion.compact(r.state)
+  assert small.jacobian.shape[0] == 28 * 3
+  assert deletion.warm_up(small, r.params) > 0
+  with lowered_programs() as new:
+    deletion.forget(small, apply_fn, r.params, (x[20:23], y[20:23]),
+                    ids=ids[20:23])
+  assert new == []
+
+
+@pytest.mark.parametrize("linearize_at", ["w_D", "w_0"])
+def test_mse_kept_rows_answer_requests_without_jacobian_work(
+    linearize_at, monkeypatch):
+  """keep_rows: the same answers as computing the request's rows, with no
+  Jacobian pass in a request, after a compaction too; inputs and labels that
+  are not the prepared samples' are refused."""
+  apply_fn, w0, w_d, x, y = _problem(4, n=50)
+  ids = np.arange(50) * 3 + 11
+  kw = dict(anchor=w0, linearize_at=linearize_at, ids=ids, damping=0.5)
+  plain = deletion.prepare(apply_fn, w_d, (x, y), **kw)
+  rows = deletion.prepare(apply_fn, w_d, (x, y), keep_rows=True, **kw)
+  assert plain.jacobian is None and rows.jacobian.shape == (150, 8 + 8 * 3 + 3)
+  np.testing.assert_allclose(np.asarray(rows.gram), np.asarray(plain.gram),
+                             rtol=0, atol=1e-6 * float(np.abs(plain.gram).max()))
+
+  def no_jacobian(*a, **k):
+    raise AssertionError("a request with kept rows computed Jacobians")
+
+  f1, f2, f3 = np.array([3, 17, 21]), np.arange(30, 42), np.array([5, 6])
+  out, ref = rows, plain
+  p_out = p_ref = w_d
+  for i, f in enumerate((f1, f2, f3)):
+    ref_r = deletion.forget(ref, apply_fn, p_ref, (x[f], y[f]), ids=ids[f])
+    with monkeypatch.context() as m:
+      m.setattr(deletion.kernels, "gram", no_jacobian)
+      m.setattr(deletion.kernels, "jacobian", no_jacobian)
+      out_r = deletion.forget(out, apply_fn, p_out, (x[f], y[f]), ids=ids[f])
+    assert _rel(out_r.params, ref_r.params) < 1e-5  # float32 rounding
+    assert out_r.delta_norm == pytest.approx(ref_r.delta_norm, rel=1e-5)
+    out, ref, p_out, p_ref = out_r.state, ref_r.state, out_r.params, ref_r.params
+    if i == 1:  # drop the forgotten rows: the next answer is the same
+      out = deletion.compact(out)
+      assert out.jacobian.shape[0] == (50 - 15) * 3
+  assert int(np.sum(out.active)) == out.num_samples == 50 - 17
+  gone = np.zeros(50, bool)
+  gone[np.r_[f1, f2, f3]] = True
+  scratch = F.unlearn(apply_fn, w_d, (x[~gone], y[~gone]), (x[gone], y[gone]),
+                      anchor=w0, linearize_at=linearize_at, damping=0.5,
+                      solver="primal")
+  assert _rel(w_d, scratch.params) > 1e-2
+  assert _rel(p_out, scratch.params) < 1e-5
+  # Another sample's inputs, or another label, under these ids: refused.
+  f = np.array([44, 45])
+  with pytest.raises(ValueError, match="other logits"):
+    deletion.forget(out, apply_fn, p_out, (x[f[::-1]], y[f]), ids=ids[f])
+  with pytest.raises(ValueError, match="labels differ"):
+    deletion.forget(out, apply_fn, p_out, (x[f], (y[f] + 1) % 3), ids=ids[f])
+
+
+def test_kept_rows_need_ids_and_count_against_the_budget():
+  apply_fn, w0, w_d, x, y = _problem(5, n=30)
+  with pytest.raises(ValueError, match="ids: keep_rows"):
+    deletion.prepare(apply_fn, w_d, (x, y), keep_rows=True)
+  with pytest.raises(TypeError, match="keep_rows"):
+    deletion.prepare(apply_fn, w_d, (x, y), ids=np.arange(30), keep_rows=1)
+  p = 8 + 8 * 3 + 3
+  need = deletion.state_bytes("mse", 30, 3, p, 4, "float64", keep_rows=True)
+  assert need == 4 * p * p * 8 + 30 * 3 * p * 4
+  with pytest.raises(ValueError, match="Jacobian rows.*without keep_rows"):
+    deletion.prepare(apply_fn, w_d, (x, y), ids=np.arange(30), keep_rows=True,
+                     memory_budget=need - 1)
+  # Without rows the same budget is plenty.
+  deletion.prepare(apply_fn, w_d, (x, y), ids=np.arange(30),
+                   memory_budget=need - 1)

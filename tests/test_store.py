@@ -58,25 +58,28 @@ def _flat(t):
                          for a in jax.tree_util.tree_leaves(t)])
 
 
-@pytest.mark.parametrize("loss", ["mse", "ce"])
+@pytest.mark.parametrize("variant", ["mse", "mse-rows", "ce"])
 def test_requests_across_processes_equal_in_memory_and_from_scratch(
-    tmp_path, loss):
+    tmp_path, variant):
+  loss, rows = variant[:3], {"keep_rows": variant == "mse-rows"}
   # In memory: prepare + forget, the reference.
   state = deletion.prepare(apply_fn, P, (X, Y), anchor=W0, ids=IDS,
-                           loss=loss, damping=0.5)
+                           loss=loss, damping=0.5, **rows)
   params = P
   for r in REQS:
     res = deletion.forget(state, apply_fn, params, _sel(r), ids=np.array(r))
     state, params = res.state, res.params
   # The store: closed and reopened between requests, as separate processes
   # would.
-  s = _init(tmp_path / "s", loss)
+  s = _init(tmp_path / "s", loss, **rows)
   s.close()
   for i, r in enumerate(REQS):
     with DeletionStore.open(tmp_path / "s") as s:
       out = s.forget(apply_fn, _sel(r), ids=np.array(r), request_id=f"r{i}")
       assert out.status == "applied"
   with DeletionStore.open(tmp_path / "s", readonly=True) as s:
+    # The rows, when kept, are read back (checksummed) with the state.
+    assert (s.state.jacobian is not None) == (variant != "mse")
     if loss == "mse":
       np.testing.assert_array_equal(_flat(s.params), _flat(params))
     else:  # the store may refresh M (refresh_due): the same minimiser
@@ -609,18 +612,30 @@ def test_compaction_drops_forgotten_rows_and_changes_no_answer(tmp_path):
     assert s.status()["jacobian_rows_of_forgotten_samples"] == 2
     ev = [e for e in db.events(s.con) if e["kind"] == "compact"]
     assert len(ev) == 1 and ev[0]["gen_after"] == c["generation"]
-  # An MSE store has nothing to compact.
+  # An MSE store without rows has nothing to compact; one with rows drops
+  # them, by the same rule (8 of 30 samples forgotten: a quarter and more).
   with _init(tmp_path / "m", "mse") as s:
     assert s.compact()["status"] == "nothing_to_compact"
+  with _init(tmp_path / "r", "mse", keep_rows=True) as s:
+    r8 = [1000, 1001, 1002, 1003, 1004, 1005, 1010, 1011]
+    out = s.forget(apply_fn, _sel(r8), ids=np.array(r8))
+    assert out.compact["status"] == "compacted"
+    assert s.state.jacobian.shape[0] == 22 * 3 and s.state.active.all()
+    ref = deletion.forget(deletion.prepare(
+        apply_fn, P, (X, Y), anchor=W0, ids=IDS, damping=0.5), apply_fn, P,
+        _sel(r8), ids=np.array(r8))
+    diff = np.linalg.norm(_flat(s.params) - _flat(ref.params))
+    assert diff < 1e-5 * np.linalg.norm(_flat(ref.params))  # float32 rows
 
 
-@pytest.mark.parametrize("loss", ["mse", "ce"])
-def test_the_first_request_after_init_compiles_nothing(tmp_path, loss,
+@pytest.mark.parametrize("variant", ["mse", "mse-rows", "ce"])
+def test_the_first_request_after_init_compiles_nothing(tmp_path, variant,
                                                      lowered_programs):
   """init runs a one-sample request and discards it, so that the request
   path is compiled before the first real request (of any size in the
   smallest bucket)."""
-  with _init(tmp_path / "s", loss) as s:
+  with _init(tmp_path / "s", variant[:3],
+             keep_rows=variant == "mse-rows") as s:
     assert s.meta["warm_up_seconds"] > 0
     head = s.head
     with lowered_programs() as new:

@@ -160,6 +160,7 @@ def _init(args) -> dict:
       anchor=ckpt.trees["w_0"] if args.anchor == "w_0" else None,
       linearize_at=args.linearize_at, damping=args.damping, loss=loss,
       memory_budget=int(args.memory_budget * 2**30), extra=extra,
+      keep_rows=args.keep_rows,
       description=desc)
   with store:
     st = store.status()

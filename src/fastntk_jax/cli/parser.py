@@ -283,6 +283,34 @@ def _other_version(a) -> None:
                  help="use a store written by another fastntk_jax version")
 
 
+def _init_options(a) -> None:
+  """``fastntk deletion init``'s options."""
+  a.add_argument("--checkpoint", required=True, metavar="PATH",
+                 help="a `fastntk train` checkpoint (w_0, w_D, frozen)")
+  a.add_argument("--samples", metavar="NPZ", help="the training set as an "
+                 ".npz with x (uint8 images), y and ids (default: the "
+                 "checkpoint's training set; ids are positions in it)")
+  a.add_argument("--data", help="override the checkpoint's data source")
+  a.add_argument("--damping", type=float, default=DEFAULT_DAMPING,
+                 help=f"λ > 0 (default {DEFAULT_DAMPING})")
+  a.add_argument("--loss", choices=["mse", "ce"], help="default: the "
+                 "checkpoint's fine-tuning loss")
+  a.add_argument("--linearize-at", default="w_D", choices=["w_D", "w_0"],
+                 help="where J and f are taken (default w_D)")
+  a.add_argument("--anchor", default="w_0", choices=["w_0", "w_D"],
+                 help="the ridge term's centre (default w_0, the "
+                 "checkpoint's parameters before fine-tuning)")
+  a.add_argument("--memory-budget", type=float,
+                 default=DEFAULT_MEMORY_BUDGET / 2**30,
+                 help="GiB the prepared state may take; refused before any "
+                 f"work when over (default {DEFAULT_MEMORY_BUDGET / 2**30:g})")
+  a.add_argument("--keep-rows", action="store_true",
+                 help="MSE stores: keep the training set's Jacobian rows "
+                 "(N·C·P numbers on disk and in memory, as cross-entropy "
+                 "stores do) so that a request reads its rows instead of "
+                 "computing them")
+
+
 def _add_deletion(sub) -> None:
   q = sub.add_parser("deletion", help="a deletion store: prepare once, answer "
                      "requests for months (init, forget, status, log, verify, "
@@ -304,27 +332,9 @@ def _add_deletion(sub) -> None:
                    "per core (default: as JAX starts, one CPU device)")
     return a
 
-  a = host_devices(action("init", "prepare a store from a `fastntk train` "
-                          "checkpoint and its training set"))
-  a.add_argument("--checkpoint", required=True, metavar="PATH",
-                 help="a `fastntk train` checkpoint (w_0, w_D, frozen)")
-  a.add_argument("--samples", metavar="NPZ", help="the training set as an "
-                 ".npz with x (uint8 images), y and ids (default: the "
-                 "checkpoint's training set; ids are positions in it)")
-  a.add_argument("--data", help="override the checkpoint's data source")
-  a.add_argument("--damping", type=float, default=DEFAULT_DAMPING,
-                 help=f"λ > 0 (default {DEFAULT_DAMPING})")
-  a.add_argument("--loss", choices=["mse", "ce"], help="default: the "
-                 "checkpoint's fine-tuning loss")
-  a.add_argument("--linearize-at", default="w_D", choices=["w_D", "w_0"],
-                 help="where J and f are taken (default w_D)")
-  a.add_argument("--anchor", default="w_0", choices=["w_0", "w_D"],
-                 help="the ridge term's centre (default w_0, the "
-                 "checkpoint's parameters before fine-tuning)")
-  a.add_argument("--memory-budget", type=float,
-                 default=DEFAULT_MEMORY_BUDGET / 2**30,
-                 help="GiB the prepared state may take; refused before any "
-                 f"work when over (default {DEFAULT_MEMORY_BUDGET / 2**30:g})")
+  _init_options(host_devices(action(
+      "init", "prepare a store from a `fastntk train` checkpoint and its "
+      "training set")))
   a = host_devices(action("forget", "apply one deletion request (all or "
                           "nothing; a request applied before changes "
                           "nothing)"))

@@ -18,6 +18,11 @@ pass over ``D`` (:func:`prepare`) a request needs only ``J_F``::
 The Cholesky factor of ``A_r + λI`` is the next request's ``A + λI``. Cost of
 a request: ``|F|·C`` Jacobian rows, one rank-``|F|·C`` update of a ``P×P``
 matrix and one ``P×P`` factorisation (``P³/3`` flops), whatever ``|D|``.
+``J`` and ``r`` are taken at the fixed linearisation point, so with
+``prepare(..., keep_rows=True)`` the state keeps ``D``'s rows and logits
+(``N·C·P`` numbers, as for cross-entropy) and a request reads its rows
+instead of computing them: one forward pass over ``F`` to check its inputs,
+no Jacobian work.
 
 **Cross-entropy** (``loss="ce"``). The Hessian ``JᵀH(z)J + λI`` depends on the
 iterate, so a request is not a rank update. :func:`prepare` keeps what the
@@ -128,9 +133,11 @@ class PreparedState(NamedTuple):
       linearisation point.
     anchored_at, linearized_at: ``"w_0"``/``"w_D"``, as in
       :class:`fastntk_jax.core.unlearn.UnlearnResult`.
-    jacobian: ``"ce"``: the prepared set's Jacobian rows ``(N_0·C, P)`` in
-      the model's dtype (states saved before kept them in ``solve_dtype``;
-      either works) — rows of forgotten samples stay, unused.
+    jacobian: ``"ce"`` (and ``"mse"`` prepared with ``keep_rows=True``,
+      which also keeps ``labels``, ``logits``, ``active`` and ``row_ids``):
+      the prepared set's Jacobian rows ``(N_0·C, P)`` in the model's dtype
+      (states saved before kept them in ``solve_dtype``; either works) —
+      rows of forgotten samples stay, unused, until :func:`compact`.
     offsets: ``"ce"``: ``b``, the linear model's logits at the anchor,
       ``(N_0, C)``.
     labels: ``"ce"``: ``(N_0,)``.
@@ -216,18 +223,19 @@ def _check_ids(name, ids, n):
 
 
 def state_bytes(loss: str, n: int, c: int, p: int, itemsize: int = 4,
-                solve_dtype: str = "float64") -> int:
+                solve_dtype: str = "float64", keep_rows: bool = False) -> int:
   """Memory of a :class:`PreparedState` (its dominant terms), in bytes.
 
   ``"mse"``: ``A``, its factor and, during a request, their successors (four
-  ``P×P``). ``"ce"``: also the Jacobian rows ``N·C·P``, kept in the model's
-  dtype (``itemsize`` bytes each), and a Gauss-Newton matrix being formed
-  (five ``P×P``).
+  ``P×P``), plus the Jacobian rows ``N·C·P`` with ``keep_rows``. ``"ce"``:
+  the Jacobian rows, kept in the model's dtype (``itemsize`` bytes each),
+  and a Gauss-Newton matrix being formed (five ``P×P``).
   """
   pp = p * p * np.dtype(solve_dtype).itemsize
+  rows = n * c * p * itemsize
   if loss == "mse":
-    return 4 * pp
-  return n * c * p * itemsize + 5 * pp
+    return 4 * pp + (rows if keep_rows else 0)
+  return rows + 5 * pp
 
 
 def _legacy_precision(solve_dtype, legacy: dict):
@@ -240,18 +248,21 @@ def _legacy_precision(solve_dtype, legacy: dict):
 
 
 def _check_state_fits(loss, n, c, p, itemsize, solve_dtype,
-                      memory_budget) -> None:
+                      memory_budget, keep_rows=False) -> None:
   """Refuses, before any work, a state over ``memory_budget``."""
-  need = state_bytes(loss, n, c, p, itemsize, solve_dtype)
+  need = state_bytes(loss, n, c, p, itemsize, solve_dtype, keep_rows)
+  rows = loss == "ce" or keep_rows
   if need > memory_budget:
     alt = ("solve each request from scratch with unlearn(loss='ce', "
            "solver='cg') (matrix-free), or choose a smaller PEFT set"
-           if loss == "ce" else "choose a smaller PEFT set (the state is "
+           if loss == "ce" else "prepare without keep_rows (requests then "
+           "compute their rows), or choose a smaller PEFT set"
+           if keep_rows else "choose a smaller PEFT set (the state is "
            "P×P), or unlearn(solver='cg') per request")
     raise ValueError(
         f"memory_budget: the prepared state needs about {need} bytes "
         f"({need / 2**30:.3g} GiB) for N={n}, C={c}, P={p}"
-        f"{' (Jacobian rows N·C·P)' if loss == 'ce' else ''}, over "
+        f"{' (Jacobian rows N·C·P)' if rows else ''}, over "
         f"memory_budget={memory_budget} ({memory_budget / 2**30:.3g} GiB). "
         f"Raise memory_budget if the memory is there; otherwise {alt}.")
 
@@ -262,7 +273,7 @@ def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
             solve_dtype: str = "float64", block_size: int | None = None,
             memory_budget: int = DEFAULT_MEMORY_BUDGET,
             newton_tol: float | None = None, newton_max_steps: int = 100,
-            mesh=None, **legacy) -> PreparedState:
+            keep_rows: bool = False, mesh=None, **legacy) -> PreparedState:
   """One pass over ``D`` after fine-tuning: what every later request needs.
 
   Args:
@@ -285,6 +296,10 @@ def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
       before any work when over it.
     newton_tol, newton_max_steps: for the ``"ce"`` solves (as in ``unlearn``);
       a solve that does not converge raises :class:`UnlearningError`.
+    keep_rows: ``"mse"``: keep ``D``'s Jacobian rows and logits (``N·C·P``
+      numbers in the model's dtype, counted against ``memory_budget``;
+      requires ``ids``), so that a request reads its rows instead of
+      computing them. ``"ce"`` states always keep them.
     mesh: devices to shard the Jacobian work over
       (:func:`fastntk_jax.core.kernels.default_mesh` when None).
 
@@ -303,18 +318,13 @@ def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
   validate.check_positive_int_or_none("newton_max_steps", newton_max_steps)
   validate.check_tolerance("newton_tol", newton_tol, allow_none=True)
   validate.check_memory_budget(memory_budget)
-  if ids is not None:
-    ids = _check_ids("ids", ids, y.shape[0]).copy()
-  elif loss == "ce":
-    raise ValueError("ids: cross-entropy deletion finds each request's "
-                     "Jacobian rows by sample id; pass ids=... (e.g. "
-                     "np.arange(len(y))).")
+  keep_rows, ids = _check_rows_and_ids(loss, keep_rows, ids, y.shape[0])
   c = kernels.num_outputs(apply_fn, params, x)
   validate.check_labels("data", y, c)
   flat, _ = ravel_pytree(params)
   n, p = int(y.shape[0]), int(flat.shape[0])
   _check_state_fits(loss, n, c, p, flat.dtype.itemsize, solve_dtype,
-                    memory_budget)
+                    memory_budget, keep_rows)
   mesh = blocking.resolve_mesh(mesh)
   shift = None
   with kernels.dtype_scope(solve_dtype):
@@ -329,10 +339,27 @@ def prepare(apply_fn: Callable[[Any, Any], jax.Array], params, data, *,
                 anchored_at="w_D" if anchor is None else "w_0",
                 linearized_at=linearize_at)
   blk = {"block_size": block_size, "mesh": mesh}
+  if loss == "mse" and keep_rows:
+    return _prepare_mse_rows(apply_fn, x, y, ids, common, blk)
   if loss == "mse":
     return _prepare_mse(apply_fn, x, y, common, blk)
   return _prepare_ce(apply_fn, x, y, ids, common, blk, newton_tol,
                      newton_max_steps)
+
+
+def _check_rows_and_ids(loss, keep_rows, ids, n):
+  """``(keep_rows, ids)`` checked: rows are found by id."""
+  if not isinstance(keep_rows, (bool, np.bool_)):
+    raise TypeError(f"keep_rows must be True or False, got {keep_rows!r}.")
+  keep_rows = bool(keep_rows) and loss == "mse"
+  if ids is not None:
+    return keep_rows, _check_ids("ids", ids, n).copy()
+  if loss == "ce" or keep_rows:
+    raise ValueError("ids: " + ("cross-entropy deletion" if loss == "ce" else
+                                "keep_rows") + " finds each request's "
+                     "Jacobian rows by sample id; pass ids=... (e.g. "
+                     "np.arange(len(y))).")
+  return keep_rows, None
 
 
 def _prepare_mse(apply_fn, x, y, common, blk):
@@ -344,6 +371,11 @@ def _prepare_mse(apply_fn, x, y, common, blk):
   _check_logits(f0)
   # The P×P algebra once, on one device (not repeated on every device).
   a, g = blocking.on_one_device(blk["mesh"], (a, g))
+  return _mse_state(a, g, common)
+
+
+def _mse_state(a, g, common, **rows) -> PreparedState:
+  lam, solve_dtype = common["damping"], common["solve_dtype"]
   with kernels.dtype_scope(solve_dtype):
     if common["shift"] is not None:
       g = g + a @ common["shift"]
@@ -353,7 +385,23 @@ def _prepare_mse(apply_fn, x, y, common, blk):
     raise UnlearningError(
         f"prepare: A + λI is not numerically positive definite at damping="
         f"{lam} in {solve_dtype}; raise damping or use solve_dtype='float64'.")
-  return PreparedState(gram=a, grad=g, chol=chol, **common)
+  return PreparedState(gram=a, grad=g, chol=chol, **rows, **common)
+
+
+def _prepare_mse_rows(apply_fn, x, y, ids, common, blk):
+  """``_prepare_mse`` keeping the rows and logits: ``A`` and ``g`` are
+  formed from the kept rows as :func:`_mse_terms` forms a request's (block
+  products in the model's dtype, sums in ``solve_dtype``, as
+  :func:`fastntk_jax.core.kernels.gram` forms them)."""
+  lin, c = common["lin_params"], common["num_outputs"]
+  jac = kernels.jacobian(apply_fn, lin, x, **blk)
+  f0 = kernels.predict(apply_fn, lin, x, mesh=blk["mesh"])
+  _check_logits(f0)
+  n = int(y.shape[0])
+  a, g = _mse_terms_all(jac, jnp.asarray(f0), jnp.asarray(y), c=c,
+                        dtype=common["solve_dtype"])
+  return _mse_state(a, g, common, jacobian=jac, labels=np.array(y, copy=True),
+                    logits=f0, active=np.ones(n, bool), row_ids=ids)
 
 
 def _check_logits(f0):
@@ -528,7 +576,7 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
       res = res._replace(state=refresh_preconditioner(res.state),
                          seconds=time.perf_counter() - t0)
     return res
-  return _forget_mse(state, apply_fn, params, x_f, y_f, remaining,
+  return _forget_mse(state, apply_fn, params, x_f, y_f, req, remaining,
                      block_size, mesh, t0)
 
 
@@ -540,17 +588,35 @@ def _apply(params, delta):
   return jax.block_until_ready(new)
 
 
-def _forget_mse(state, apply_fn, params, x_f, y_f, remaining, block_size,
-                mesh, t0):
-  """Work ∝ |F|: the request's Gram pass and one P×P factorisation."""
+def _forget_mse(state, apply_fn, params, x_f, y_f, req, remaining,
+                block_size, mesh, t0):
+  """Work ∝ |F|: the request's Gram pass (or its kept rows) and one P×P
+  factorisation."""
   n_f = int(y_f.shape[0])
   lin = state.lin_params
-  # Blocks of prepare's shape, a short request padded: requests of any size
-  # run the compiled pass (stable_shape), and the small per-request
-  # arithmetic below is NumPy's, which compiles nothing either.
-  a_f, g_f, f0 = kernels.gram(apply_fn, lin, x_f, RESIDUAL_FNS["mse"], y=y_f,
-                              solve_dtype=state.solve_dtype, block_size=block_size,
-                              mesh=mesh, return_outputs=True, stable_shape=True)
+  active = None
+  if state.jacobian is not None:  # prepared with keep_rows
+    rows = _rows_of(state, req, y_f)
+    if x_f is not None:  # None: warm_up's request, which has no inputs
+      _check_request_inputs(state, apply_fn, x_f, rows, mesh)
+    padded, mask = _padded_rows(rows)
+    with kernels.dtype_scope(state.solve_dtype):
+      a_f, g_f = _mse_terms(
+          state.jacobian, jnp.asarray(padded),
+          jnp.asarray(mask, state.solve_dtype), jnp.asarray(state.logits),
+          jnp.asarray(state.labels), c=state.num_outputs,
+          dtype=state.solve_dtype)
+    f0 = np.asarray(state.logits)[rows]
+    active = state.active.copy()
+    active[rows] = False
+  else:
+    # Blocks of prepare's shape, a short request padded: requests of any
+    # size run the compiled pass (stable_shape), and the small per-request
+    # arithmetic below is NumPy's, which compiles nothing either.
+    a_f, g_f, f0 = kernels.gram(apply_fn, lin, x_f, RESIDUAL_FNS["mse"],
+                                y=y_f, solve_dtype=state.solve_dtype,
+                                block_size=block_size, mesh=mesh,
+                                return_outputs=True, stable_shape=True)
   f0 = np.asarray(f0)
   r_f = f0 - np.eye(f0.shape[1], dtype=f0.dtype)[np.asarray(y_f)]
   # The P×P algebra once, on one device of the request's mesh (the state may
@@ -582,7 +648,8 @@ def _forget_mse(state, apply_fn, params, x_f, y_f, remaining, block_size,
         "solve_dtype='float64'.")
   new_params = _apply(params, delta)
   new_state = state._replace(gram=a_r, grad=g_r, chol=chol_r,
-                             num_samples=state.num_samples - n_f, ids=remaining)
+                             num_samples=state.num_samples - n_f, ids=remaining,
+                             active=state.active if active is None else active)
   return DeletionResult(new_params, new_state, n_f, delta_norm, v, res,
                         time.perf_counter() - t0)
 
@@ -590,11 +657,7 @@ def _forget_mse(state, apply_fn, params, x_f, y_f, remaining, block_size,
 def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
                max_steps, cg_max_steps, mesh, t0):
   """Newton-CG on the kept rows from the current solution (module docstring)."""
-  order = np.argsort(state.row_ids)
-  rows = order[np.searchsorted(state.row_ids, req, sorter=order)]
-  if not np.array_equal(state.labels[rows], y_f):
-    raise ValueError("forget_set: the labels differ from those prepared for "
-                     "these ids; pass each sample with its own id.")
+  rows = _rows_of(state, req, y_f)
   # The request's rows padded to a bucket size (weight 0 on the padding):
   # every request size in a bucket runs the same compiled programs.
   padded, mask = _padded_rows(rows)
@@ -659,6 +722,17 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
                         time.perf_counter() - t0, rep)
 
 
+def _rows_of(state, req, y_f) -> np.ndarray:
+  """Positions of the request's samples among the prepared rows, their
+  labels checked against the prepared ones."""
+  order = np.argsort(state.row_ids)
+  rows = order[np.searchsorted(state.row_ids, req, sorter=order)]
+  if not np.array_equal(state.labels[rows], np.asarray(y_f)):
+    raise ValueError("forget_set: the labels differ from those prepared for "
+                     "these ids; pass each sample with its own id.")
+  return rows
+
+
 def _check_request_inputs(state, apply_fn, x_f, rows, mesh) -> None:
   """The request's inputs must be the prepared samples: one forward pass."""
   f_req = np.asarray(kernels.predict(apply_fn, state.lin_params, x_f,
@@ -674,27 +748,33 @@ def _check_request_inputs(state, apply_fn, x_f, rows, mesh) -> None:
 
 
 def warm_up(state: PreparedState, params) -> float | None:
-  """Runs a one-sample request on a cross-entropy ``state`` and discards
-  it, so that the solve's programs for the state's shapes are compiled
-  before a real request needs them (after :func:`compact` changed ``N``).
-  The sample's inputs are not needed: the check of its logits is skipped.
+  """Runs a one-sample request on a ``state`` that keeps Jacobian rows and
+  discards it, so that the request's programs for the state's shapes are
+  compiled before a real request needs them (after :func:`compact` changed
+  ``N``). The sample's inputs are not needed: the check of its logits is
+  skipped.
 
   Returns:
-    The seconds it took; None for an ``"mse"`` state (its request programs
-    do not depend on ``N``), with fewer than two samples, or when the solve
-    fails (a real request would report that).
+    The seconds it took; None for a state without rows (its request
+    programs do not depend on ``N``), with fewer than two samples, or when
+    the solve fails (a real request would report that).
   """
   if not isinstance(state, PreparedState):
     raise TypeError("state must be a PreparedState.")
-  if state.loss != "ce" or state.num_samples < 2:
+  if state.jacobian is None or state.num_samples < 2:
     return None
   t0 = time.perf_counter()
   row = int(np.flatnonzero(state.active)[0])
   req = np.asarray(state.row_ids[[row]])
   remaining = np.setdiff1d(state.ids, req, assume_unique=True)
+  mesh = blocking.resolve_mesh(None)
   try:
-    _forget_ce(state, None, params, None, state.labels[[row]], req, remaining,
-               None, 100, None, blocking.resolve_mesh(None), t0)
+    if state.loss == "ce":
+      _forget_ce(state, None, params, None, state.labels[[row]], req,
+                 remaining, None, 100, None, mesh, t0)
+    else:
+      _forget_mse(state, None, params, None, state.labels[[row]], req,
+                  remaining, None, mesh, t0)
   except UnlearningError:
     return None
   return time.perf_counter() - t0
@@ -742,6 +822,49 @@ def _request_terms(jac, rows, mask, ref_logits, offsets, z, labels, *, c,
   g0 = sub.rmatvec(m[:, None] * loss.grad(offsets[rows], y))
   g = None if z is None else sub.rmatvec(m[:, None] * loss.grad(z[rows], y))
   return ggn, g0, g
+
+
+@functools.partial(jax.jit, static_argnames=("c", "dtype"))
+def _mse_terms(jac, rows, mask, logits, labels, *, c, dtype):
+  """A squared-error request's ``J_FᵀJ_F`` and ``J_Fᵀ r_F`` from kept rows
+  (padded, masked), ``r`` the residual at the linearisation point: block
+  products in the rows' dtype, summed in ``dtype``, as
+  :func:`fastntk_jax.core.kernels.gram` forms them."""
+  sub = jac[_row_index(rows, c)].reshape(-1, c, jac.shape[1])
+  sub = sub * mask.astype(jac.dtype)[:, None, None]
+  return _mse_block_terms(sub.reshape(-1, jac.shape[1]), logits[rows],
+                          labels[rows], mask, c, dtype)
+
+
+def _mse_block_terms(j, f, y, mask, c, dtype):
+  r = (f - jax.nn.one_hot(y, c, dtype=f.dtype)) * mask[:, None].astype(
+      f.dtype)
+  hi = jax.lax.Precision.HIGHEST
+  a = jnp.matmul(j.T, j, precision=hi).astype(dtype)
+  g = jnp.matmul(j.T, r.reshape(-1).astype(j.dtype), precision=hi)
+  return a, g.astype(dtype)
+
+
+#: Samples a block when forming ``A`` from kept rows (``_mse_terms_all``).
+_ROWS_BLOCK = 256
+
+
+def _mse_terms_all(jac, logits, labels, *, c, dtype):
+  """``A = JᵀJ`` and ``g = Jᵀr`` over all kept rows, in blocks of
+  ``_ROWS_BLOCK`` samples (one compiled shape, the last block padded)."""
+  n = labels.shape[0]
+  a = g = None
+  with kernels.dtype_scope(dtype):
+    for s in range(0, n, _ROWS_BLOCK):
+      rows = np.arange(s, min(s + _ROWS_BLOCK, n))
+      mask = np.ones(_ROWS_BLOCK)
+      mask[rows.size:] = 0
+      rows = np.concatenate([rows, np.full(_ROWS_BLOCK - rows.size,
+                                           rows[0])])
+      ab, gb = _mse_terms(jac, jnp.asarray(rows), jnp.asarray(mask, dtype),
+                          logits, labels, c=c, dtype=dtype)
+      a, g = (ab, gb) if a is None else (a + ab, g + gb)
+    return 0.5 * (a + a.T), g
 
 
 def _request_start(state, op, g0_f, g_f, weights):
@@ -800,29 +923,29 @@ def refresh_preconditioner(state: PreparedState,
 
 
 def compact(state: PreparedState) -> PreparedState:
-  """The state without the rows of forgotten samples (``"ce"``).
+  """The state without the rows of forgotten samples (states with rows).
 
   A cross-entropy request only masks its samples' Jacobian rows, offsets,
   labels and logits (``active``), so that it need not copy the ``N·C × P``
   rows. ``compact`` drops them: the state then holds nothing computed from a
   forgotten sample but the sums in ``gram`` (from which they were
   subtracted). Later requests give the same answers (the dropped rows had
-  weight 0). An ``"mse"`` state holds no per-sample rows and is returned
-  as is.
+  weight 0). An ``"mse"`` state prepared with ``keep_rows`` is compacted
+  the same way; one without rows is returned as is.
   """
   if not isinstance(state, PreparedState):
     raise TypeError("state must be a PreparedState.")
-  if state.loss != "ce" or bool(np.all(state.active)):
+  if state.jacobian is None or bool(np.all(state.active)):
     return state
   keep = np.flatnonzero(state.active)
   c = state.num_outputs
+  pick = lambda a: None if a is None else a[keep]  # noqa: E731
   with kernels.dtype_scope(state.solve_dtype):  # float64 stays float64
     # Rows by index (a reshape to pick samples would copy all of them).
     jac = state.jacobian[_row_index(keep, c)]
     return state._replace(
-        jacobian=jac, offsets=state.offsets[keep],
+        jacobian=jac, offsets=pick(state.offsets),
         labels=state.labels[keep], logits=state.logits[keep],
-        ref_logits=state.ref_logits[keep], row_ids=state.row_ids[keep],
-        solution_logits=(None if state.solution_logits is None
-                         else state.solution_logits[keep]),
+        ref_logits=pick(state.ref_logits), row_ids=state.row_ids[keep],
+        solution_logits=pick(state.solution_logits),
         active=np.ones(keep.size, bool))

@@ -295,16 +295,18 @@ def _time_refresh(state: deletion.PreparedState) -> float | None:
   return (time.perf_counter() - t) * n / len(rows)
 
 
-#: The share of a cross-entropy state's rows held for forgotten samples at
-#: which ``forget(compact="auto")`` drops them: every solve step reads all
-#: rows, so at a quarter a step does a third more work than it needs, while
-#: a compaction costs about one pass and a rewrite of the rows.
+#: The share of a state's rows held for forgotten samples at which
+#: ``forget(compact="auto")`` drops them: every cross-entropy solve step reads
+#: all rows, so at a quarter a step does a third more work than it needs,
+#: while a compaction costs about one pass and a rewrite of the rows (an MSE
+#: state with ``keep_rows`` reads only a request's rows; there compaction
+#: frees memory and disk, on the same rule).
 COMPACT_FRACTION = 0.25
 
 
 def _compact_due(state) -> bool:
   """Whether ``forget(compact="auto")`` compacts ``state`` now."""
-  if state.loss != "ce" or state.active is None:
+  if state.jacobian is None or state.active is None:
     return False
   return float(np.mean(~np.asarray(state.active))) >= COMPACT_FRACTION
 
@@ -628,9 +630,10 @@ class DeletionStore:
         (:func:`refresh_due`'s latency rule; default None: cost rule only).
         Needs ``refresh="after"``; an MSE store has nothing to refresh and
         ignores it.
-      compact: cross-entropy stores. ``"auto"`` (default): once the rows of
-        forgotten samples make up :data:`COMPACT_FRACTION` of the rows every
-        solve step reads, :meth:`compact` drops them right after the
+      compact: stores that keep rows (cross-entropy; MSE with
+        ``keep_rows``). ``"auto"`` (default): once forgotten samples hold
+        :data:`COMPACT_FRACTION` of the rows, :meth:`compact` drops them
+        right after the
         request is committed (before a due refresh, which then reads fewer
         rows), as its own generation. ``"off"``: only on demand.
       forget_kw: passed to :func:`fastntk_jax.core.deletion.forget`.
@@ -847,12 +850,13 @@ class DeletionStore:
     self.objects.remove_except(self._live_keys())
 
   def compact(self) -> dict:
-    """Drops the rows of forgotten samples from a cross-entropy state
-    (:func:`fastntk_jax.core.deletion.compact`) as a new generation, logged
+    """Drops the rows of forgotten samples from a state that keeps rows
+    (cross-entropy, or MSE prepared with ``keep_rows``;
+    :func:`fastntk_jax.core.deletion.compact`) as a new generation, logged
     in ``events``; the old rows' files are then deleted. Then compiles the
-    solve for the new number of rows (:func:`fastntk_jax.core.deletion.
+    request for the new number of rows (:func:`fastntk_jax.core.deletion.
     warm_up`, ``warm_up_seconds``), so the next request does not. A no-op
-    for MSE stores and when nothing is held."""
+    for MSE stores without rows and when nothing is held."""
     if self._lock is None:
       raise StoreError("this store was opened read-only; open it with "
                        "readonly=False to compact it.")
