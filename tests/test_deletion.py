@@ -448,6 +448,24 @@ def test_requests_of_new_sizes_compile_nothing_new(loss, lowered_programs):
   assert _rel(out.params, ref.params) < 1e-6
 
 
+def test_a_request_that_falls_back_to_newton_cg_compiles_nothing_after_warm_up(
+    lowered_programs, monkeypatch):
+  apply_fn, w0, w_d, x, y = _problem(6, n=40)
+  ids = np.arange(40)
+  st = deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids, loss="ce")
+  r = deletion.forget(st, apply_fn, w_d, (x[:2], y[:2]), ids=ids[:2])
+  assert deletion.warm_up_newton_cg(r.state) > 0
+  assert deletion.warm_up_newton_cg(
+      deletion.prepare(apply_fn, w_d, (x, y), anchor=w0, ids=ids)) is None
+  sel = np.arange(5, 9)
+  monkeypatch.setattr(deletion, "_FROZEN_STEPS", 1)  # then Newton-CG
+  with lowered_programs() as new:
+    out = deletion.forget(r.state, apply_fn, r.params, (x[sel], y[sel]),
+                          ids=ids[sel])
+  assert out.solve.iterations > 1 and out.solve.cg_steps > 0
+  assert new == []
+
+
 def test_warm_up_compiles_a_compacted_state_and_changes_nothing(
     lowered_programs):
   apply_fn, w0, w_d, x, y = _problem(3, n=40)

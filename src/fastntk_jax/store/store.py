@@ -334,7 +334,8 @@ def _check_after(refresh, slack, compact, forget_kw) -> float | None:
 def _warm_up(state, apply_fn, params, x, y, ids, forget_kw) -> float | None:
   """Seconds of a one-sample request run and discarded right after
   ``prepare``: it compiles the request path (on CPU, every request's Gram
-  pass; a cross-entropy request's bucket of up to 16 samples), so that the
+  pass; a cross-entropy request's bucket of up to 16 samples, and one
+  Newton-CG step, the solve's fallback), so that the
   first real request after ``init`` does not pay for it, nor, through the
   CLI's compilation cache, later processes. None with a single sample, or
   when the request fails (a warning says why; the store is still written,
@@ -351,6 +352,7 @@ def _warm_up(state, apply_fn, params, x, y, ids, forget_kw) -> float | None:
                   RuntimeWarning, stacklevel=3)
     return None
   _request_metrics(apply_fn, res.params, x[:1], y[:1], state.loss)
+  deletion.warm_up_newton_cg(state)  # a request's fallback, compiled too
   return time.perf_counter() - t
 
 
