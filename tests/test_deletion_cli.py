@@ -21,6 +21,34 @@ def kept(monkeypatch):
   return calls
 
 
+def test_init_passes_keep_rows_to_the_store(tmp_path, monkeypatch):
+  from fastntk_jax.store import DeletionStore
+  seen = {}
+
+  def init(*a, **kw):
+    seen.update(kw)
+    raise UsageError("stop here")
+
+  monkeypatch.setattr(DeletionStore, "init", init)
+  # Not this test process's compilation cache.
+  monkeypatch.setattr("fastntk_jax.cli.deletion._compilation_cache",
+                      lambda path: None)
+  monkeypatch.setattr("fastntk_jax.cli.deletion.model_from_checkpoint",
+                      lambda path: ("resnet20", None, None, _Ckpt(), None))
+  monkeypatch.setattr("fastntk_jax.cli.deletion.store_samples",
+                      lambda desc: (np.zeros((2, 32, 32, 3), np.uint8),
+                                    np.arange(2), np.arange(2)))
+  for flags, want in (([], False), (["--keep-rows"], True)):
+    assert cli.main(["deletion", "init", str(tmp_path / "s"), "--checkpoint",
+                     str(tmp_path / "m.ckpt")] + flags) == 2
+    assert seen.pop("keep_rows") is want
+
+
+class _Ckpt:
+  config = {"finetune": {"loss": "mse"}, "data": {"source": "embedded"}}
+  trees = {"frozen": {}, "w_0": {}, "w_D": {}}
+
+
 def test_forget_keeps_freed_memory_unless_told(tmp_path, kept):
   args = ["deletion", "forget", str(tmp_path / "none"), "--ids",
           str(tmp_path / "ids.txt")]

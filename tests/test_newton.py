@@ -333,3 +333,60 @@ def test_a_given_start_replaces_the_first_passes():
     with pytest.raises(ValueError, match="start: logits"):
       newton.solve_primal(op, b, y, ce, 0.7, x0=x0,
                           start=newton.Start(z0[:3], g0, 1.0))
+
+
+@pytest.mark.parametrize("elems", [5 * 13 * 3, 2**20])
+def test_one_read_step_pass_equals_two_passes(monkeypatch, elems):
+  """``step_pass`` gives ``J d`` and the data term of the gradient at
+  ``z + J d`` (weights applied) from one read of float32 rows, equal to the
+  two float64 passes: blocks of 5 whole samples and a tail, or one block."""
+  monkeypatch.setattr(newton, "_CONVERT_ELEMS", elems)
+  rng = np.random.default_rng(5)
+  n, c, p = 17, 3, 13
+  j32 = rng.normal(size=(n * c, p)).astype(np.float32)
+  ce = objective.cross_entropy
+  with jax.enable_x64(True):
+    op = newton.DenseJacobian(jnp.asarray(j32), c)
+    d = jnp.asarray(rng.normal(size=p))
+    z = jnp.asarray(rng.normal(size=(n, c)))
+    y = jnp.asarray(rng.integers(0, c, n))
+    w = jnp.asarray((rng.random(n) > 0.3).astype(np.float64))
+    jd, g = op.step_pass(d, z, y, w, ce)
+    jd2 = op.matvec(d)
+    g2 = op.rmatvec(w[:, None] * ce.grad(z + jd2, y))
+  assert jd.dtype == g.dtype == jnp.float64
+  np.testing.assert_allclose(np.asarray(jd), np.asarray(jd2), rtol=1e-13,
+                             atol=1e-13)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(g2), rtol=1e-12,
+                             atol=1e-12)
+
+
+def test_kept_rows_solves_read_the_rows_once_a_full_step(monkeypatch):
+  """A solve over kept rows gets the gradient at an accepted full step from
+  the step's own pass: fewer ``Jᵀu`` passes than steps, the same answer as
+  rows without the fused pass."""
+  with jax.enable_x64(True):
+    apply_fn, params, x, y = _model(6, n=40)
+    ce = objective.cross_entropy
+    jac = kernels.jacobian(apply_fn, params, x)
+    b = apply_fn(params, x)
+    op = newton.DenseJacobian(jac, 4)
+    calls = []
+    real = newton.DenseJacobian.rmatvec
+    monkeypatch.setattr(newton.DenseJacobian, "rmatvec",
+                        lambda self, u: (calls.append(1), real(self, u))[1])
+    sol, rep = newton.solve_newton_cg(op, b, y, ce, 0.5)
+    fused_calls = len(calls)
+
+    class TwoPasses(newton.DenseJacobian):
+      step_pass = None
+
+    calls.clear()
+    ref, rep2 = newton.solve_newton_cg(TwoPasses(jac, 4), b, y, ce, 0.5)
+  assert rep.converged and rep2.converged and rep.iterations >= 3
+  # Two passes: ∇Φ(0), then one Jᵀu a step. One read: ∇Φ(0), then one only
+  # for a step that backtracked (here 2 and 10 for 9 steps).
+  assert len(calls) == rep2.iterations + 1
+  assert fused_calls <= 1 + rep.iterations // 3
+  np.testing.assert_allclose(np.asarray(sol), np.asarray(ref), rtol=1e-10,
+                             atol=1e-12)

@@ -328,3 +328,52 @@ def test_request_host_devices_refuses_once_jax_has_started():
       os.environ.pop("XLA_FLAGS", None)
     else:
       os.environ["XLA_FLAGS"] = before
+
+
+_STORE_CHILD = textwrap.dedent("""
+    import json, sys, tempfile
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+    from fastntk_jax.store import DeletionStore
+
+    def apply_fn(p, x):
+      return jnp.tanh(x @ p["w1"]) @ p["w2"]
+
+    k = jax.random.split(jax.random.PRNGKey(0), 3)
+    p = {"w1": 0.5 * jax.random.normal(k[0], (6, 8)),
+         "w2": 0.5 * jax.random.normal(k[1], (8, 3))}
+    x = np.asarray(jax.random.normal(k[2], (40, 6)), np.float32)
+    y, ids = np.arange(40) % 3, np.arange(40)
+    seen = []
+
+    def listen(event, seconds, **kw):
+      if event == "/jax/core/compile/jaxpr_to_mlir_module_duration":
+        seen.append(event)
+
+    out = {"devices": jax.local_device_count()}
+    for name, kw in (("mse-rows", {"keep_rows": True}), ("ce", {"loss": "ce"})):
+      with tempfile.TemporaryDirectory() as d:
+        with DeletionStore.init(d + "/s", apply_fn, p, (x, y), ids=ids,
+                                damping=0.5, **kw) as s:
+          jax.monitoring.register_event_duration_secs_listener(listen)
+          seen.clear()
+          s.forget(apply_fn, (x[[3, 7]], y[[3, 7]]), ids=np.array([3, 7]),
+                   refresh="off")
+          jax.monitoring.unregister_event_duration_listener(listen)
+          out[name] = len(seen)
+    print(json.dumps(out))
+""")
+
+
+def test_the_first_request_after_init_compiles_nothing_on_two_devices():
+  """init warms up on the state as it reads it back (on one device), not on
+  prepare's sharded arrays, whose programs a later request never runs."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             XLA_FLAGS=" ".join(os.environ.get("XLA_FLAGS", "").split() + [
+                 "--xla_force_host_platform_device_count=2"]))
+  proc = subprocess.run([sys.executable, "-c", _STORE_CHILD], env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert got == {"devices": 2, "mse-rows": 0, "ce": 0}

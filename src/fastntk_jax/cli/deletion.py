@@ -234,7 +234,7 @@ def _status(args) -> dict:
   if st["jacobian_rows_of_forgotten_samples"]:
     print(f"{'note':>16s}: the Jacobian rows of "
           f"{st['jacobian_rows_of_forgotten_samples']} forgotten samples are "
-          "still held (cross-entropy state, unused); `fastntk deletion "
+          "still held (unused); `fastntk deletion "
           "compact` drops them.")
   v = st["last_verification"]
   if v:

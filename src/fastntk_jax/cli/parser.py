@@ -348,10 +348,11 @@ def _add_deletion(sub) -> None:
                  help="allow removing the last samples of a class")
   a.add_argument("--compact", action="store_true",
                  help="then drop the forgotten samples' Jacobian rows "
-                 "(cross-entropy stores; rewrites the rows; by default this "
-                 "happens once they are a quarter of the rows)")
+                 "(stores with rows: cross-entropy, or MSE with --keep-rows; "
+                 "rewrites the rows; by default this happens once they are "
+                 "a quarter of the rows)")
   a.add_argument("--no-compact", action="store_true",
-                 help="cross-entropy stores: do not drop the forgotten "
+                 help="stores with rows: do not drop the forgotten "
                  "samples' rows after this request even when they are a "
                  "quarter of the rows")
   a.add_argument("--release-memory", action="store_true",
@@ -361,7 +362,8 @@ def _add_deletion(sub) -> None:
   _refresh_options(a)
   _other_version(a)
   a = action("compact", "drop the Jacobian rows of forgotten samples from "
-             "a cross-entropy store")
+             "a store that keeps rows (cross-entropy, or MSE with "
+             "--keep-rows)")
   _other_version(a)
   a = action("refresh", "form a cross-entropy store's preconditioner again "
              "at the current solution (later requests take fewer steps; "

@@ -50,8 +50,9 @@ A request then
    evaluation.
 
 Cost of a request: one forward pass over ``F``, the ``P×P`` downdate and
-factorisation, and two passes over the kept rows per step (plus two per CG
-step if Newton-CG takes over); ``result.solve`` reports the steps. The solve
+factorisation, and one read of the kept rows per step (``J d`` and the
+gradient at the full step together; a second pass when the line search
+backtracks; plus two per CG step if Newton-CG takes over); ``result.solve`` reports the steps. The solve
 starts from the previous one's logits and gradient less the request's
 terms, so no pass precedes its first step.
 Memory: the rows (``N·C·P`` numbers) and three ``P×P`` matrices in
@@ -141,13 +142,14 @@ class PreparedState(NamedTuple):
       rows of forgotten samples stay, unused, until :func:`compact`.
     offsets: ``"ce"``: ``b``, the linear model's logits at the anchor,
       ``(N_0, C)``.
-    labels: ``"ce"``: ``(N_0,)``.
-    logits: ``"ce"``: ``f(w_lin)`` ``(N_0, C)``, to check a request's inputs.
-    active: ``"ce"``: ``(N_0,)`` bool, the samples still in the set.
+    labels: with rows: ``(N_0,)``.
+    logits: with rows: ``f(w_lin)`` ``(N_0, C)``, to check a request's inputs
+      (and, for ``"mse"``, its residuals).
+    active: with rows: ``(N_0,)`` bool, the samples still in the set.
     solution: ``"ce"``: ``x_S`` ``(P,)`` in ``solve_dtype``.
     ref_logits: ``"ce"``: ``z̄`` ``(N_0, C)``, where ``gram``'s terms were
       formed.
-    row_ids: ``"ce"``: the id of each prepared row ``(N_0,)`` int64.
+    row_ids: with rows: the id of each prepared row ``(N_0,)`` int64.
     solution_logits: ``"ce"``: ``b + J x_S`` ``(N_0, C)``, the linear model's
       logits at the solution; with the next two, the next request's solve
       starts without a pass over the rows. None in states saved before these
@@ -401,6 +403,8 @@ def _prepare_mse_rows(apply_fn, x, y, ids, common, blk):
   n = int(y.shape[0])
   a, g = _mse_terms_all(jac, jnp.asarray(f0), jnp.asarray(y), c=c,
                         dtype=common["solve_dtype"])
+  # The P×P algebra on one device, as in _prepare_mse.
+  a, g = blocking.on_one_device(blk["mesh"], (a, g))
   return _mse_state(a, g, common, jacobian=jac, labels=np.array(y, copy=True),
                     logits=f0, active=np.ones(n, bool), row_ids=ids)
 
@@ -539,7 +543,8 @@ def forget(state: PreparedState, apply_fn: Callable[[Any, Any], jax.Array],
 
   Raises:
     ValueError: bad input; ids not in the current set; nothing would remain;
-      (``"ce"``) the inputs are not the prepared samples with these ids.
+      (states with rows) the inputs or labels are not the prepared samples'
+      with these ids.
     UnlearningError: ``A_r + λI`` is not positive definite — the samples were
       not part of the prepared set (without ids this cannot be checked
       otherwise) — or the ``"ce"`` solve did not converge.
@@ -689,7 +694,7 @@ def _forget_ce(state, apply_fn, params, x_f, y_f, req, remaining, tol,
     start, anchor_grad = _request_start(state, op, g0_f, g_f, weights)
   common = dict(weights=weights, tol=tol, solve_dtype=prec,
                 preconditioner=precond, return_start=True)
-  # L-BFGS from M (two passes a step) first; where it converges slowly,
+  # L-BFGS from M (one read of the rows a step) first; where it converges slowly,
   # Newton-CG preconditioned with M from where it stopped.
   x_new, rep, at = newton.solve_preconditioned(
       op, state.offsets, state.labels, loss, lam, x0=state.solution,
@@ -856,9 +861,11 @@ def _request_terms(jac, rows, mask, ref_logits, offsets, z, labels, *, c,
 @functools.partial(jax.jit, static_argnames=("c", "dtype"))
 def _mse_terms(jac, rows, mask, logits, labels, *, c, dtype):
   """A squared-error request's ``J_FᵀJ_F`` and ``J_Fᵀ r_F`` from kept rows
-  (padded, masked), ``r`` the residual at the linearisation point: block
-  products in the rows' dtype, summed in ``dtype``, as
-  :func:`fastntk_jax.core.kernels.gram` forms them."""
+  (padded, masked), ``r`` the residual at the linearisation point: one
+  product over all the given rows in the rows' dtype (at full precision),
+  returned in ``dtype``. :func:`_mse_terms_all` sums blocks of
+  ``_ROWS_BLOCK`` samples in ``dtype``, as
+  :func:`fastntk_jax.core.kernels.gram` sums its blocks."""
   sub = jac[_row_index(rows, c)].reshape(-1, c, jac.shape[1])
   sub = sub * mask.astype(jac.dtype)[:, None, None]
   return _mse_block_terms(sub.reshape(-1, jac.shape[1]), logits[rows],
@@ -866,6 +873,7 @@ def _mse_terms(jac, rows, mask, logits, labels, *, c, dtype):
 
 
 def _mse_block_terms(j, f, y, mask, c, dtype):
+  """``(jᵀj, jᵀr)`` for rows ``j`` with logits ``f`` and labels ``y``."""
   r = (f - jax.nn.one_hot(y, c, dtype=f.dtype)) * mask[:, None].astype(
       f.dtype)
   hi = jax.lax.Precision.HIGHEST

@@ -185,6 +185,35 @@ def _dense_rmatvec(j, u):
   return jax.lax.fori_loop(0, nb, add, acc)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 6))
+def _dense_step_pass(loss, j, d, z, y, w, c):
+  """``(J d, Jᵀ(w·∇ℓ(z + J d)))`` in one read of ``J``: each block of whole
+  samples' rows, converted to ``d``'s dtype, gives its ``J d`` and, at the
+  logits ``z + J d``, its share of the gradient's data term while it is in
+  cache. Two passes (``J d``, then ``Jᵀ u``) read the rows twice."""
+  n = z.shape[0]
+  per = max(1, min(n, _CONVERT_ELEMS // max(1, j.shape[1]) // c))
+  nb = n // per
+
+  def part(jb, zb, yb, wb):
+    jb = jb.astype(d.dtype)
+    jdb = jnp.matmul(jb, d, precision=_HI).reshape(-1, c)
+    gb = loss.grad(zb + jdb, yb) * wb[:, None]
+    return jdb, jnp.matmul(gb.reshape(-1), jb, precision=_HI)
+
+  def add(i, carry):
+    jd, acc = carry
+    sl = lambda a: jax.lax.dynamic_slice_in_dim(a, i * per, per)  # noqa: E731
+    jdb, gb = part(jax.lax.dynamic_slice_in_dim(j, i * per * c, per * c),
+                   sl(z), sl(y), sl(w))
+    return jax.lax.dynamic_update_slice_in_dim(jd, jdb, i * per, 0), acc + gb
+
+  s = per * nb
+  jdt, acc = part(j[s * c:], z[s:], y[s:], w[s:])
+  jd = jnp.zeros(z.shape, d.dtype).at[s:].set(jdt)
+  return jax.lax.fori_loop(0, nb, add, (jd, acc))
+
+
 @functools.partial(jax.jit, static_argnums=(2, 3))
 def _dense_ggn_block(j, l, c, dtype):
   jb = j.astype(dtype).reshape(-1, c, j.shape[-1])
@@ -246,6 +275,12 @@ class DenseJacobian:
 
   def ggn_matvec(self, hessians):
     return lambda v: _dense_hvp(self.jac, hessians, v, self.c)
+
+  def step_pass(self, d, z, y, w, loss):
+    """``(J d, Jᵀ(w·∇ℓ(z + J d)))``: a Newton step's direction product and
+    the gradient's data term at the full step, in one read of the rows
+    (:func:`_newton` uses the second when the line search takes ``t = 1``)."""
+    return _dense_step_pass(loss, self.jac, d, z, y, w, self.c)
 
 
 class PassJacobian:
@@ -454,13 +489,20 @@ def _newton(op, b, y, weights, loss: Loss, damping: float, x0, tol: float,
     if not float(slope) < 0:  # not a descent direction: rounding floor
       status = "line_search_failed"
       break
-    jd = op.matvec(d)
+    # With kept rows, J d and the gradient at the full step share one read
+    # of J; most steps take t = 1, and then no second pass is needed.
+    full, step_pass = None, getattr(op, "step_pass", None)
+    if step_pass is not None:
+      jd, full = step_pass(d, z, y, w, loss)
+    else:
+      jd = op.matvec(d)
     if _below_resolution(slope, phi, dtype):
       # The predicted decrease is below Φ's rounding, so no Armijo test can
       # see it: take the full Newton step if it reduces the gradient (local
       # quadratic convergence), else stop.
       x1, z1 = x + d, z + jd
-      g1 = op.rmatvec(w[:, None] * loss.grad(z1, y)) + lam * x1
+      g1 = (op.rmatvec(w[:, None] * loss.grad(z1, y)) if full is None
+            else full) + lam * x1
       if not float(jnp.linalg.norm(g1)) < float(jnp.linalg.norm(g)):
         status = "line_search_failed"
         break
@@ -473,7 +515,8 @@ def _newton(op, b, y, weights, loss: Loss, damping: float, x0, tol: float,
       status = "line_search_failed"
       break
     x, z, phi = x + t * d, z + t * jd, phi_new
-    g = op.rmatvec(w[:, None] * loss.grad(z, y)) + lam * x
+    g = (full if t == 1.0 and full is not None
+         else op.rmatvec(w[:, None] * loss.grad(z, y))) + lam * x
     it += 1
   return x, NewtonReport(status == "converged", status, it, rel, float(phi),
                          cg_steps), Start(z, g, g0n)
@@ -597,8 +640,9 @@ def solve_preconditioned(op, b, y, loss: Loss, damping: float, *,
   step. ``Φ`` is strictly convex (λ > 0), so every pair has ``sᵀy > 0``
   and Armijo backtracking keeps the update positive definite.
 
-  Cost per step either way: one ``J v`` and one ``Jᵀ u`` (two passes) and one
-  application of ``preconditioner``.
+  Cost per step either way: one ``J v`` and one ``Jᵀ u`` (two passes; one
+  read of kept rows, :meth:`DenseJacobian.step_pass`, when the step is the
+  full one) and one application of ``preconditioner``.
 
   Arguments as :func:`solve_newton_cg`; ``preconditioner`` (``r ↦ M⁻¹r``) is
   required. A run that does not reach ``tol`` in ``max_iter`` steps reports

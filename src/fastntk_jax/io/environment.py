@@ -59,10 +59,11 @@ def keep_freed_memory() -> bool:
   handed back and taken again faults in the host on every first touch: a
   process answering deletion requests spent part of each request there
   (docs/deletion_store.md). This sets, with ``mallopt``, one arena, no
-  ``mmap`` blocks and a 2 GiB trim threshold — what
-  ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:glibc.malloc.mmap_max=0:``
-  ``glibc.malloc.trim_threshold=...`` does from the environment — so the
-  process's peak memory stays mapped until it exits.
+  ``mmap`` blocks and a trim threshold of 2 GiB (``mallopt`` takes an
+  ``int``) — what ``GLIBC_TUNABLES=glibc.malloc.arena_max=1:``
+  ``glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=...`` does from the
+  environment — so freed memory stays in the process, except free space of
+  more than 2 GiB at the top of the heap.
 
   Call it first thing in a process that answers requests, before JAX starts
   its threads (their arenas are made then). ``fastntk deletion forget``
@@ -82,7 +83,8 @@ def keep_freed_memory() -> bool:
   mallopt.restype = ctypes.c_int
   if not hasattr(libc, "gnu_get_libc_version"):
     return False
-  return all(mallopt(k, v) == 1 for k, v in _KEEP)
+  ok = [mallopt(k, v) == 1 for k, v in _KEEP]  # every one tried
+  return all(ok)
 
 
 def environment() -> dict[str, Any]:

@@ -15,8 +15,7 @@ the request's log row and moves the head. Until that commit the head names
 the old generation, whose files are untouched; after it, the new one. Files
 of a generation that never committed (a killed process) or that is no longer
 the head are deleted by the next writer. Arrays a request does not change
-(the Cross-entropy Jacobian rows, the linearisation point) are not written
-again.
+(kept Jacobian rows, the linearisation point) are not written again.
 
 **Idempotent.** A request id is applied once: sending it again, or sending
 the same ids under another id, is reported as already applied and changes
@@ -480,10 +479,15 @@ class DeletionStore:
     refresh_estimate = _time_refresh(state)
     order = np.argsort(ids)
     x, y = np.asarray(data[0]), np.asarray(data[1])
+    keys, scalars = _write_state(objs, state, {})
+    # The warm-up runs on the state as every later process reads it (on
+    # several devices, prepare's arrays are sharded; read back, they are on
+    # one), so that it compiles the programs those requests run.
+    del state
+    state, _ = _read_state(objs, keys, scalars)
     warm_up = _warm_up(state, apply_fn, params, x, y, ids,
                        {k: prepare_kw[k] for k in ("block_size", "mesh")
                         if k in prepare_kw})
-    keys, scalars = _write_state(objs, state, {})
     fixed = {"trained": objs.put_tree(params),
              "sample_ids": objs.put_array(ids[order]),
              "digests": objs.put_array(sample_digests(x[order], y[order])),
