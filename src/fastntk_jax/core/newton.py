@@ -472,7 +472,7 @@ def _newton(op, b, y, weights, loss: Loss, damping: float, x0, tol: float,
       z = b + op.matvec(x)
       g = op.rmatvec(w[:, None] * loss.grad(z, y)) + lam * x
   phi = _phi(loss, z, y, w, jnp.vdot(x, x), lam)
-  status, it, cg_steps = "max_iterations", 0, 0
+  status, it, cg_steps, last_full = "max_iterations", 0, 0, True
   while True:
     rel = _relative(g, x, g0n, lam)
     if rel <= tol:
@@ -490,9 +490,11 @@ def _newton(op, b, y, weights, loss: Loss, damping: float, x0, tol: float,
       status = "line_search_failed"
       break
     # With kept rows, J d and the gradient at the full step share one read
-    # of J; most steps take t = 1, and then no second pass is needed.
+    # of J; a step that takes t = 1 then needs no second pass. After a step
+    # that backtracked, the next is read twice as before (a full-step
+    # gradient that is not used would cost more than a plain J d).
     full, step_pass = None, getattr(op, "step_pass", None)
-    if step_pass is not None:
+    if step_pass is not None and last_full:
       jd, full = step_pass(d, z, y, w, loss)
     else:
       jd = op.matvec(d)
@@ -517,6 +519,7 @@ def _newton(op, b, y, weights, loss: Loss, damping: float, x0, tol: float,
     x, z, phi = x + t * d, z + t * jd, phi_new
     g = (full if t == 1.0 and full is not None
          else op.rmatvec(w[:, None] * loss.grad(z, y))) + lam * x
+    last_full = t == 1.0
     it += 1
   return x, NewtonReport(status == "converged", status, it, rel, float(phi),
                          cg_steps), Start(z, g, g0n)
