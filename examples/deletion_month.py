@@ -14,6 +14,7 @@ subset and the shipped ResNet-20 weights. Every step is a separate
 
     python examples/deletion_month.py --out results/deletion_month
     python examples/deletion_month.py --loss mse --host-devices 2
+    python examples/deletion_month.py --loss mse --keep-rows
 """
 
 from __future__ import annotations
@@ -48,8 +49,14 @@ def main(argv=None) -> None:
   ap.add_argument("--host-devices", type=int, default=1,
                   help="CPU devices for init, forget and verify (e.g. one "
                   "per core)")
+  ap.add_argument("--keep-rows", action="store_true",
+                  help="MSE: the store keeps the Jacobian rows (requests "
+                  "read them instead of computing them)")
   ap.add_argument("--seed", type=int, default=0)
   args = ap.parse_args(argv)
+  if args.keep_rows and args.loss != "mse":
+    ap.error("--keep-rows is for --loss mse (cross-entropy stores keep rows "
+             "anyway)")
   if args.out.exists():
     shutil.rmtree(args.out)
   args.out.mkdir(parents=True)
@@ -58,7 +65,8 @@ def main(argv=None) -> None:
           str(args.ipc), "--test-ipc", "20", "--epochs", str(args.epochs),
           "--loss", args.loss, "--out", str(ckpt), "--quiet")
   dev = ("--host-devices", str(args.host_devices))
-  fastntk("deletion", "init", str(store), "--checkpoint", str(ckpt), *dev)
+  fastntk("deletion", "init", str(store), "--checkpoint", str(ckpt), *dev,
+          *(("--keep-rows",) if args.keep_rows else ()))
   n = 10 * args.ipc
   rng = np.random.default_rng(args.seed)
   order = rng.permutation(n)
