@@ -204,15 +204,21 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def four_devices():
+def _child_json(script: str, devices: int) -> dict:
+  """Runs ``script`` in a Python with ``devices`` host CPU devices; returns
+  the JSON on its last line of output."""
   env = dict(os.environ, JAX_PLATFORMS="cpu",
              XLA_FLAGS=" ".join(os.environ.get("XLA_FLAGS", "").split() + [
-                 "--xla_force_host_platform_device_count=4"]))
-  proc = subprocess.run([sys.executable, "-c", _CHILD], env=env,
+                 f"--xla_force_host_platform_device_count={devices}"]))
+  proc = subprocess.run([sys.executable, "-c", script], env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == 0, proc.stderr[-4000:]
   return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def four_devices():
+  return _child_json(_CHILD, 4)
 
 
 def test_default_mesh_is_all_local_devices(four_devices):
@@ -369,11 +375,5 @@ _STORE_CHILD = textwrap.dedent("""
 def test_the_first_request_after_init_compiles_nothing_on_two_devices():
   """init warms up on the state as it reads it back (on one device), not on
   prepare's sharded arrays, whose programs a later request never runs."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS=" ".join(os.environ.get("XLA_FLAGS", "").split() + [
-                 "--xla_force_host_platform_device_count=2"]))
-  proc = subprocess.run([sys.executable, "-c", _STORE_CHILD], env=env,
-                        capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-4000:]
-  got = json.loads(proc.stdout.strip().splitlines()[-1])
+  got = _child_json(_STORE_CHILD, 2)
   assert got == {"devices": 2, "mse-rows": 0, "ce": 0}
