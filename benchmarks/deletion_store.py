@@ -64,6 +64,18 @@ def _peak_rss_gib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
+def _steal() -> float | None:
+  """Seconds of steal time of all CPUs so far (``/proc/stat``: time the
+  hypervisor ran other guests while this VM wanted the CPU); None where the
+  file is missing."""
+  try:
+    with open("/proc/stat") as f:
+      fields = f.readline().split()
+    return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+  except (OSError, IndexError, ValueError):
+    return None
+
+
 def _write(path: Path, obj) -> None:
   text = json.dumps(obj, indent=1)
   atomic.atomic_write(path, lambda f: f.write(text.encode()))
@@ -154,13 +166,13 @@ def run(args) -> dict:
     probe = _Probe(len(y) * c, width) if args.probe else None
     for i, r in enumerate(reqs[:-1]):
       machine = probe() if probe is not None else None
-      ru0 = resource.getrusage(resource.RUSAGE_SELF)
+      ru0, st0 = resource.getrusage(resource.RUSAGE_SELF), _steal()
       t = time.perf_counter()
       res = store.forget(model.apply_fn, (x[r], y[r]), ids=r,
                          request_id=f"r{i}",
                          refresh_slack=args.refresh_slack)
       wall = time.perf_counter() - t
-      ru1 = resource.getrusage(resource.RUSAGE_SELF)
+      ru1, st1 = resource.getrusage(resource.RUSAGE_SELF), _steal()
       ex = res.row["extra"]
       after = res.refresh or {}
       packed = res.compact or {}
@@ -182,6 +194,9 @@ def run(args) -> dict:
                    # the process's page faults and CPU seconds over the call
                    "rusage": {k: getattr(ru1, k) - getattr(ru0, k) for k in (
                        "ru_minflt", "ru_majflt", "ru_utime", "ru_stime")},
+                   # CPU time the hypervisor gave other guests meanwhile
+                   "steal_seconds": (None if st0 is None or st1 is None
+                                     else st1 - st0),
                    "probe": machine})
       print(f"request {i}: {latency:.2f} s (solve {res.row['seconds']:.2f} s"
             f", {(ex['solve'] or {}).get('iterations')} steps, write "
