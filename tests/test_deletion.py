@@ -544,6 +544,22 @@ def test_mse_kept_rows_answer_requests_without_jacobian_work(
     deletion.forget(out, apply_fn, p_out, (x[f], (y[f] + 1) % 3), ids=ids[f])
 
 
+def test_kept_rows_mask_follows_the_ids_that_remain():
+  apply_fn, w0, w_d, x, y = _problem(7, n=30)
+  ids = np.arange(30) + 100
+  st = deletion.prepare(apply_fn, w_d, (x, y), ids=ids, keep_rows=True)
+  r = deletion.forget(st, apply_fn, w_d, (x[:3], y[:3]), ids=ids[:3])
+  np.testing.assert_array_equal(r.state.active, np.arange(30) >= 3)
+  # A mask that lost a request (an older version's MSE path kept none):
+  # the next request sets it from the ids that remain.
+  stale = r.state._replace(active=np.ones(30, bool))
+  r2 = deletion.forget(stale, apply_fn, r.params, (x[5:7], y[5:7]),
+                       ids=ids[5:7])
+  want = np.ones(30, bool)
+  want[[0, 1, 2, 5, 6]] = False
+  np.testing.assert_array_equal(r2.state.active, want)
+
+
 def test_kept_rows_need_ids_and_count_against_the_budget():
   apply_fn, w0, w_d, x, y = _problem(5, n=30)
   with pytest.raises(ValueError, match="ids: keep_rows"):

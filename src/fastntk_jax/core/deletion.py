@@ -613,8 +613,9 @@ def _forget_mse(state, apply_fn, params, x_f, y_f, req, remaining,
           jnp.asarray(state.labels), c=state.num_outputs,
           dtype=state.solve_dtype)
     f0 = np.asarray(state.logits)[rows]
-    active = state.active.copy()
-    active[rows] = False
+    # From the ids that remain, not from the old mask: a store written by a
+    # version that did not keep the mask for MSE heals on its next request.
+    active = np.isin(state.row_ids, remaining)
   else:
     # Blocks of prepare's shape, a short request padded: requests of any
     # size run the compiled pass (stable_shape), and the small per-request
