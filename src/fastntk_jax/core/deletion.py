@@ -52,7 +52,8 @@ A request then
 Cost of a request: one forward pass over ``F``, the ``P×P`` downdate and
 factorisation, and one read of the kept rows per step (``J d`` and the
 gradient at the full step together; a second pass when the line search
-backtracks; plus two per CG step if Newton-CG takes over); ``result.solve`` reports the steps. The solve
+backtracks; plus two per CG step if Newton-CG takes over);
+``result.solve`` reports the steps. The solve
 starts from the previous one's logits and gradient less the request's
 terms, so no pass precedes its first step.
 Memory: the rows (``N·C·P`` numbers) and three ``P×P`` matrices in
