@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import json
 import sys
 import time
 from pathlib import Path
@@ -32,7 +31,7 @@ import deletion_store as bench  # noqa: E402  (the same data and recipe)
 
 from fastntk_jax.core import deletion  # noqa: E402
 from fastntk_jax.core import newton  # noqa: E402
-from fastntk_jax.io import atomic  # noqa: E402
+from fastntk_jax.io.checkpoint import atomic_write_json  # noqa: E402
 from fastntk_jax.io.environment import environment  # noqa: E402
 from fastntk_jax.io.environment import keep_freed_memory  # noqa: E402
 from fastntk_jax.models import zoo  # noqa: E402
@@ -114,8 +113,7 @@ def main(argv=None):
   args = ap.parse_args(argv)
   args.kept_freed_memory = keep_freed_memory()
   out = run(args)
-  text = json.dumps(out, indent=1)
-  atomic.atomic_write(args.out, lambda f: f.write(text.encode()))
+  atomic_write_json(args.out, out)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import time
 from pathlib import Path
 
@@ -26,7 +25,7 @@ import numpy as np
 from fastntk_jax.core import kernels
 from fastntk_jax.core import newton
 from fastntk_jax.core import objective
-from fastntk_jax.io import atomic
+from fastntk_jax.io.checkpoint import atomic_write_json
 from fastntk_jax.io.environment import environment
 
 
@@ -95,8 +94,7 @@ def main(argv=None):
                   default=Path("benchmarks/results/ce_step_pass_cpu.json"))
   args = ap.parse_args(argv)
   out = run(args)
-  text = json.dumps(out, indent=1)
-  atomic.atomic_write(args.out, lambda f: f.write(text.encode()))
+  atomic_write_json(args.out, out)
   for k, v in out["runs"].items():
     print(k, [f"{r['seconds']:.2f} s/{r['steps']}" for r in v])
   print(f"median after the first: {out['median_seconds_after_first']}; "

@@ -705,3 +705,16 @@ def test_a_cross_entropy_store_drops_forgotten_rows_at_a_quarter(
       assert t.forget(apply_fn, _sel(r), ids=np.array(r), refresh="off",
                       compact="off").compact is None
     assert int(np.sum(~t.state.active)) == 8 and not db.events(t.con)
+
+
+def test_init_reads_the_state_back_once(tmp_path, monkeypatch):
+  """init warms up on the state as read back from its files and opens the
+  store with that same state, not a second read of the rows."""
+  calls = []
+  real = store_lib._read_state
+  monkeypatch.setattr(store_lib, "_read_state",
+                      lambda *a: (calls.append(1), real(*a))[1])
+  with _init(tmp_path / "s", "ce") as s:
+    assert len(calls) == 1 and s.state.jacobian is not None
+  with DeletionStore.open(tmp_path / "s", readonly=True):
+    assert len(calls) == 2  # an open reads it

@@ -484,7 +484,7 @@ class DeletionStore:
     # several devices, prepare's arrays are sharded; read back, they are on
     # one), so that it compiles the programs those requests run.
     del state
-    state, _ = _read_state(objs, keys, scalars)
+    state, previous = _read_state(objs, keys, scalars)
     warm_up = _warm_up(state, apply_fn, params, x, y, ids,
                        {k: prepare_kw[k] for k in ("block_size", "mesh")
                         if k in prepare_kw})
@@ -508,7 +508,9 @@ class DeletionStore:
             "warm_up_seconds": warm_up}
     db.create(root / "store.sqlite", meta, gen0)
     fsync_dir(root)
-    return cls._load(root, db.connect(root / "store.sqlite"), lock)
+    # The state just read back is the head's: not read a second time.
+    return cls._load(root, db.connect(root / "store.sqlite"), lock,
+                     read=(state, previous))
 
   @classmethod
   def open(cls, path, *, readonly: bool = False,
@@ -539,13 +541,15 @@ class DeletionStore:
       raise
 
   @classmethod
-  def _load(cls, root, con, lock) -> "DeletionStore":
+  def _load(cls, root, con, lock, read=None) -> "DeletionStore":
+    """``read``: the head generation's ``(state, previous)`` from
+    :func:`_read_state`, when the caller has just read it (``init``)."""
     store = cls(root, con, lock)
     for attempt in range(3):
       store.head = db.head(con)
       store.generation = db.generation(con, store.head)
       try:
-        store._read_generation()
+        store._read_generation(read)
         return store
       except CorruptObjectError as err:
         # A writer may have moved on and removed this generation's files
@@ -554,10 +558,11 @@ class DeletionStore:
           raise CorruptStoreError(str(err)) from None
     raise AssertionError("unreachable")
 
-  def _read_generation(self) -> None:
+  def _read_generation(self, read=None) -> None:
     o, objs = self.generation["objects"], self.objects
     fixed = o["fixed"]
-    self.state, self._previous = _read_state(objs, o["state"], o["scalars"])
+    self.state, self._previous = (read if read is not None else _read_state(
+        objs, o["state"], o["scalars"]))
     self.params = _tree(objs, o["params"])
     self.trained_params = _tree(objs, fixed["trained"])
     self.anchor = None if fixed["anchor"] is None else _tree(
