@@ -127,6 +127,12 @@ class _Probe:
             "matmul512_seconds": self._median(lambda: self.sq @ self.sq)}
 
 
+def _solve_kw(args) -> dict:
+  """deletion.forget's solve options the run sets (none: its defaults)."""
+  return ({} if args.newton_tol is None
+          else {"newton_tol": args.newton_tol})
+
+
 def run(args) -> dict:
   out = {"benchmark": "deletion_store", **environment(),
          "cpu_count": os.cpu_count(),
@@ -170,7 +176,8 @@ def run(args) -> dict:
       t = time.perf_counter()
       res = store.forget(model.apply_fn, (x[r], y[r]), ids=r,
                          request_id=f"r{i}",
-                         refresh_slack=args.refresh_slack)
+                         refresh_slack=args.refresh_slack,
+                         **_solve_kw(args))
       wall = time.perf_counter() - t
       ru1, st1 = resource.getrusage(resource.RUSAGE_SELF), _steal()
       ex = res.row["extra"]
@@ -212,7 +219,8 @@ def run(args) -> dict:
     reopen = time.perf_counter() - t
     r = reqs[-1]
     t = time.perf_counter()
-    store.forget(model.apply_fn, (x[r], y[r]), ids=r, request_id="after-open")
+    store.forget(model.apply_fn, (x[r], y[r]), ids=r, request_id="after-open",
+                 **_solve_kw(args))
     out["after_reopen"] = {"open_seconds": reopen,
                            "request_seconds": time.perf_counter() - t}
     out["requests"] = {"per_request": rows, "latency": _stats(
@@ -256,6 +264,11 @@ def main(argv=None):
   ap.add_argument("--refresh-slack", type=float, default=None,
                   metavar="SECONDS", help="cross-entropy: the store's latency "
                   "rule for refreshing M (default: the cost rule only)")
+  ap.add_argument("--newton-tol", type=float, default=None,
+                  help="cross-entropy: the requests' relative gradient "
+                  "tolerance (default: deletion.forget's, 1e-9 for float64 "
+                  "solves on kept rows); verify still solves from scratch at "
+                  "its own default")
   ap.add_argument("--probe", action="store_true",
                   help="time two fixed NumPy workloads before each request "
                   "(outside its timing), to tell a slow machine from a slow "
@@ -281,6 +294,8 @@ def main(argv=None):
     raise SystemExit(f"--host-devices: {e}")
   if min(args.n_train, args.requests, args.size) < 1:
     ap.error("--n-train, --requests and --size must be >= 1")
+  if args.newton_tol is not None and not 0 < args.newton_tol < 1:
+    ap.error(f"--newton-tol must be in (0, 1), got {args.newton_tol}")
   if args.out is None:
     args.out = Path(f"benchmarks/results/deletion_store_{args.loss}_cpu.json")
   out = run(args)

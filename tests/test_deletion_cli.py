@@ -49,6 +49,46 @@ class _Ckpt:
   trees = {"frozen": {}, "w_0": {}, "w_D": {}}
 
 
+def test_forget_passes_the_solve_tolerance_to_the_store(tmp_path,
+                                                        monkeypatch):
+  from fastntk_jax.store import DeletionStore
+  seen = []
+
+  class Store:
+    meta = {"description": {}}
+
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *a):
+      return False
+
+    def forget(self, fn, forget_set, **kw):
+      seen.append(kw)
+      raise UsageError("stop here")
+
+  monkeypatch.setattr(DeletionStore, "open",
+                      lambda *a, **kw: Store())
+  monkeypatch.setattr("fastntk_jax.cli.deletion._compilation_cache",
+                      lambda path: None)
+  monkeypatch.setattr("fastntk_jax.cli.deletion.store_model",
+                      lambda store: None)
+  monkeypatch.setattr("fastntk_jax.cli.deletion.store_samples",
+                      lambda desc: (np.zeros((3, 2)), np.arange(3),
+                                    np.arange(3)))
+  monkeypatch.setattr("fastntk_jax.store.take",
+                      lambda data, ids, name: (data[0][ids], data[1][ids]))
+  (tmp_path / "ids.txt").write_text("1 2")
+  args = ["deletion", "forget", str(tmp_path / "s"), "--ids",
+          str(tmp_path / "ids.txt")]
+  assert cli.main(args) == 2
+  assert cli.main(args + ["--newton-tol", "1e-7"]) == 2
+  assert "newton_tol" not in seen[0] and seen[1]["newton_tol"] == 1e-7
+  for bad in ("0", "1", "-1e-7", "nan"):
+    assert cli.main(args + [f"--newton-tol={bad}"]) == 2
+  assert len(seen) == 2  # refused before the store was asked
+
+
 def test_forget_keeps_freed_memory_unless_told(tmp_path, kept):
   args = ["deletion", "forget", str(tmp_path / "none"), "--ids",
           str(tmp_path / "ids.txt")]

@@ -124,6 +124,26 @@ def test_requests_across_processes_equal_in_memory_and_from_scratch(
     assert len(s.verifications()) == 1  # record=False writes nothing
 
 
+def test_a_request_tolerance_reaches_the_solve_and_the_log(tmp_path,
+                                                          monkeypatch):
+  seen, real = [], deletion.forget
+
+  def spy(*a, **kw):
+    seen.append(kw.get("newton_tol"))
+    return real(*a, **kw)
+
+  monkeypatch.setattr(deletion, "forget", spy)
+  with _init(tmp_path / "s", "ce") as s:
+    del seen[:]  # init's warm-up request
+    s.forget(apply_fn, _sel(REQS[0]), ids=np.array(REQS[0]), newton_tol=1e-4,
+             refresh="off")
+    s.forget(apply_fn, _sel(REQS[1]), ids=np.array(REQS[1]), refresh="off")
+    solves = [r["extra"]["solve"] for r in s.log()]
+  assert seen == [1e-4, None]
+  assert [q["newton_tol"] for q in solves] == [1e-4, None]
+  assert solves[0]["grad_norm"] <= 1e-4 and solves[1]["grad_norm"] <= 1e-9
+
+
 def test_resending_a_request_changes_nothing(tmp_path):
   with _init(tmp_path / "s", "mse") as s:
     a = s.forget(apply_fn, _sel(REQS[0]), ids=np.array(REQS[0]),

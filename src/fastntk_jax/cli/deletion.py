@@ -178,6 +178,9 @@ def _forget(args) -> dict:
   if slack is not None and args.no_refresh:
     raise UsageError("--refresh-slack and --no-refresh contradict each other; "
                      "give one.")
+  tol = args.newton_tol
+  if tol is not None and not 0 < tol < 1:
+    raise UsageError(f"--newton-tol must be in (0, 1), e.g. 1e-7; got {tol}.")
   if args.compact and args.no_compact:
     raise UsageError("--compact and --no-compact contradict each other; give "
                      "one.")
@@ -192,7 +195,8 @@ def _forget(args) -> dict:
                      allow_empty_class=args.allow_empty_class,
                      refresh="off" if args.no_refresh else "after",
                      refresh_slack=slack,
-                     compact="off" if args.no_compact else "auto")
+                     compact="off" if args.no_compact else "auto",
+                     **({} if tol is None else {"newton_tol": tol}))
     if args.compact:
       c = store.compact()
       if c["status"] == "compacted":

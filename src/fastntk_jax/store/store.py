@@ -683,7 +683,8 @@ class DeletionStore:
       written = pool.submit(self._write_objects, res)
       after = _request_metrics(apply_fn, res.params, x_f, y_f, loss)
       written = written.result()
-    row = self._commit(rid, ids, res, before, after, t0, written, rule)
+    row = self._commit(rid, ids, res, before, after, t0, written, rule,
+                       forget_kw.get("newton_tol"))
     # After the commit, each its own generation: compaction, then a refresh
     # (which then reads fewer rows).
     packed = (self.compact() if compact == "auto"
@@ -816,7 +817,7 @@ class DeletionStore:
           "(--allow-empty-class).")
 
   def _commit(self, rid, ids, res, before, after, t0, written,
-              refresh=None) -> dict:
+              refresh=None, newton_tol=None) -> dict:
     keys, scalars, pkey = (written["keys"], written["scalars"],
                            written["params"])
     sha_before = self.generation["params_sha256"]
@@ -828,6 +829,8 @@ class DeletionStore:
     solve = None if res.solve is None else {
         k: (v if isinstance(v, (int, float, str, bool)) else str(v))
         for k, v in res.solve._asdict().items()}
+    if solve is not None:  # the tolerance asked for (None: the default)
+      solve["newton_tol"] = None if newton_tol is None else float(newton_tol)
     row = {"request_id": rid, "time": new_gen["created"],
            "ids": sorted(int(i) for i in ids), "ids_sha256": _ids_sha(ids),
            "num_forget": int(res.num_forget),
