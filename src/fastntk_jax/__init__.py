@@ -37,7 +37,7 @@ from fastntk_jax.peft.linen import make_apply_fn
 from fastntk_jax.peft.linen import merge
 from fastntk_jax.peft.linen import split
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
   "Auto",

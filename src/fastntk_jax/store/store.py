@@ -685,8 +685,7 @@ class DeletionStore:
       written = written.result()
     row = self._commit(rid, ids, res, before, after, t0, written, rule,
                        forget_kw.get("newton_tol"))
-    # After the commit, each its own generation: compaction, then a refresh
-    # (which then reads fewer rows).
+    # After the commit, each its own generation: compaction, then a refresh.
     packed = (self.compact() if compact == "auto"
               and _compact_due(self.state) else None)
     done = (self.refresh() if rule is not None and rule["due"]
