@@ -479,6 +479,71 @@ def test_scrub_min_pass_decreases_and_max_pass_diverges(problem_exact):
   assert np.all(np.diff(with_max.info["max_objective"]) < 0)
 
 
+def test_scrub_replays_the_released_loop(problem_exact):
+  # SCRUB's large_scale_unlearning.ipynb: per epoch a max pass over D_f
+  # (while epoch < msteps), then a min pass over D_r, with ONE SGD optimiser
+  # (momentum 0.9, L2 decay 5e-4 added to the gradient) for both. Two epochs,
+  # full batches: max, min, max, min, one momentum buffer throughout.
+  prob, lr, temp, a, g, wd = problem_exact, 0.2, 4.0, 0.5, 0.99, 5e-4
+  r = methods.run_method("scrub", prob, epochs=2, max_steps=2,
+                         learning_rate=lr, alpha=a, gamma=g, temperature=temp,
+                         optimizer="sgd", momentum=0.9, weight_decay=wd,
+                         forget_batch_size=1000, retain_batch_size=1000)
+  teacher = prob.params
+
+  def kl(p, x):
+    lt = jax.nn.log_softmax(mlp(teacher, x) / temp)
+    ls = jax.nn.log_softmax(mlp(p, x) / temp)
+    return jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), 1)) * temp ** 2
+
+  def max_obj(p):
+    return -kl(p, jnp.asarray(prob.forget[0]))
+
+  def min_obj(p):
+    x, y = jnp.asarray(prob.retain[0]), jnp.asarray(prob.retain[1])
+    ce = jnp.mean(optax.softmax_cross_entropy_with_integer_labels(mlp(p, x),
+                                                                  y))
+    return a * kl(p, x) + g * ce
+
+  w, buf = _flat(teacher), None
+  unravel = ravel_pytree(teacher)[1]
+  for obj in (max_obj, min_obj, max_obj, min_obj):
+    grad = _flat(jax.grad(obj)(unravel(jnp.asarray(w, jnp.float32)))) + wd * w
+    buf = grad if buf is None else 0.9 * buf + grad
+    w = w - lr * buf
+  np.testing.assert_allclose(_flat(r.params), w, rtol=2e-4, atol=1e-6)
+  # The replay tells the loops apart: without the second max pass (msteps 1)
+  # the answer differs.
+  r1 = methods.run_method("scrub", prob, epochs=2, max_steps=1,
+                          learning_rate=lr, alpha=a, gamma=g,
+                          temperature=temp, optimizer="sgd", momentum=0.9,
+                          weight_decay=wd, forget_batch_size=1000,
+                          retain_batch_size=1000)
+  assert np.max(np.abs(_flat(r1.params) - w)) > 100 * np.max(
+      np.abs(_flat(r.params) - w))
+
+
+def test_released_defaults_are_pinned():
+  # The settings docs/methods.md cites from each release (a change here is a
+  # change of protocol, and must change the docs with it).
+  want = {
+      "ga": {"learning_rate": 1e-4, "epochs": 9, "clip_norm": 0.1,
+             "momentum": 0.9, "weight_decay": 5e-4},
+      "scrub": {"epochs": 3, "max_steps": 2, "learning_rate": 5e-4,
+                "alpha": 0.001, "gamma": 0.99, "temperature": 4.0,
+                "optimizer": "sgd", "momentum": 0.9, "weight_decay": 5e-4,
+                "forget_batch_size": 512, "retain_batch_size": 256},
+      "bad_teacher": {"epochs": 1, "learning_rate": 1e-4, "temperature": 1.0,
+                      "retain_fraction": 0.3, "incompetent": "random_init",
+                      "optimizer": "adam", "batch_size": 256},
+      "sfr_on": {"steps": 1500, "clip_norm": 7.0, "fisher": "batch_mean"},
+      "random_label": {"with_retain": True, "relabel": "once"},
+  }
+  for name, values in want.items():
+    got = methods.defaults(name)
+    assert {k: got[k] for k in values} == values, name
+
+
 # ---- errors, determinism, caching -------------------------------------------
 
 def test_unknown_method_and_hyperparameter_errors(problem):
