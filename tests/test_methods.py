@@ -523,6 +523,55 @@ def test_scrub_replays_the_released_loop(problem_exact):
       np.abs(_flat(r.params) - w))
 
 
+def test_sfr_on_replays_the_released_loop(problem_exact):
+  # sfron.py with full batches: F = (batch-mean CE gradient)² on D_f and D_r
+  # at w_D, mask (F_f + ε)/(F_r + ε) ≥ γ; for t < T: every k-th step a
+  # forget step (−α_t·mean(w_i CE_i), w_i ∝ CE_i^−λ without gradient; the
+  # gradient masked, then clipped), then a retain step on CE; one SGD
+  # optimiser (momentum, L2), cosine rate and α_t. Ours also masks the
+  # forget step's final update (docs/methods.md).
+  prob, lr, alpha, lam, wd, clip, steps, k = (problem_exact, 0.3, 2.0, 0.5,
+                                              1e-2, 0.05, 3, 2)
+  r = methods.run_method("sfr_on", prob, steps=steps, forget_every=k,
+                         learning_rate=lr, alpha=alpha, temperature=lam,
+                         fisher_threshold=1.0, clip_norm=clip,
+                         optimizer="sgd", momentum=0.9, weight_decay=wd,
+                         schedule="cosine", slow_every=None, fisher="batch_mean",
+                         fisher_batch_size=1000, batch_size=1000)
+  unravel = ravel_pytree(prob.params)[1]
+  xf, yf = jnp.asarray(prob.forget[0]), jnp.asarray(prob.forget[1])
+  xr, yr = jnp.asarray(prob.retain[0]), jnp.asarray(prob.retain[1])
+
+  def grad(f, w):
+    return _flat(jax.grad(f)(unravel(jnp.asarray(w, jnp.float32))))
+
+  def ce(p, x, y):
+    return optax.softmax_cross_entropy_with_integer_labels(mlp(p, x), y)
+
+  w = _flat(prob.params)
+  eps = 1e-15
+  mask = ((grad(lambda p: jnp.mean(ce(p, xf, yf)), w) ** 2 + eps)
+          / (grad(lambda p: jnp.mean(ce(p, xr, yr)), w) ** 2 + eps)) >= 1.0
+  assert 0 < r.info["mask_size"] == mask.sum() < mask.size
+  buf = np.zeros_like(w)
+  for t in range(steps):
+    decay = 0.5 * (1 + np.cos(np.pi * t / steps))
+    if t % k == 0:
+      c = np.asarray(ce(unravel(jnp.asarray(w, jnp.float32)), xf, yf),
+                     np.float64)
+      coef = 1 / (c ** lam + eps)
+      wi = jnp.asarray(coef / coef.sum() * len(c), jnp.float32)
+      g = grad(lambda p: -alpha * decay * jnp.mean(wi * ce(p, xf, yf)), w)
+      g = g * mask
+      assert np.linalg.norm(g) > clip  # the clip is active
+      g = g * min(1.0, clip / np.linalg.norm(g))
+      buf = 0.9 * buf + g + wd * w
+      w = w - lr * decay * buf * mask
+    buf = 0.9 * buf + grad(lambda p: jnp.mean(ce(p, xr, yr)), w) + wd * w
+    w = w - lr * decay * buf
+  np.testing.assert_allclose(_flat(r.params), w, rtol=1e-4, atol=1e-6)
+
+
 def test_released_defaults_are_pinned():
   # The settings docs/methods.md cites from each release (a change here is a
   # change of protocol, and must change the docs with it).
