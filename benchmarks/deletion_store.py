@@ -127,12 +127,6 @@ class _Probe:
             "matmul512_seconds": self._median(lambda: self.sq @ self.sq)}
 
 
-def _solve_kw(args) -> dict:
-  """deletion.forget's solve options the run sets (none: its defaults)."""
-  return ({} if args.newton_tol is None
-          else {"newton_tol": args.newton_tol})
-
-
 def run(args) -> dict:
   out = {"benchmark": "deletion_store", **environment(),
          "cpu_count": os.cpu_count(),
@@ -177,7 +171,7 @@ def run(args) -> dict:
       res = store.forget(model.apply_fn, (x[r], y[r]), ids=r,
                          request_id=f"r{i}",
                          refresh_slack=args.refresh_slack,
-                         **_solve_kw(args))
+                         newton_tol=args.newton_tol)
       wall = time.perf_counter() - t
       ru1, st1 = resource.getrusage(resource.RUSAGE_SELF), _steal()
       ex = res.row["extra"]
@@ -220,7 +214,7 @@ def run(args) -> dict:
     r = reqs[-1]
     t = time.perf_counter()
     store.forget(model.apply_fn, (x[r], y[r]), ids=r, request_id="after-open",
-                 **_solve_kw(args))
+                 newton_tol=args.newton_tol)
     out["after_reopen"] = {"open_seconds": reopen,
                            "request_seconds": time.perf_counter() - t}
     out["requests"] = {"per_request": rows, "latency": _stats(
