@@ -180,15 +180,27 @@ def _time_kernel(apply_fn, params, x, *, block: int, implementation: int,
   return k, first.result(), later, peak_first, _maxrss_mib()
 
 
-def _check(apply_fn, params, x, k, c: int) -> dict:
+def _check(apply_fn, params, x, k, c: int, *, rows: int = 512) -> dict:
   """Trace, symmetry and finiteness of ``k``, and its first sample's
-  diagonal ``Θ[c, c] = ‖∂f_c(x_0)/∂w‖²`` against C vector-Jacobian products."""
+  diagonal ``Θ[c, c] = ‖∂f_c(x_0)/∂w‖²`` against C vector-Jacobian products.
+
+  The kernel is read ``rows`` rows (and the matching columns) at a time in
+  float64, so the check adds O(rows · NC) memory to the kernel's own rather
+  than whole float64 copies of it: ``--find-limit`` kills a child on its
+  whole RSS, and the copies, not the kernel, would set the limit."""
   import jax
   import jax.numpy as jnp
   import numpy as np
-  k = np.asarray(k, np.float64)
-  scale = max(float(np.abs(k).max()), 1e-30)
-  sym = float(np.abs(k - k.T).max())
+  k = np.asarray(k)
+  n = k.shape[0]
+  scale, sym, trace, finite = 0.0, 0.0, 0.0, True
+  for i in range(0, n, rows):
+    blk = k[i:i + rows].astype(np.float64)
+    finite = finite and bool(np.isfinite(blk).all())
+    scale = float(np.maximum(scale, np.abs(blk).max()))  # NaN propagates
+    sym = float(np.maximum(sym, np.abs(blk - k[:, i:i + rows].T).max()))
+    trace += float(np.trace(blk[:, i:i + rows]))
+  scale = max(scale, 1e-30)  # keeps a NaN
 
   @jax.jit
   def sq_norm(w, x0, e):
@@ -197,10 +209,10 @@ def _check(apply_fn, params, x, k, c: int) -> dict:
 
   eye = np.eye(c, dtype=np.float32)
   ref = np.array([float(sq_norm(params, x[:1], eye[i])) for i in range(c)])
-  diag = np.diag(k)[:c]
-  return {"kernel_trace": float(np.trace(k)),
+  diag = np.diag(k[:c, :c]).astype(np.float64)
+  return {"kernel_trace": trace,
           "kernel_max_abs": scale,
-          "finite": bool(np.isfinite(k).all()),
+          "finite": finite,
           "symmetric_max_abs": sym, "symmetric_rel": sym / scale,
           "diag_vs_vjp_rel": float(np.abs(diag - ref).max() /
                                    max(np.abs(ref).max(), 1e-30))}

@@ -227,3 +227,37 @@ def test_find_limit_stops_at_max_n_and_without_a_base(monkeypatch, tmp_path):
   assert [r["n"] for r in result["rows"] if r["pytree"] == "full"] == [16]
   with pytest.raises(SystemExit):
     ntk_cost.parse_args(["--find-limit", "--limit-resolution", "1"])
+
+
+def _linear_kernel(n=4, d=3, c=2, seed=0):
+  """A linear model f(w, x) = x @ w and its exact NTK, (N·C) × (N·C),
+  sample-major: Θ[(a, i), (b, j)] = (x_a · x_b) δ_ij."""
+  import numpy as np
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)).astype(np.float32)
+  w = rng.normal(size=(d, c)).astype(np.float32)
+  k = np.kron(x @ x.T, np.eye(c)).astype(np.float32)
+  return (lambda p, xs: xs @ p), w, x, k
+
+
+@pytest.mark.parametrize("rows", [1, 3, 512])
+def test_check_reads_the_kernel_in_row_blocks_with_whole_kernel_answers(rows):
+  import numpy as np
+  apply_fn, w, x, k = _linear_kernel()
+  ok = ntk_cost._check(apply_fn, w, x, k, 2, rows=rows)
+  assert ok["finite"] and ok["symmetric_max_abs"] == 0.0
+  np.testing.assert_allclose(ok["kernel_trace"], np.trace(k), rtol=1e-6)
+  np.testing.assert_allclose(ok["kernel_max_abs"], np.abs(k).max(), rtol=1e-6)
+  assert ok["diag_vs_vjp_rel"] < 1e-6
+  bad = k.copy()
+  bad[6, 1] += 0.25  # below the diagonal, across row blocks of 3
+  got = ntk_cost._check(apply_fn, w, x, bad, 2, rows=rows)
+  np.testing.assert_allclose(got["symmetric_max_abs"], 0.25, rtol=1e-5)
+  wrong_diag = k.copy()
+  wrong_diag[1, 1] *= 2.0
+  got = ntk_cost._check(apply_fn, w, x, wrong_diag, 2, rows=rows)
+  np.testing.assert_allclose(got["diag_vs_vjp_rel"], 1.0, rtol=1e-5)
+  nan = k.copy()
+  nan[7, 7] = np.nan
+  got = ntk_cost._check(apply_fn, w, x, nan, 2, rows=rows)
+  assert not got["finite"] and np.isnan(got["kernel_max_abs"])
