@@ -65,12 +65,17 @@ def status(row: dict, config: dict | None = None) -> str:
 
 
 def _pairs(rows: list[dict]) -> dict[tuple, dict[str, dict]]:
-  """``{(model, n, implementation): {"peft": row, "full": row}}``, in order."""
+  """``{(model, n, implementation): {"peft": row, "full": row}}``: models in
+  the order they first appear, each by implementation and N (a memory-cap
+  search measures N out of order)."""
   out: dict[tuple, dict[str, dict]] = {}
+  first: dict[str, int] = {}
   for r in rows:
+    first.setdefault(r["model"], len(first))
     out.setdefault((r["model"], r["n"], r["implementation"]), {})[
         r["pytree"]] = r
-  return out
+  return dict(sorted(out.items(),
+                     key=lambda kv: (first[kv[0][0]], kv[0][2], kv[0][1])))
 
 
 def _num(x, fmt: str) -> str:

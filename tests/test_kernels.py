@@ -268,3 +268,22 @@ def test_block_size_from_measured_working_memory(resnet):
   block = kernels.auto_block_size(10_000, per)
   assert block * per <= kernels.DEFAULT_BLOCK_BYTES
   assert 2 * block * per > kernels.DEFAULT_BLOCK_BYTES
+
+
+def test_symmetric_kernel_from_kept_jacobians_takes_two_kernel_buffers():
+  """``ntk(x, reuse_jacobians=True)`` forms J Jᵀ and symmetrises it in one
+  program: the compiled program holds the product and the result, two
+  (N·C)² buffers, where an eager ½(K + Kᵀ) after the product held three."""
+  rng = np.random.default_rng(0)
+  j = jnp.asarray(rng.normal(size=(512, 64)), jnp.float32)
+  fn = kernels._gram_rows_fn(None)
+  k = fn(j)
+  np.testing.assert_array_equal(np.asarray(k), np.asarray(k).T)
+  np.testing.assert_allclose(np.asarray(k), np.asarray(j) @ np.asarray(j).T,
+                             rtol=1e-5, atol=1e-4)
+  mem = fn.lower(j).compile().memory_analysis()
+  if mem is None:
+    pytest.skip("this backend reports no memory analysis")
+  kernel_bytes = 512 * 512 * 4
+  assert mem.output_size_in_bytes == kernel_bytes
+  assert mem.temp_size_in_bytes <= 1.1 * kernel_bytes

@@ -261,3 +261,14 @@ def test_check_reads_the_kernel_in_row_blocks_with_whole_kernel_answers(rows):
   nan[7, 7] = np.nan
   got = ntk_cost._check(apply_fn, w, x, nan, 2, rows=rows)
   assert not got["finite"] and np.isnan(got["kernel_max_abs"])
+
+
+def test_report_orders_each_models_rows_by_n():
+  rows = [{"model": m, "n": n, "implementation": 1, "pytree": t}
+          for m, n, t in [("b", 64, "peft"), ("a", 256, "peft"),
+                          ("a", 2048, "peft"), ("a", 512, "full"),
+                          ("a", 1024, "peft"), ("a", 512, "peft")]]
+  keys = list(ntk_cost_report._pairs(rows))
+  assert keys == [("b", 64, 1), ("a", 256, 1), ("a", 512, 1), ("a", 1024, 1),
+                  ("a", 2048, 1)]
+  assert set(ntk_cost_report._pairs(rows)[("a", 512, 1)]) == {"peft", "full"}

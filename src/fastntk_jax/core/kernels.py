@@ -131,6 +131,18 @@ def _contract_fn(mesh: Mesh | None):
   return jax.jit(contract, out_shardings=NamedSharding(mesh, P()))
 
 
+def _gram_rows_fn(mesh: Mesh | None):
+  """Jitted symmetric ``J Jᵀ`` in one program: ``½(K + Kᵀ)`` is fused with
+  the product, so the peak is two ``(N·C)²`` buffers, not the three that
+  the product and an eager symmetrisation take."""
+  def gram(j):
+    k = jnp.matmul(j, j.T, precision=jax.lax.Precision.HIGHEST)
+    return 0.5 * (k + k.T)
+  if mesh is None:
+    return jax.jit(gram)
+  return jax.jit(gram, out_shardings=NamedSharding(mesh, P()))
+
+
 def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None,
         implementation: int = 1, mesh: Mesh | None = None,
         reuse_jacobians: bool | None = None) -> jax.Array:
@@ -178,10 +190,10 @@ def ntk(apply_fn: ApplyFn, params, x1, x2=None, *, block_size: int | None = None
         jnp.dtype(flat.dtype).itemsize, budget=DEFAULT_BLOCK_BYTES)
   if reuse_jacobians:
     j1 = jacobian(apply_fn, params, x1, block_size=block_size, mesh=mesh)
-    j2 = j1 if symmetric else jacobian(apply_fn, params, x2,
-                                       block_size=block_size, mesh=mesh)
-    k = _contract_fn(mesh)(j1, j2)
-    return 0.5 * (k + k.T) if symmetric else k
+    if symmetric:
+      return _gram_rows_fn(mesh)(j1)
+    j2 = jacobian(apply_fn, params, x2, block_size=block_size, mesh=mesh)
+    return _contract_fn(mesh)(j1, j2)
   fn = ntk_block_fn(apply_fn, int(implementation))
   params_r = replicate(mesh, params)
   block, c, _ = resolve_block(
