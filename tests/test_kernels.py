@@ -277,6 +277,7 @@ def test_symmetric_kernel_from_kept_jacobians_takes_two_kernel_buffers():
   rng = np.random.default_rng(0)
   j = jnp.asarray(rng.normal(size=(512, 64)), jnp.float32)
   fn = kernels._gram_rows_fn(None)
+  assert kernels._gram_rows_fn(None) is fn  # one jitted program per mesh
   k = fn(j)
   np.testing.assert_array_equal(np.asarray(k), np.asarray(k).T)
   np.testing.assert_allclose(np.asarray(k), np.asarray(j) @ np.asarray(j).T,

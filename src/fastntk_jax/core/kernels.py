@@ -131,6 +131,7 @@ def _contract_fn(mesh: Mesh | None):
   return jax.jit(contract, out_shardings=NamedSharding(mesh, P()))
 
 
+@functools.cache
 def _gram_rows_fn(mesh: Mesh | None):
   """Jitted symmetric ``J Jᵀ`` in one program: ``½(K + Kᵀ)`` is fused with
   the product, so the peak is two ``(N·C)²`` buffers, not the three that
