@@ -288,3 +288,25 @@ def test_symmetric_kernel_from_kept_jacobians_takes_two_kernel_buffers():
   kernel_bytes = 512 * 512 * 4
   assert mem.output_size_in_bytes == kernel_bytes
   assert mem.temp_size_in_bytes <= 1.1 * kernel_bytes
+
+
+def test_symmetric_ntk_from_kept_jacobians_goes_through_the_fused_program(
+    monkeypatch):
+  """``ntk(x, reuse_jacobians=True)`` takes its symmetric kernel from the
+  fused program, not an eager ½(K + Kᵀ) after the product."""
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.normal(size=(5, 3)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)
+  calls = []
+  fused = kernels._gram_rows_fn
+
+  def counting(mesh):
+    calls.append(mesh)
+    return fused(mesh)
+
+  monkeypatch.setattr(kernels, "_gram_rows_fn", counting)
+  k = kernels.ntk(lambda p, xs: xs @ p, w, x, reuse_jacobians=True)
+  assert len(calls) == 1
+  np.testing.assert_allclose(np.asarray(k),
+                             np.kron(np.asarray(x) @ np.asarray(x).T,
+                                     np.eye(2)), rtol=1e-5, atol=1e-5)
