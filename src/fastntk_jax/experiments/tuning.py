@@ -303,8 +303,10 @@ def _write_record(out, cfg, vcfg, problems, trials) -> dict:
 
 def chosen_toml(name: str, chosen: dict) -> str:
   """The ``[method.X]`` tables of the chosen values, as TOML text."""
-  lines = [f"# Chosen by `fastntk tune` for {name} (docs/tuning.md); the "
-           "trials are in the tuning.json beside this file.", ""]
+  lines = [f"# Chosen by `fastntk tune` for {name} (docs/tuning.md); every "
+           "trial is in tuning.json beside this file, or,",
+           "# for a copy made by `fastntk tune --write`, in the .json of the "
+           "same name.", ""]
   for m, hp in chosen.items():
     lines.append(f"[method.{m}]")
     for k, v in hp.items():
