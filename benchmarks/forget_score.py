@@ -117,18 +117,37 @@ def _scores(records: list[dict], names) -> dict:
       continue
     u = np.asarray([r[name]["confidence"] for r in records])
     score = fs.forget_score(u, ref)
+    gap = fs.confidence_gap(u, ref)
     ra = float(np.mean([r[name]["acc_retain"] for r in records]))
     ta = float(np.mean([r[name]["acc_test"] for r in records]))
     out[name] = {"forget_score": score.score,
                  "final_score": fs.final_score(score.score, ra, ta, ra_r, ta_r),
                  "mean_epsilon": float(np.mean(score.epsilons)),
                  "max_epsilon_bucket": score.max_epsilon,
+                 "confidence_gap": gap._asdict(),
                  "acc_retain": ra, "acc_test": ta,
                  "acc_forget": float(np.mean([r[name]["acc_forget"]
                                               for r in records])),
                  "seconds_per_model": float(np.mean([r[name]["seconds"]
                                                      for r in records]))}
   return out
+
+
+def _earlier_runs(out: Path) -> list[dict]:
+  """What the earlier runs into ``out`` computed and how long each took, so
+  that a run which only rescores the stored models keeps that record."""
+  if not out.is_file():
+    return []
+  try:
+    prev = json.loads(out.read_text())
+  except (OSError, ValueError):
+    return []
+  if "runs" in prev:
+    return list(prev["runs"])
+  if "seconds" in prev:  # written before the history was kept
+    return [{"computed": prev.get("computed_this_run", []),
+             "seconds": prev["seconds"]}]
+  return []
 
 
 def run(config: str, models: int, names, out: Path, base_seed: int) -> dict:
@@ -165,11 +184,14 @@ def run(config: str, models: int, names, out: Path, base_seed: int) -> dict:
           flush=True)
   scored = [n for n in methods_lib.METHOD_NAMES
             if all(n in r for r in records)]
+  this_run = {"computed": [n for n in names if n in computed],
+              "seconds": time.perf_counter() - t0}
   result = {"config": config, "models_per_side": models,
             "base_seed": base_seed, "methods": scored,
-            "computed_this_run": [n for n in names if n in computed],
+            "computed_this_run": this_run["computed"],
             "scores": _scores(records, scored),
-            "seconds": time.perf_counter() - t0, **environment()}
+            "seconds": this_run["seconds"],
+            "runs": [*_earlier_runs(out), this_run], **environment()}
   checkpoint.atomic_write_json(out, result)
   return result
 

@@ -80,3 +80,36 @@ def test_final_score_and_bad_input():
     fs.example_epsilons(np.zeros((1, 3)), np.zeros((1, 3)))
   with pytest.raises(ValueError, match="finite"):
     fs.example_epsilons(np.full((3, 2), np.nan), np.zeros((3, 2)))
+
+
+def test_confidence_gap_on_hand_made_samples():
+  # Retrain: per example, the values base + (-1, 0, 1) * s_i; its SD is s_i.
+  base = np.array([-2.0, -3.0, -1.0])
+  s = np.array([0.1, 0.2, 0.5])
+  steps = np.array([-1.0, 0.0, 1.0])[:, None]
+  r = base + steps * s
+  # Shifted by +0.2 everywhere, spread doubled.
+  u = base + 0.2 + 2 * steps * s
+  g = fs.confidence_gap(u, r)
+  assert g.mean_difference == pytest.approx(0.2)
+  assert g.retrain_sd == pytest.approx(s.mean())
+  assert g.shift_in_sds == pytest.approx(np.mean(0.2 / s))
+  assert g.spread_ratio == pytest.approx(2.0)
+  # Another Retrain with the same values in another order: no gap.
+  same = fs.confidence_gap(r[::-1], r)
+  assert same.mean_difference == pytest.approx(0.0, abs=1e-12)
+  assert same.shift_in_sds == pytest.approx(0.0, abs=1e-9)
+  assert same.spread_ratio == pytest.approx(1.0)
+  # Shifts in both directions count by their size, not cancelling.
+  u2 = r + np.array([0.1, -0.2, 0.0])
+  g2 = fs.confidence_gap(u2, r)
+  assert g2.mean_difference == pytest.approx(-0.1 / 3)
+  assert g2.shift_in_sds == pytest.approx((0.1 / 0.1 + 0.2 / 0.2) / 3)
+  # The sides may have different numbers of models, not of examples.
+  assert fs.confidence_gap(u[:2], r).spread_ratio > 0
+  with pytest.raises(ValueError, match="same examples"):
+    fs.confidence_gap(np.zeros((3, 2)), np.zeros((3, 3)))
+  with pytest.raises(ValueError, match="at least 2 models"):
+    fs.confidence_gap(np.zeros((1, 3)), np.zeros((3, 3)))
+  with pytest.raises(ValueError, match="finite"):
+    fs.confidence_gap(np.full((3, 2), np.inf), np.zeros((3, 2)))

@@ -47,6 +47,11 @@ def test_forget_score_bench_tiny(tmp_path):
             for k in range(3)]
   again = bench.run(str(cfg), 3, ["full", "retrain_other_seed"], out, 200)
   assert again["scores"] == res["scores"]
+  # The rescoring run keeps the first run's record of what it computed.
+  assert again["runs"][0] == res["runs"][0]
+  assert res["runs"][0]["computed"] == ["retrain", "full",
+                                        "retrain_other_seed"]
+  assert again["runs"][1]["computed"] == []
   assert stamps == [(tmp_path / "fs" / f"model{k}.json").stat().st_mtime_ns
                     for k in range(3)]
   # A second run with another method extends the same records: the stored
@@ -68,3 +73,37 @@ def test_forget_score_bench_tiny(tmp_path):
   u = np.asarray([r["ga"]["confidence"] for r in recs2])
   assert more["scores"]["ga"]["forget_score"] == pytest.approx(
       fs.forget_score(u, ref).score)
+
+
+def test_scores_report_the_confidence_gap_to_retrain():
+  """The result's confidence_gap is the library's, per method, from the
+  stored confidences (no model is run)."""
+  rng = np.random.default_rng(0)
+  ref = rng.normal(-2.3, 0.03, (4, 5))
+  far = ref + 0.5
+  recs = [{"retrain": {"confidence": ref[k].tolist(), "acc_retain": 0.9,
+                       "acc_test": 0.7, "acc_forget": 0.0, "seconds": 1.0},
+           "fast_ntk": {"confidence": far[k].tolist(), "acc_retain": 0.9,
+                        "acc_test": 0.7, "acc_forget": 0.0, "seconds": 1.0}}
+          for k in range(4)]
+  got = bench._scores(recs, ["retrain", "fast_ntk"])  # pylint: disable=protected-access
+  assert set(got) == {"fast_ntk"}
+  want = fs.confidence_gap(far, ref)._asdict()
+  assert got["fast_ntk"]["confidence_gap"] == pytest.approx(want)
+  assert got["fast_ntk"]["confidence_gap"]["mean_difference"] == (
+      pytest.approx(0.5))
+
+
+def test_earlier_runs_are_carried_from_the_result_file(tmp_path):
+  out = tmp_path / "fs.json"
+  assert not bench._earlier_runs(out)  # pylint: disable=protected-access
+  # A result written before the history was kept: its one run.
+  out.write_text(json.dumps({"computed_this_run": ["sfr_on"],
+                             "seconds": 2931.2}))
+  assert bench._earlier_runs(out) == [  # pylint: disable=protected-access
+      {"computed": ["sfr_on"], "seconds": 2931.2}]
+  runs = [{"computed": ["ga"], "seconds": 5.0}, {"computed": [], "seconds": 1.0}]
+  out.write_text(json.dumps({"runs": runs, "seconds": 1.0}))
+  assert bench._earlier_runs(out) == runs  # pylint: disable=protected-access
+  out.write_text("{not json")
+  assert not bench._earlier_runs(out)  # pylint: disable=protected-access

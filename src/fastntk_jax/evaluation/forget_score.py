@@ -40,8 +40,10 @@ import numpy as np
 __all__ = [
   "DELTA",
   "EPSILON_CAP",
+  "ConfidenceGap",
   "ForgetScore",
   "bucket_points",
+  "confidence_gap",
   "example_epsilons",
   "final_score",
   "forget_score",
@@ -177,6 +179,53 @@ def example_epsilons(unlearned, retrained, delta: float = DELTA) -> np.ndarray:
     pos, neg = (a, b) if np.median(a) > np.median(b) else (b, a)
     out[i] = _epsilon(pos, neg, delta)
   return out
+
+
+class ConfidenceGap(NamedTuple):
+  """Result of :func:`confidence_gap`: why a forget score is what it is.
+
+  Attributes:
+    mean_difference: mean over examples of (unlearned − retrained) mean
+      confidence, in confidence units: the typical absolute shift.
+    retrain_sd: mean over examples of the retrained models' standard
+      deviation: how far two Retrains differ on one example.
+    shift_in_sds: mean over examples of |mean difference| / retrained SD:
+      the shift in units of Retrain's own spread (about 0 for another
+      Retrain; above 1 a few dozen models tell the two apart).
+    spread_ratio: mean over examples of unlearned SD / retrained SD.
+  """
+  mean_difference: float
+  retrain_sd: float
+  shift_in_sds: float
+  spread_ratio: float
+
+
+def confidence_gap(unlearned, retrained) -> ConfidenceGap:
+  """How the unlearned models' confidences differ from Retrain's, per
+  example: the mean shift, in confidence units and in units of Retrain's
+  spread over models, and the ratio of the spreads.
+
+  Args:
+    unlearned, retrained: ``(M, N_f)`` logit-scaled confidences, as for
+      :func:`example_epsilons` (the two ``M`` may differ here).
+
+  Returns:
+    :class:`ConfidenceGap`.
+  """
+  u, r = np.asarray(unlearned, np.float64), np.asarray(retrained, np.float64)
+  if u.ndim != 2 or r.ndim != 2 or u.shape[1] != r.shape[1]:
+    raise ValueError(f"unlearned and retrained must be (models, examples) "
+                     f"with the same examples, got {u.shape} and {r.shape}.")
+  if min(u.shape[0], r.shape[0]) < 2:
+    raise ValueError("need at least 2 models per side.")
+  if not (np.isfinite(u).all() and np.isfinite(r).all()):
+    raise ValueError("confidences must be finite.")
+  diff = u.mean(0) - r.mean(0)
+  sd_u, sd_r = u.std(0, ddof=1), r.std(0, ddof=1)
+  tiny = np.finfo(np.float64).tiny
+  return ConfidenceGap(float(diff.mean()), float(sd_r.mean()),
+                       float(np.mean(np.abs(diff) / np.maximum(sd_r, tiny))),
+                       float(np.mean(sd_u / np.maximum(sd_r, tiny))))
 
 
 def bucket_points(num_models: int) -> list[tuple[float, float]]:
