@@ -186,7 +186,8 @@ class ConfidenceGap(NamedTuple):
 
   Attributes:
     mean_difference: mean over examples of (unlearned − retrained) mean
-      confidence, in confidence units: the typical absolute shift.
+      confidence, in confidence units; signed, so shifts of opposite sign
+      on different examples cancel (``shift_in_sds`` does not).
     retrain_sd: mean over examples of the retrained models' standard
       deviation: how far two Retrains differ on one example.
     shift_in_sds: mean over examples of |mean difference| / retrained SD:
