@@ -71,15 +71,21 @@ def test_epsilon_of_two_overlapping_clusters():
   assert fs.bucket_points(2) == []
 
 
-def test_final_score_and_bad_input():
+def test_final_score():
   assert fs.final_score(0.5, 90.0, 70.0, 100.0, 80.0) == pytest.approx(
       0.5 * 0.9 * 0.875)
-  with pytest.raises(ValueError, match="both be"):
-    fs.example_epsilons(np.zeros((4, 3)), np.zeros((4, 2)))
+
+
+@pytest.mark.parametrize("fn,shape_message", [
+    (fs.example_epsilons, "both be"), (fs.confidence_gap, "same examples")])
+def test_bad_confidences_are_refused(fn, shape_message):
+  with pytest.raises(ValueError, match=shape_message):
+    fn(np.zeros((4, 3)), np.zeros((4, 2)))
   with pytest.raises(ValueError, match="at least 2 models"):
-    fs.example_epsilons(np.zeros((1, 3)), np.zeros((1, 3)))
-  with pytest.raises(ValueError, match="finite"):
-    fs.example_epsilons(np.full((3, 2), np.nan), np.zeros((3, 2)))
+    fn(np.zeros((1, 3)), np.zeros((1, 3)))
+  for bad in (np.nan, np.inf):
+    with pytest.raises(ValueError, match="finite"):
+      fn(np.full((3, 2), bad), np.zeros((3, 2)))
 
 
 def test_confidence_gap_on_hand_made_samples():
@@ -107,9 +113,4 @@ def test_confidence_gap_on_hand_made_samples():
   assert g2.shift_in_sds == pytest.approx((0.1 / 0.1 + 0.2 / 0.2) / 3)
   # The sides may have different numbers of models, not of examples.
   assert fs.confidence_gap(u[:2], r).spread_ratio > 0
-  with pytest.raises(ValueError, match="same examples"):
-    fs.confidence_gap(np.zeros((3, 2)), np.zeros((3, 3)))
-  with pytest.raises(ValueError, match="at least 2 models"):
-    fs.confidence_gap(np.zeros((1, 3)), np.zeros((3, 3)))
-  with pytest.raises(ValueError, match="finite"):
-    fs.confidence_gap(np.full((3, 2), np.inf), np.zeros((3, 2)))
+  # (bad input: test_bad_confidences_are_refused)
