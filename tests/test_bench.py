@@ -201,6 +201,15 @@ def test_runner_end_to_end_resumes_after_a_failure(tmp_path, monkeypatch):
                                                         **kw))[1])
   res = experiments.run_experiment(cfg, out, progress=False)
   assert calls == ["ga"]  # only the missing run
+  # Both runs are on record, the interrupted one included: it wrote the
+  # three methods before GA; the second wrote GA and the linear probe.
+  sittings = json.loads((out / "sittings.json").read_text())
+  assert res["sittings"] == sittings
+  assert [x["completed"] for x in sittings] == [False, True]
+  assert [x["records_new_or_changed"] for x in sittings] == [3, 2]
+  assert all(x["wall_seconds"] > 0 and x["peak_rss_mib"] > 50
+             for x in sittings)
+  assert sittings[0]["started"] <= sittings[1]["started"]
   assert set(res["methods"]) == {"full", "retrain", "fast_ntk", "ga"}
   for m, r in res["methods"].items():
     for k in ("acc_retain", "acc_forget", "acc_test", "relearn_epochs", "mia",

@@ -8,6 +8,9 @@ Layout of a results directory::
   OUT/runs/seed<S>/<method>.ckpt      the method's parameters
   OUT/runs/seed<S>/<method>.json      its metrics, hyperparameters, timings
   OUT/runs/seed<S>/probe.json         the linear-probe analysis
+  OUT/sittings.json          each run of the command on OUT: when it started,
+                             its wall time, how many records it wrote new or
+                             changed, whether it completed, its peak RSS
   OUT/results.json, OUT/table.md, OUT/metrics.png, OUT/relearn.png
 
 Every file is written atomically. A rerun in the same directory skips what is
@@ -24,9 +27,12 @@ and a random forget request ``random:F:seed=K`` draws its set with seed
 from __future__ import annotations
 
 import collections
+import contextlib
+import datetime
 import hashlib
 import json
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -201,6 +207,7 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
 
   xn, xt = preprocess(m["name"], x_tr), preprocess(m["name"], x_te)
   bar = Progress(len(cfg["seeds"]) * (len(cfg["methods"]) + 1), progress, log)
+  sitting = _Sitting(out)
   try:
     for s in cfg["seeds"]:
       model = shared_apply_fn(zoo.peft_model(
@@ -210,12 +217,60 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
                      if "bad_teacher" in cfg["methods"] else None)
       _run_seed(cfg, out / "runs" / f"seed{s}", s, model, xn, y_tr, xt, y_te,
                 idx[s], specs[s], num_classes, bar, log, random_init)
+    sittings = sitting.close(completed=True)
+  except BaseException:
+    with contextlib.suppress(OSError):  # the run's own error matters more
+      sitting.close(completed=False)
+    raise
   finally:
     bar.close()
   results = report.aggregate(out, cfg_all, {**environment(),
-                                           "backbone": backbone_record(cfg)})
+                                           "backbone": backbone_record(cfg),
+                                           "sittings": sittings})
   report.write_all(out, results)
   return results
+
+
+def _peak_rss_mib() -> float | None:
+  """The process's peak resident memory so far, in MiB (None where the
+  ``resource`` module is missing, as on Windows)."""
+  try:
+    import resource  # pylint: disable=import-outside-toplevel
+  except ImportError:
+    return None
+  peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+  return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # B, KiB
+
+
+class _Sitting:
+  """One run of the experiment on ``out``: appended to ``OUT/sittings.json``
+  when it ends, whether it completed or raised, so the wall time of a
+  results directory built over several runs is on record."""
+
+  def __init__(self, out: Path):
+    self._path = out / "sittings.json"
+    self._runs = out / "runs"
+    self._started = datetime.datetime.now(datetime.timezone.utc)
+    self._t0 = time.perf_counter()
+    self._before = self._stamps()
+
+  def _stamps(self) -> dict:
+    # By content: a resumed run rewrites the records it reuses unchanged.
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in self._runs.glob("seed*/*.json")}
+
+  def close(self, completed: bool) -> list[dict]:
+    after = self._stamps()
+    written = sum(1 for p, t in after.items() if self._before.get(p) != t)
+    record = {
+        "started": self._started.isoformat(timespec="seconds"),
+        "wall_seconds": time.perf_counter() - self._t0,
+        "records_new_or_changed": written, "completed": completed,
+        "peak_rss_mib": _peak_rss_mib()}
+    earlier = _read_json(self._path)
+    sittings = [*(earlier if isinstance(earlier, list) else []), record]
+    _write_json(self._path, sittings)
+    return sittings
 
 
 def preprocess(name: str, x: np.ndarray) -> np.ndarray:
