@@ -333,3 +333,26 @@ def test_backbone_record_says_whether_the_backbone_saw_the_pool():
   assert rec(data={"source": "folder:/tmp/x"})["saw_the_pool"] is False
   line = report._backbone_line(clean)
   assert "never saw" in line and "leakage" not in line
+
+
+def test_sitting_records_each_run_counting_changed_records(tmp_path):
+  from fastntk_jax.experiments.runner import Sitting  # pylint: disable=import-outside-toplevel
+  runs = tmp_path / "runs" / "seed0"
+  runs.mkdir(parents=True)
+  (runs / "a.json").write_text("1")
+  (runs / "b.json").write_text("2")
+  with Sitting(tmp_path, "runs/seed*/*.json") as first:
+    (runs / "a.json").write_text("1")  # rewritten unchanged: not counted
+    (runs / "b.json").write_text("3")  # changed
+    (runs / "c.json").write_text("4")  # new
+    (runs / "c.ckpt").write_text("x")  # not a record
+  assert [x["records_new_or_changed"] for x in first.sittings] == [2]
+  with pytest.raises(KeyboardInterrupt):
+    with Sitting(tmp_path, "runs/seed*/*.json"):
+      (runs / "d.json").write_text("5")
+      raise KeyboardInterrupt
+  on_disk = json.loads((tmp_path / "sittings.json").read_text())
+  assert [x["completed"] for x in on_disk] == [True, False]
+  assert [x["records_new_or_changed"] for x in on_disk] == [2, 1]
+  assert on_disk[0] == first.sittings[0]
+  assert all(x["wall_seconds"] >= 0 for x in on_disk)

@@ -92,6 +92,9 @@ def test_tune_picks_the_smallest_validation_gap_and_resumes(tmp_path, capsys):
   stamps = {p: p.stat().st_mtime_ns for p in (out / "trials").rglob("*.json")}
   rec2 = tuning.tune(cfg, out, log=lines.append)
   assert rec2["chosen"] == rec["chosen"]
+  # Both runs are on record: the first wrote the six trials, the second none.
+  assert [x["records_new_or_changed"] for x in rec2["sittings"]] == [6, 0]
+  assert rec2["sittings"][0] == rec["sittings"][0]
   assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
   # The chosen values are what a config naming them runs with.
   (tmp_path / "chosen.toml").write_text((out / "chosen.toml").read_text())

@@ -207,26 +207,21 @@ def run_experiment(cfg: dict, out: str | Path, *, progress: bool = True,
 
   xn, xt = preprocess(m["name"], x_tr), preprocess(m["name"], x_te)
   bar = Progress(len(cfg["seeds"]) * (len(cfg["methods"]) + 1), progress, log)
-  sitting = _Sitting(out)
   try:
-    for s in cfg["seeds"]:
-      model = shared_apply_fn(zoo.peft_model(
-          m["name"], module, variables, num_classes=num_classes,
-          mode=m["peft"], head_scale=m["head_scale"], seed=s), m["peft"])
-      random_init = (random_init_model(m, module, num_classes, s)
-                     if "bad_teacher" in cfg["methods"] else None)
-      _run_seed(cfg, out / "runs" / f"seed{s}", s, model, xn, y_tr, xt, y_te,
-                idx[s], specs[s], num_classes, bar, log, random_init)
-    sittings = sitting.close(completed=True)
-  except BaseException:
-    with contextlib.suppress(OSError):  # the run's own error matters more
-      sitting.close(completed=False)
-    raise
+    with Sitting(out, "runs/seed*/*.json") as sitting:
+      for s in cfg["seeds"]:
+        model = shared_apply_fn(zoo.peft_model(
+            m["name"], module, variables, num_classes=num_classes,
+            mode=m["peft"], head_scale=m["head_scale"], seed=s), m["peft"])
+        random_init = (random_init_model(m, module, num_classes, s)
+                       if "bad_teacher" in cfg["methods"] else None)
+        _run_seed(cfg, out / "runs" / f"seed{s}", s, model, xn, y_tr, xt,
+                  y_te, idx[s], specs[s], num_classes, bar, log, random_init)
   finally:
     bar.close()
   results = report.aggregate(out, cfg_all, {**environment(),
                                            "backbone": backbone_record(cfg),
-                                           "sittings": sittings})
+                                           "sittings": sitting.sittings})
   report.write_all(out, results)
   return results
 
@@ -242,22 +237,39 @@ def _peak_rss_mib() -> float | None:
   return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # B, KiB
 
 
-class _Sitting:
-  """One run of the experiment on ``out``: appended to ``OUT/sittings.json``
-  when it ends, whether it completed or raised, so the wall time of a
-  results directory built over several runs is on record."""
+class Sitting:
+  """One run of a resumable command (``fastntk experiment``, ``fastntk
+  tune``) on the directory ``out``: appended to ``OUT/sittings.json`` when
+  it ends, whether it completed or raised, so the wall time of a directory
+  built over several runs is on record. ``records`` is the glob, under
+  ``out``, of the per-step records whose new or changed ones it counts.
 
-  def __init__(self, out: Path):
+  Use it as a context manager; afterwards ``sittings`` holds every run on
+  record, this one last.
+  """
+
+  def __init__(self, out: Path, records: str):
     self._path = out / "sittings.json"
-    self._runs = out / "runs"
+    self._out, self._records = out, records
     self._started = datetime.datetime.now(datetime.timezone.utc)
     self._t0 = time.perf_counter()
     self._before = self._stamps()
+    self.sittings: list[dict] = []
 
   def _stamps(self) -> dict:
     # By content: a resumed run rewrites the records it reuses unchanged.
     return {p: hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in self._runs.glob("seed*/*.json")}
+            for p in self._out.glob(self._records)}
+
+  def __enter__(self) -> Sitting:
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is None:
+      self.close(completed=True)
+    else:
+      with contextlib.suppress(OSError):  # the run's own error matters more
+        self.close(completed=False)
 
   def close(self, completed: bool) -> list[dict]:
     after = self._stamps()
@@ -270,6 +282,7 @@ class _Sitting:
     earlier = _read_json(self._path)
     sittings = [*(earlier if isinstance(earlier, list) else []), record]
     _write_json(self._path, sittings)
+    self.sittings = sittings
     return sittings
 
 

@@ -257,24 +257,25 @@ def tune(cfg: dict, out: str | Path, *,
       seed=0)
   _check_out(out, vcfg)
   data = runner.load_data(vcfg)
-  problems = [_Problem(vcfg, s, module, variables, data, out, log)
-              for s in vcfg["tune"]["seeds"]]
-  trials = {}
-  for method in todo:
-    trials[method] = []
-    for k, point in enumerate(grid(method)):
-      hp = {**methods_lib.defaults(method), **cfg["method"].get(method, {}),
-            **point}
-      path = _trial_path(out, method, k)
-      rec = _read(path)
-      if rec is None or rec.get("hyperparameters") != report.json_safe(hp):
-        rec = report.json_safe(_run_trial(problems, method, hp))
-        checkpoint.atomic_write_json(path, rec)
-      gap = ("diverged" if rec["avg_d"] is None else f"{rec['avg_d']:.2f}")
-      log(f"[tune] {method} {point}: validation Avg.D {gap} "
-          f"({rec['seconds']:.1f} s)")
-      trials[method].append(rec)
-  return _write_record(out, cfg, vcfg, problems, trials)
+  with runner.Sitting(out, "trials/*/*.json") as sitting:
+    problems = [_Problem(vcfg, s, module, variables, data, out, log)
+                for s in vcfg["tune"]["seeds"]]
+    trials = {}
+    for method in todo:
+      trials[method] = []
+      for k, point in enumerate(grid(method)):
+        hp = {**methods_lib.defaults(method), **cfg["method"].get(method, {}),
+              **point}
+        path = _trial_path(out, method, k)
+        rec = _read(path)
+        if rec is None or rec.get("hyperparameters") != report.json_safe(hp):
+          rec = report.json_safe(_run_trial(problems, method, hp))
+          checkpoint.atomic_write_json(path, rec)
+        gap = ("diverged" if rec["avg_d"] is None else f"{rec['avg_d']:.2f}")
+        log(f"[tune] {method} {point}: validation Avg.D {gap} "
+            f"({rec['seconds']:.1f} s)")
+        trials[method].append(rec)
+  return _write_record(out, cfg, vcfg, problems, trials, sitting.sittings)
 
 
 def _best(recs: list[dict]) -> int:
@@ -282,7 +283,7 @@ def _best(recs: list[dict]) -> int:
   return int(np.argmin(gaps))  # the first of equal gaps
 
 
-def _write_record(out, cfg, vcfg, problems, trials) -> dict:
+def _write_record(out, cfg, vcfg, problems, trials, sittings) -> dict:
   chosen = {m: {k: recs[_best(recs)]["hyperparameters"][k] for k in GRIDS[m]}
             for m, recs in trials.items()}
   record = {
@@ -293,7 +294,8 @@ def _write_record(out, cfg, vcfg, problems, trials) -> dict:
                    "smallest wins, ties to the first in grid order",
       "grids": {m: GRIDS[m] for m in trials}, "trials_per_method": TRIALS,
       "reference": {str(p.seed): p.reference for p in problems},
-      "trials": trials, "chosen": chosen, **environment()}
+      "trials": trials, "chosen": chosen, "sittings": sittings,
+      **environment()}
   atomic.atomic_write(out / "tuning.json", lambda f: f.write(
       json.dumps(report.json_safe(record), indent=1).encode()))
   text = chosen_toml(cfg["name"], chosen)
