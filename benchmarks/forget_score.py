@@ -133,23 +133,6 @@ def _scores(records: list[dict], names) -> dict:
   return out
 
 
-def _earlier_runs(out: Path) -> list[dict]:
-  """What the earlier runs into ``out`` computed and how long each took, so
-  that a run which only rescores the stored models keeps that record."""
-  if not out.is_file():
-    return []
-  try:
-    prev = json.loads(out.read_text())
-  except (OSError, ValueError):
-    return []
-  if "runs" in prev:
-    return list(prev["runs"])
-  if "seconds" in prev:  # written before the history was kept
-    return [{"computed": prev.get("computed_this_run", []),
-             "seconds": prev["seconds"]}]
-  return []
-
-
 def run(config: str, models: int, names, out: Path, base_seed: int) -> dict:
   cfg = experiments.load_config(config)
   if "retrain" not in names:
@@ -164,34 +147,39 @@ def run(config: str, models: int, names, out: Path, base_seed: int) -> dict:
           runner.preprocess(m["name"], x_te), y_te, class_names)
   work = out.with_suffix("")
   work.mkdir(parents=True, exist_ok=True)
-  records, computed, t0 = [], set(), time.perf_counter()
+  stored = []  # records of another configuration are refused before any work
   for k in range(models):
     path = work / f"model{k}.json"
-    key = _record_key(cfg, base_seed + k)
     rec = json.loads(path.read_text()) if path.is_file() else {}
-    if rec and rec.get("key") != key:
+    if rec and rec.get("key") != _record_key(cfg, base_seed + k):
       raise ValueError(
           f"{path} was written for another configuration, pipeline seed or "
           "version of this benchmark; give another --out.")
-    missing = [n for n in names if n not in rec]
-    if missing:
-      rec = {**rec, **_model_record(cfg, base_seed + k, module, variables,
-                                    data, work, missing), "key": key}
-      checkpoint.atomic_write_json(path, rec)
-      computed.update(missing)
-    records.append(rec)
-    print(f"model {k + 1}/{models} ({time.perf_counter() - t0:.0f} s)",
-          flush=True)
+    stored.append(rec)
+  records, computed, t0 = [], set(), time.perf_counter()
+  # Each run on these records (start, wall time, records written, peak
+  # RSS) is kept in WORK/sittings.json, so a run that only rescores them
+  # does not hide the cost of the runs that made the models.
+  with runner.Sitting(work, "model*.json") as sitting:
+    for k, rec in enumerate(stored):
+      missing = [n for n in names if n not in rec]
+      if missing:
+        rec = {**rec, **_model_record(cfg, base_seed + k, module, variables,
+                                      data, work, missing),
+               "key": _record_key(cfg, base_seed + k)}
+        checkpoint.atomic_write_json(work / f"model{k}.json", rec)
+        computed.update(missing)
+      records.append(rec)
+      print(f"model {k + 1}/{models} ({time.perf_counter() - t0:.0f} s)",
+            flush=True)
   scored = [n for n in methods_lib.METHOD_NAMES
             if all(n in r for r in records)]
-  this_run = {"computed": [n for n in names if n in computed],
-              "seconds": time.perf_counter() - t0}
   result = {"config": config, "models_per_side": models,
             "base_seed": base_seed, "methods": scored,
-            "computed_this_run": this_run["computed"],
+            "computed_this_run": [n for n in names if n in computed],
             "scores": _scores(records, scored),
-            "seconds": this_run["seconds"],
-            "runs": [*_earlier_runs(out), this_run], **environment()}
+            "seconds": time.perf_counter() - t0,
+            "sittings": sitting.sittings, **environment()}
   checkpoint.atomic_write_json(out, result)
   return result
 

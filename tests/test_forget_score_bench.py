@@ -48,10 +48,10 @@ def test_forget_score_bench_tiny(tmp_path):
   again = bench.run(str(cfg), 3, ["full", "retrain_other_seed"], out, 200)
   assert again["scores"] == res["scores"]
   # The rescoring run keeps the first run's record of what it computed.
-  assert again["runs"][0] == res["runs"][0]
-  assert res["runs"][0]["computed"] == ["retrain", "full",
-                                        "retrain_other_seed"]
-  assert again["runs"][1]["computed"] == []
+  assert again["sittings"][0] == res["sittings"][0]
+  assert [x["records_new_or_changed"] for x in again["sittings"]] == [3, 0]
+  assert res["computed_this_run"] == ["retrain", "full", "retrain_other_seed"]
+  assert again["computed_this_run"] == []
   assert stamps == [(tmp_path / "fs" / f"model{k}.json").stat().st_mtime_ns
                     for k in range(3)]
   # A second run with another method extends the same records: the stored
@@ -68,6 +68,8 @@ def test_forget_score_bench_tiny(tmp_path):
   cfg.write_text(cfg.read_text().replace("epochs = 1", "epochs = 2"))
   with pytest.raises(ValueError, match="another configuration"):
     bench.run(str(cfg), 3, ["ga"], out, 200)
+  # ... and leave no run on their record: the three runs above only.
+  assert len(json.loads((tmp_path / "fs" / "sittings.json").read_text())) == 3
   for name in ("full", "retrain_other_seed"):
     assert more["scores"][name] == res["scores"][name]
   u = np.asarray([r["ga"]["confidence"] for r in recs2])
@@ -93,17 +95,3 @@ def test_scores_report_the_confidence_gap_to_retrain():
   assert got["fast_ntk"]["confidence_gap"]["mean_difference"] == (
       pytest.approx(0.5))
 
-
-def test_earlier_runs_are_carried_from_the_result_file(tmp_path):
-  out = tmp_path / "fs.json"
-  assert not bench._earlier_runs(out)  # pylint: disable=protected-access
-  # A result written before the history was kept: its one run.
-  out.write_text(json.dumps({"computed_this_run": ["sfr_on"],
-                             "seconds": 2931.2}))
-  assert bench._earlier_runs(out) == [  # pylint: disable=protected-access
-      {"computed": ["sfr_on"], "seconds": 2931.2}]
-  runs = [{"computed": ["ga"], "seconds": 5.0}, {"computed": [], "seconds": 1.0}]
-  out.write_text(json.dumps({"runs": runs, "seconds": 1.0}))
-  assert bench._earlier_runs(out) == runs  # pylint: disable=protected-access
-  out.write_text("{not json")
-  assert not bench._earlier_runs(out)  # pylint: disable=protected-access
